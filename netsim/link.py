@@ -1,0 +1,116 @@
+"""Simulated link: a FIFO serialization model per direction, and `NetSim`, a Channel wrapper using it.
+
+The sender never sleeps. It computes when the frame would arrive and stamps that time
+(deliver_at_ns) into the frame header; the receiver waits until then before returning the message:
+
+    depart    = max(now, link_free)
+    link_free = depart + nbytes * 8 / bandwidth      (frames queue behind each other: FIFO)
+    deliver   = link_free + rtt / 2
+
+nbytes is the real serialized size (header + payload). With RealClock both processes read the same
+wall clock, so the stamp means the same thing on both sides.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from netsim.clock import Clock, RealClock
+from netsim.profiles import Profile, parse_profile
+from permllm.transport.channel import Channel, Received, to_wire_array
+from permllm.transport.frames import check_tag, header_length
+
+
+class Link:
+    """Timing state of one direction of a link: when the wire is next free. Thread-safe."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._free_ns = 0
+        self._lock = threading.Lock()
+
+    def schedule(self, now_ns: int, nbytes: int) -> int:
+        """Schedule a frame of `nbytes` bytes handed over at `now_ns`; return its delivery time in ns."""
+        with self._lock:
+            depart_ns = max(now_ns, self._free_ns)
+            self._free_ns = depart_ns + self.profile.transmit_ns(nbytes)
+            return self._free_ns + self.profile.one_way_ns
+
+
+class NetSim(Channel):
+    """A Channel that delays another channel's traffic as if it crossed a link with `profile`.
+
+    inner: the channel carrying the frames (any Channel; NetSim owns it and closes it).
+    profile: a Profile or a spec accepted by `parse_profile` ("wan", "10,1000", ...).
+    clock: time source (RealClock() when None; FakeClock in tests). Both ends of a simulated link
+        must use NetSim with clocks showing the same time.
+
+    peer, stats, flight clock, timeout and size limit are the inner channel's: traffic is counted
+    once. The receive timeout covers the wait for the frame to arrive on the inner channel, not the
+    simulated delay that follows.
+    """
+
+    def __init__(self, inner: Channel, profile: Profile | str, clock: Clock | None = None) -> None:
+        super().__init__(
+            inner.peer,
+            clock=inner.clock,
+            stats=inner.stats,
+            timeout=inner.timeout,
+            max_payload_bytes=inner.max_payload_bytes,
+        )
+        self._inner = inner
+        self._time = clock if clock is not None else RealClock()
+        self._link = Link(parse_profile(profile))
+
+    @property
+    def inner(self) -> Channel:
+        """The wrapped channel."""
+        return self._inner
+
+    @property
+    def profile(self) -> Profile:
+        """The simulated link's profile."""
+        return self._link.profile
+
+    @property
+    def closed(self) -> bool:
+        """True once this wrapper or the inner channel was closed."""
+        return self._closed or self._inner.closed
+
+    @property
+    def time_source(self) -> Clock:
+        """The clock used to stamp and wait for delivery times."""
+        return self._time
+
+    def _send(self, tag: str, payload, *, deliver_at_ns: int = 0) -> int:
+        """Stamp the simulated delivery time and send through the inner channel (no sleeping).
+
+        deliver_at_ns: an earliest delivery time imposed by an outer wrapper (the later one wins).
+        Returns the frame size in bytes; raises as Channel.send.
+        """
+        check_tag(tag)
+        array: np.ndarray = to_wire_array(payload)
+        nbytes = header_length(len(tag), array.ndim) + array.nbytes
+        deliver_ns = max(self._link.schedule(self._time.now_ns(), nbytes), deliver_at_ns)
+        return self._inner._send(tag, array, deliver_at_ns=deliver_ns)
+
+    def _receive(self, tag: str, timeout: float | None) -> Received:
+        """Receive through the inner channel, then wait until the frame's deliver_at time."""
+        message = self._inner._receive(tag, timeout)
+        if message.header.deliver_at_ns:
+            self._time.sleep_until(message.header.deliver_at_ns)
+        return message
+
+    def _send_frame(self, header: bytes, payload: memoryview) -> None:
+        """Raw, unsimulated: passes a frame straight to the inner channel (for tests of bad frames)."""
+        self._inner._send_frame(header, payload)
+
+    def _recv_frame(self, timeout_s: float | None):
+        """Raw, unsimulated: takes a frame straight from the inner channel."""
+        return self._inner._recv_frame(timeout_s)
+
+    def _close_transport(self) -> None:
+        """Close the inner channel."""
+        self._inner.close()

@@ -1,0 +1,396 @@
+"""Private token-id recovery with BFV (TenSEAL): the user learns table[j], the owner learns nothing.
+
+Setting. At every generated token the owner reveals the logits to the user under a fresh secret
+permutation: the user sees z = logits[perm] and picks a permuted index j. The true token id is
+perm[j]. This module lets the user obtain perm[j] without revealing j to the owner and without the
+owner revealing the rest of perm.
+
+Protocol (one round trip per token; the public context travels once per session)::
+
+    user  (IndexLookupClient)                          owner (IndexLookupServer)
+    ctx = BFV keys (secret key stays here)
+    public_context()  --------- bytes --------------->  IndexLookupServer(public_context)
+    query(j)          --------- list[bytes] --------->  answer(query, table=perm)
+    decode(reply)     <-------- bytes ----------------
+      == table[j]
+
+- The vocabulary is split into ``n_chunks = ceil(vocab / S)`` chunks of ``S = N/2`` slots (one BFV
+  batching row; TenSEAL's BFV ``sum`` rotates within a row, larger steps fail with "step count too
+  large"). Chunk c of the query encrypts the slice c of one-hot(j), zero-padded to S.
+- The owner computes acc = sum_c query_c * table_c (slot-wise, plaintext multiply), then the row sum
+  (log2 S rotations), so every slot of row 0 holds sum_i onehot_i * table_i = table[j] and row 1 holds
+  0: no slot carries any other table entry. Then it adds a flooding encryption of zero (below) and
+  returns that single ciphertext.
+- All wire data is TenSEAL's own ``serialize()`` output; nothing is pickled.
+
+Parameters. ``poly_modulus_degree = N = 4096`` (the default) is the smallest ring that works: N = 2048
+has too little noise budget for one plaintext multiply at a 17-bit plain modulus. The coefficient
+modulus is SEAL's 128-bit-secure default (N=4096: 36+36+37 bits; N=8192: 43+43+44+44+44 bits). The
+plain modulus is the smallest prime t = 1 (mod 2N) with t >= vocab_size (65537 for vocab 49152).
+Figures for vocab 49152, N=4096 (measured on a 2-core AMD EPYC VM): public context ~6.2 MB (Galois
+keys for all power-of-two row steps; TenSEAL cannot generate a subset), query 24 ciphertexts
+~2.1 MB, reply ~88 KB; keygen ~0.15-0.2 s, owner context load ~50 ms, encrypt ~40-50 ms, answer
+~25-30 ms, decode ~0.4 ms. With N=8192: 12 chunks, query ~5.2 MB, reply ~430 KB, public context
+~52 MB, answer ~65 ms, but a real (about 40-bit) noise flood, see below.
+
+What each side learns (semi-honest parties):
+
+- Owner: only ciphertexts under the user's key (RLWE semantic security) whose number and sizes do
+  not depend on j, and it runs a fixed circuit. Nothing about j or the token.
+- User: table[j] from the slots. The reply is one ciphertext; slot-wise it carries exactly table[j]
+  (row 0) and 0 (row 1). Even a user who deviates and sends a non-one-hot query gets a single value
+  sum_i q_i * table_i mod t (about 16 bits), never whole chunks.
+- Residual leakage, NOT hidden: the user holds the secret key, so it can compute the decryption
+  noise of the reply. That noise is a linear function of the table's plaintext polynomials and of
+  the user's own query noise (which the user also knows): TenSEAL (SEAL) provides no circuit
+  privacy. The owner mitigates by adding ``Enc_pk(0) * R`` (fresh public-key encryption of zero,
+  scaled by a secret random integer R made of several random factors). This also re-randomizes the
+  ciphertext components. R is chosen as large as the noise budget allows while keeping >= 12 bits of
+  decryption margin (checked against SEAL's invariant_noise_budget for N in {4096, 8192} and vocab
+  sizes 10..2^18): with N=8192 the flood exceeds the table-dependent noise by about 38-40 bits
+  (heuristic noise flooding); with the default N=4096 only by about 0-7 bits (3 at vocab 49152), i.e.
+  a partial, heuristic smudging that leaves most of the noise leakage in place. Statistical circuit
+  privacy would need noise flooding with a proven distribution or bootstrapping, neither of which
+  TenSEAL exposes.
+
+Errors: malformed wire data raises :class:`permllm.errors.ProtocolError` (checked sizes first, then
+TenSEAL parsing, every native exception wrapped); bad local arguments raise
+:class:`permllm.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Sequence
+
+import numpy as np
+import tenseal as ts
+
+from permllm.errors import ConfigError, ProtocolError
+
+__all__ = [
+    "IndexLookupClient",
+    "IndexLookupServer",
+    "SUPPORTED_POLY_MODULUS_DEGREES",
+    "MAX_VOCAB_SIZE",
+    "DEFAULT_MAX_CONTEXT_BYTES",
+    "batching_prime",
+    "max_ciphertext_bytes",
+]
+
+SUPPORTED_POLY_MODULUS_DEGREES = (4096, 8192)
+#: Largest vocabulary whose plain modulus (<= ~2^18) still leaves a safe noise budget at N = 4096.
+MAX_VOCAB_SIZE = 1 << 18
+#: Cap on a public context accepted by the owner (N=8192 contexts are ~52 MB).
+DEFAULT_MAX_CONTEXT_BYTES = 96 << 20
+#: Bits of decryption noise budget the flood must leave untouched (measured estimates are within a
+#: few bits; a negative budget would silently decrypt to a wrong token id).
+_FLOOD_MARGIN_BITS = 12
+#: Target gap between the flood and the table-dependent noise (statistical flooding needs ~40).
+_FLOOD_TARGET_BITS = 40
+_SERIALIZATION_SLACK = 16 << 10  # SEAL header + TenSEAL protobuf framing
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    for a in small:  # deterministic for n < 3.3e24
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def batching_prime(poly_modulus_degree: int, at_least: int) -> int:
+    """Smallest prime t with t = 1 (mod 2N) and t >= at_least (BFV batching plain modulus)."""
+    step = 2 * poly_modulus_degree
+    t = step * max(1, -(-(at_least - 1) // step)) + 1
+    while not _is_prime(t):
+        t += step
+    return t
+
+
+def max_ciphertext_bytes(poly_modulus_degree: int, n_data_primes: int) -> int:
+    """Upper bound on a serialized fresh 2-component ciphertext (uncompressed size + framing)."""
+    return 2 * poly_modulus_degree * n_data_primes * 8 + _SERIALIZATION_SLACK
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def _check_int(name: str, value, error=ConfigError) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise error(f"{name} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+class IndexLookupClient:
+    """User side: holds the BFV secret key, encrypts one-hot(j) queries and decrypts replies.
+
+    Parameters
+    ----------
+    vocab_size:
+        Number of (permuted) positions, 1 <= vocab_size <= MAX_VOCAB_SIZE. Replies must decode to a
+        value < vocab_size (token ids), otherwise ``decode`` raises ProtocolError.
+    poly_modulus_degree:
+        BFV ring degree N, 4096 (default; smallest and fastest) or 8192 (about 2.5x larger queries and
+        an 8x larger public context, but room for a ~40-bit noise flood on the owner side).
+    seed:
+        Accepted for signature symmetry with the rest of permllm and stored as ``self.seed``; it has
+        NO effect: SEAL draws keys and encryption randomness from its own CSPRNG and TenSEAL offers no
+        way to seed it, so keys and ciphertexts are never reproducible.
+    """
+
+    def __init__(self, vocab_size: int, *, poly_modulus_degree: int = 4096, seed=None) -> None:
+        vocab_size = _check_int("vocab_size", vocab_size)
+        if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+            raise ConfigError(f"vocab_size must be in [1, {MAX_VOCAB_SIZE}], got {vocab_size}")
+        n = _check_int("poly_modulus_degree", poly_modulus_degree)
+        if n not in SUPPORTED_POLY_MODULUS_DEGREES:
+            raise ConfigError(
+                f"poly_modulus_degree must be one of {SUPPORTED_POLY_MODULUS_DEGREES}, got {n}"
+            )
+        self.vocab_size = vocab_size
+        self.poly_modulus_degree = n
+        self.seed = seed
+        self.chunk_slots = n // 2
+        self.n_chunks = -(-vocab_size // self.chunk_slots)
+        self.plain_modulus = batching_prime(n, max(vocab_size, 2))
+        self._ctx = ts.context(
+            ts.SCHEME_TYPE.BFV,
+            poly_modulus_degree=n,
+            plain_modulus=self.plain_modulus,
+            encryption_type=ts.ENCRYPTION_TYPE.ASYMMETRIC,
+        )
+        self._ctx.generate_galois_keys()  # the owner's row sum rotates by powers of two
+        n_data_primes = self._ctx.seal_context().data.first_context_data().chain_index() + 1
+        self.max_reply_bytes = max_ciphertext_bytes(n, n_data_primes)
+        self._public: bytes | None = None
+
+    def public_context(self) -> bytes:
+        """Serialized context with public key and Galois keys, no secret key, no relin keys."""
+        if self._public is None:
+            self._public = self._ctx.serialize(
+                save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=False
+            )
+        return self._public
+
+    def query(self, j: int) -> list[bytes]:
+        """Encrypt one-hot(j) as ``n_chunks`` ciphertexts of ``chunk_slots`` slots each."""
+        j = _check_int("j", j)
+        if not 0 <= j < self.vocab_size:
+            raise ConfigError(f"j must be in [0, {self.vocab_size}), got {j}")
+        s = self.chunk_slots
+        zeros = [0] * s
+        hot_chunk, hot_slot = divmod(j, s)
+        out = []
+        for c in range(self.n_chunks):
+            if c == hot_chunk:
+                vec = list(zeros)
+                vec[hot_slot] = 1
+            else:
+                vec = zeros
+            out.append(ts.bfv_vector(self._ctx, vec).serialize())
+        return out
+
+    def decode(self, reply: bytes) -> int:
+        """Decrypt the owner's reply to table[j] (an int in [0, vocab_size))."""
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"reply must be bytes, got {type(reply).__name__}")
+        if not 0 < len(reply) <= self.max_reply_bytes:
+            raise ProtocolError(f"reply has {len(reply)} bytes, expected 1..{self.max_reply_bytes}")
+        try:
+            vec = ts.bfv_vector_from(self._ctx, bytes(reply))
+            cts = vec.ciphertext()
+            if vec.size() != 1 or len(cts) != 1 or cts[0].size() != 2:
+                raise ProtocolError("reply must be one 2-component ciphertext of vector size 1")
+            value = int(vec.decrypt()[0]) % self.plain_modulus
+        except ProtocolError:
+            raise
+        except Exception as exc:  # TenSEAL/SEAL raise ValueError/RuntimeError/TypeError
+            raise ProtocolError(f"malformed reply ciphertext ({_describe(exc)})") from None
+        if value >= self.vocab_size:
+            raise ProtocolError(
+                f"reply decodes to {value}, outside [0, {self.vocab_size}): wrong table or corrupted reply"
+            )
+        return value
+
+
+class IndexLookupServer:
+    """Owner side: evaluates table[j] on the user's encrypted one-hot query; never sees a secret key.
+
+    Parameters
+    ----------
+    public_context:
+        Bytes from :meth:`IndexLookupClient.public_context`. Must be a BFV batching context with
+        public key and Galois keys and WITHOUT secret key (refused otherwise), N in
+        SUPPORTED_POLY_MODULUS_DEGREES, at most ``max_context_bytes`` long.
+    max_context_bytes:
+        Size cap applied before parsing.
+
+    ``answer`` computes sum_c query_c * table_c, row-sums it (every slot of row 0 = table[j], row 1
+    = 0), then adds ``Enc_pk(0) * R`` for a secret random R (see the module docstring: re-randomizes
+    the ciphertext and partially floods the noise; circuit privacy is NOT provided by TenSEAL, the
+    key-holding user can still read table-dependent decryption noise, heavily at N=4096).
+    """
+
+    def __init__(self, public_context: bytes, *, max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES) -> None:
+        if not isinstance(public_context, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"public context must be bytes, got {type(public_context).__name__}")
+        if not 0 < len(public_context) <= max_context_bytes:
+            raise ProtocolError(
+                f"public context has {len(public_context)} bytes, accepted 1..{max_context_bytes}"
+            )
+        try:
+            ctx = ts.context_from(bytes(public_context))
+        except Exception as exc:
+            raise ProtocolError(f"public context is not a TenSEAL context ({_describe(exc)})") from None
+        if ctx.is_private() or ctx.has_secret_key():
+            raise ProtocolError("public context carries a secret key; the owner refuses to hold it")
+        try:
+            first = ctx.seal_context().data.first_context_data()
+            parms = first.parms()
+            scheme = parms.scheme()
+            n = int(parms.poly_modulus_degree())
+            batching = bool(first.qualifiers().using_batching)
+            t = 2 * int(first.plain_upper_half_threshold()) - 1
+            log_q = int(first.total_coeff_modulus_bit_count())
+            n_data_primes = int(first.chain_index()) + 1
+            first_parms_id = ctx.seal_context().data.first_parms_id()
+        except Exception as exc:
+            raise ProtocolError(f"public context has unreadable parameters ({_describe(exc)})") from None
+        if scheme != ts.SCHEME_TYPE.BFV.value:
+            raise ProtocolError(f"public context must use BFV, got {scheme}")
+        if n not in SUPPORTED_POLY_MODULUS_DEGREES:
+            raise ProtocolError(f"poly_modulus_degree {n} not in {SUPPORTED_POLY_MODULUS_DEGREES}")
+        if not batching or t % (2 * n) != 1:
+            raise ProtocolError(f"plain modulus {t} does not support batching for N={n}")
+        if not ctx.has_public_key():
+            raise ProtocolError("public context lacks the public key")
+        if not ctx.has_galois_keys():
+            raise ProtocolError("public context lacks Galois keys (needed for the slot sum)")
+        self._ctx = ctx
+        self.poly_modulus_degree = n
+        self.plain_modulus = t
+        self.chunk_slots = n // 2
+        self._log_q = log_q
+        self._first_parms_id = first_parms_id
+        self.max_chunk_bytes = max_ciphertext_bytes(n, n_data_primes)
+
+    @property
+    def context(self) -> ts.Context:
+        """The deserialized public TenSEAL context (for inspection; holds no secret key)."""
+        return self._ctx
+
+    def expected_chunks(self, table_size: int) -> int:
+        return -(-int(table_size) // self.chunk_slots)
+
+    def _flood_factors(self, n_chunks: int) -> list[int]:
+        """Secret random factors whose product R scales a fresh Enc(0) into the noise flood.
+
+        Noise-budget model (bits, calibrated with SEAL's invariant_noise_budget on these parameters,
+        within ~3 bits): fresh = log q - log t - 8; answer growth G = log t + log N / 2 +
+        log(n_chunks) / 2 + 0.75 log S + 2. R takes min(G + 40, fresh - margin) bits.
+        """
+        log_t = math.log2(self.plain_modulus)
+        n = self.poly_modulus_degree
+        fresh = self._log_q - log_t - 8
+        growth = log_t + math.log2(n) / 2 + math.log2(max(n_chunks, 1)) / 2 + 0.75 * math.log2(n // 2) + 2
+        r_bits = min(growth + _FLOOD_TARGET_BITS, fresh - _FLOOD_MARGIN_BITS)
+        total = max(2, math.floor(r_bits))
+        per_factor_max = max(2, math.floor(log_t) - 2)  # every factor < t/4: a plain scalar, no wrap
+        k = max(1, math.ceil(total / per_factor_max))
+        widths = [total // k + (1 if i < total % k else 0) for i in range(k)]  # sum(widths) == total
+        # factor i is uniform in [2^(w-1), 2^w): R in [2^(total-k), 2^total), never 0 mod t
+        return [(1 << (w - 1)) + secrets.randbelow(1 << (w - 1)) for w in widths]
+
+    def _load_chunks(self, query: Sequence[bytes], expected: int) -> list:
+        if not isinstance(query, (list, tuple)):
+            raise ProtocolError(f"query must be a list of bytes, got {type(query).__name__}")
+        if len(query) != expected:
+            raise ProtocolError(f"query has {len(query)} chunks, expected {expected}")
+        for i, chunk in enumerate(query):
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise ProtocolError(f"query chunk {i} must be bytes, got {type(chunk).__name__}")
+            if not 0 < len(chunk) <= self.max_chunk_bytes:
+                raise ProtocolError(
+                    f"query chunk {i} has {len(chunk)} bytes, accepted 1..{self.max_chunk_bytes}"
+                )
+        vectors = []
+        for i, chunk in enumerate(query):
+            try:
+                vec = ts.bfv_vector_from(self._ctx, bytes(chunk))
+                cts = vec.ciphertext()
+                ok = (
+                    vec.size() == self.chunk_slots
+                    and len(cts) == 1
+                    and cts[0].size() == 2
+                    and not cts[0].is_ntt_form()
+                    and cts[0].parms_id() == self._first_parms_id
+                )
+            except Exception as exc:
+                raise ProtocolError(f"query chunk {i} is not a BFV ciphertext ({_describe(exc)})") from None
+            if not ok:
+                raise ProtocolError(
+                    f"query chunk {i} must be one fresh 2-component ciphertext of {self.chunk_slots} slots"
+                )
+            vectors.append(vec)
+        return vectors
+
+    def _check_table(self, table: np.ndarray) -> np.ndarray:
+        if not isinstance(table, np.ndarray) or table.ndim != 1 or table.size == 0:
+            raise ConfigError("table must be a non-empty 1-D numpy array")
+        if not np.issubdtype(table.dtype, np.integer):
+            raise ConfigError(f"table must have an integer dtype, got {table.dtype}")
+        table = table.astype(np.int64, copy=False)
+        lo, hi = int(table.min()), int(table.max())
+        if lo < 0 or hi >= self.plain_modulus:
+            raise ConfigError(
+                f"table values must be in [0, {self.plain_modulus}) (the plain modulus), got [{lo}, {hi}]"
+            )
+        return table
+
+    def answer(self, query: Sequence[bytes], table: np.ndarray) -> bytes:
+        """Return one ciphertext encrypting table[j] in every slot of row 0 (0 in row 1)."""
+        table = self._check_table(table)
+        s = self.chunk_slots
+        n_chunks = self.expected_chunks(table.size)
+        vectors = self._load_chunks(query, n_chunks)
+        padded = np.zeros(n_chunks * s, dtype=np.int64)
+        padded[: table.size] = table
+        try:
+            acc = None
+            for c, vec in enumerate(vectors):
+                part = padded[c * s : (c + 1) * s]
+                if not part.any():  # the product would be transparent; contributes nothing
+                    continue
+                prod = vec.mul(part.tolist())
+                acc = prod if acc is None else acc.add_(prod)
+            if acc is None:  # all-zero table
+                acc = ts.bfv_vector(self._ctx, [0] * s)
+            result = acc.sum()
+            flood = ts.bfv_vector(self._ctx, [0])
+            for factor in self._flood_factors(n_chunks):
+                flood.mul_(factor)
+            result.add_(flood)
+            return result.serialize()
+        except Exception as exc:
+            raise ProtocolError(f"homomorphic evaluation failed on this query ({_describe(exc)})") from None

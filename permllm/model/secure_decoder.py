@@ -1,0 +1,182 @@
+"""The secure Llama-style decoder: one driver that the owner, the user and the helper's dry run share.
+
+Each party builds a `SecureDecoder` from the public architecture and its own view of the linear
+weights (`decoder_weights`), then calls `forward(ctx, tokens, count)` for the prefill and for each
+generated token. The owner passes tokens=None (it never sees them); the helper's dry run passes a
+`DealerContext` and deals the material the same calls will consume.
+
+One layer, m new positions, cache length L after appending (messages in sequence):
+    RMSNorm (permuted)                               3
+    QKV linear (input dealt)                         0
+    RoPE on Q, K (public, local); rescale Q, K, V    1   (trunc by 32 bits)
+    scores Q K^T (appending Beaver)                  1
+    causal softmax (permuted rows)                   3
+    weights @ V (appending Beaver)                   1
+    rescale                                          1
+    output projection                                1
+    RMSNorm (permuted)                               3
+    gate/up linear (input dealt)                     0
+    SwiGLU (permuted, gate and up jointly)           3
+    down projection (input dealt)                    0
+                                                    17
+The critical path is shorter: 12 flights per layer (PermLLM: 18), because five of these messages
+leave the user right after its previous one (its share is already known to it: dealt, or computed
+locally from its own shares) and so travel on the same one-way hop. The netsim flight clock measures
+this depth directly. Per token outside the layers: embedding 1, final RMSNorm 3, lm_head 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from permllm.fixed import ACT_BITS, LINEAR_BITS, ROPE_BITS, encode
+from permllm.model.decoder_weights import DecoderArch
+from permllm.sharing import Shared
+from protocols.beaver import GrowingOperand, product
+from protocols.functions import SOFTMAX, SWIGLU, rms_normalize
+from protocols.linear import LinearWeight, linear
+from protocols.permute import permuted_apply
+from protocols.trunc import trunc
+
+
+class SecureDecoder:
+    """Per-session state of one party: its weights, the KV caches and the position."""
+
+    def __init__(self, arch: DecoderArch, weights: dict[str, LinearWeight], max_positions: int):
+        self.arch = arch
+        self.weights = weights
+        self.max_positions = max_positions
+        self.position = 0
+        self.keys = [GrowingOperand(f"L{i}.k", transpose=True) for i in range(arch.layers)]
+        self.values = [GrowingOperand(f"L{i}.v", transpose=False) for i in range(arch.layers)]
+        self._norm = rms_normalize(arch.rms_eps)
+        self._cos, self._sin = _rope_tables(arch, max_positions)
+        self.step_hooks = []
+
+    def forward(self, ctx, tokens: list[int] | None, count: int) -> Shared:
+        """Run `count` new positions through the model; returns <logits> of the last one, shape
+        (1, vocab) at LINEAR_BITS. The user passes the token ids, the owner and helper pass None."""
+        if self.position + count > self.max_positions:
+            raise ValueError(f"{self.position + count} positions exceed the prepared {self.max_positions}")
+        h = self._mark("embedding", ctx, lambda: self._embed(ctx, tokens, count))
+        for i in range(self.arch.layers):
+            h = self._layer(ctx, i, h, count)
+        self.position += count
+        last = h if count == 1 else _last_row(h)
+        x = self._mark("norm", ctx, lambda: permuted_apply(ctx, last.reshape(-1, 1), self._norm, [self.arch.hidden], tag="fnorm"))
+        return self._mark("lm_head", ctx, lambda: linear(ctx, x.reshape(1, self.arch.hidden), self.weights["lm_head"]))
+
+    def _mark(self, part: str, ctx, step):
+        """Run one named part of the model, letting measurement hooks time and count it."""
+        if not self.step_hooks:
+            return step()
+        for hook in self.step_hooks:
+            hook.begin(part, ctx)
+        out = step()
+        for hook in self.step_hooks:
+            hook.end(part, ctx)
+        return out
+
+    def _embed(self, ctx, tokens, count: int) -> Shared:
+        vocab = self.arch.vocab
+        if ctx.dealing:
+            onehot = Shared.placeholder((count, vocab), 0)
+        elif ctx.is_owner:
+            onehot = Shared.of(torch.zeros((count, vocab), dtype=torch.int64), 0)
+        else:
+            if tokens is None or len(tokens) != count:
+                raise ValueError(f"the user must supply {count} token ids")
+            local = torch.zeros((count, vocab), dtype=torch.int64)
+            local[torch.arange(count), torch.as_tensor(tokens, dtype=torch.int64)] = 1
+            onehot = Shared.of(local, 0)
+        return linear(ctx, onehot, self.weights["embed"])
+
+    def _layer(self, ctx, i: int, h: Shared, m: int) -> Shared:
+        a = self.arch
+        x = self._mark("norm", ctx, lambda: permuted_apply(ctx, h.reshape(-1, 1), self._norm, [a.hidden] * m, tag=f"L{i}.n1"))
+        x = x.reshape(m, a.hidden)
+        attn = self._attention(ctx, i, x, m)
+        h = h + attn
+        x = self._mark("norm", ctx, lambda: permuted_apply(ctx, h.reshape(-1, 1), self._norm, [a.hidden] * m, tag=f"L{i}.n2"))
+        return h + self._mlp(ctx, i, x.reshape(m, a.hidden), m)
+
+    def _attention(self, ctx, i: int, x: Shared, m: int) -> Shared:
+        a = self.arch
+        hd, groups = a.head_dim, a.kv_heads
+        per_group = a.heads // groups
+        qkv = self._mark("qkv", ctx, lambda: linear(ctx, x, self.weights[f"L{i}.qkv"]))
+        q_end, k_end = a.heads * hd, (a.heads + groups) * hd
+        positions = slice(self.position, self.position + m)
+        cos, sin = self._cos[positions], self._sin[positions]
+
+        def rotate_and_align(t: torch.Tensor) -> torch.Tensor:
+            q = _rope(t[:, :q_end].reshape(m, a.heads, hd), cos, sin)
+            k = _rope(t[:, q_end:k_end].reshape(m, groups, hd), cos, sin)
+            v = t[:, k_end:].reshape(m, groups, hd) << ROPE_BITS
+            return torch.cat([q.reshape(m, -1), k.reshape(m, -1), v.reshape(m, -1)], dim=1)
+
+        aligned = qkv.map(rotate_and_align, bits=qkv.bits + ROPE_BITS)
+        qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, aligned, aligned.bits - ACT_BITS))
+        # group layout: queries (G, per_group*m, hd) ordered (head in group, position); keys/values (G, m, hd)
+        q = qkv16.map(lambda t: t[:, :q_end].reshape(m, groups, per_group, hd).permute(1, 2, 0, 3)
+                      .reshape(groups, per_group * m, hd), shape=(groups, per_group * m, hd))
+        k = qkv16.map(lambda t: t[:, q_end:k_end].reshape(m, groups, hd).transpose(0, 1).contiguous(),
+                      shape=(groups, m, hd))
+        v = qkv16.map(lambda t: t[:, k_end:].reshape(m, groups, hd).transpose(0, 1).contiguous(),
+                      shape=(groups, m, hd))
+        scores = self._mark("scores", ctx, lambda: product(ctx, q, k, self.keys[i]))
+        length = self.keys[i].rows
+        valid = _causal_mask(self.position, m, length, per_group, groups)
+        lengths = valid.sum(dim=2).reshape(-1).tolist()
+        flat = scores.map(lambda t: t[valid], shape=(int(valid.sum()),))
+        probs = self._mark("softmax", ctx, lambda: permuted_apply(ctx, flat, SOFTMAX, lengths, tag=f"L{i}.sm"))
+
+        def place(t: torch.Tensor) -> torch.Tensor:
+            full = torch.zeros((groups, per_group * m, length), dtype=torch.int64)
+            full[valid] = t.reshape(-1)
+            return full
+
+        weights = probs.map(place, shape=(groups, per_group * m, length))
+        mixed = self._mark("weighted_values", ctx, lambda: product(ctx, weights, v, self.values[i]))
+        heads = mixed.map(lambda t: t.reshape(groups, per_group, m, hd).permute(2, 0, 1, 3).reshape(m, a.heads * hd),
+                          shape=(m, a.heads * hd))
+        heads = self._mark("weighted_values", ctx, lambda: trunc(ctx, heads, heads.bits - ACT_BITS))
+        return self._mark("out_proj", ctx, lambda: linear(ctx, heads, self.weights[f"L{i}.o"]))
+
+    def _mlp(self, ctx, i: int, x: Shared, m: int) -> Shared:
+        inter = self.arch.intermediate
+        gate_up = self._mark("mlp", ctx, lambda: linear(ctx, x, self.weights[f"L{i}.gate_up"]))
+        pairs = gate_up.reshape(m * inter, 2)
+        act = self._mark("mlp", ctx, lambda: permuted_apply(ctx, pairs, SWIGLU, [m * inter], tag=f"L{i}.act"))
+        return self._mark("mlp", ctx, lambda: linear(ctx, act.reshape(m, inter), self.weights[f"L{i}.down"]))
+
+
+def _rope_tables(arch: DecoderArch, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (positions, head_dim) in the rotate-half convention, encoded at ROPE_BITS."""
+    hd = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=1)
+    return encode(torch.cos(angles), ROPE_BITS), encode(torch.sin(angles), ROPE_BITS)
+
+
+def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of a share (m, heads, hd) with encoded tables (m, hd): scale grows by ROPE_BITS."""
+    half = t.shape[-1] // 2
+    rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+    return t * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _causal_mask(start: int, m: int, length: int, per_group: int, groups: int) -> torch.Tensor:
+    """valid[g, j*m + i, key] = key <= start + i, for the (G, per_group*m, length) score layout."""
+    query_pos = start + torch.arange(m)
+    keys = torch.arange(length)
+    per_query = keys[None, :] <= query_pos[:, None]
+    return per_query.repeat(per_group, 1).unsqueeze(0).expand(groups, -1, -1).contiguous()
+
+
+def _last_row(h: Shared) -> Shared:
+    return h.map(lambda t: t[-1:].contiguous(), shape=(1, h.shape[1]))
+
+
+LOGIT_BITS = LINEAR_BITS

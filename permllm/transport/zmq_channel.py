@@ -1,0 +1,189 @@
+"""Channel over one ZeroMQ PAIR socket (one socket per pair of parties).
+
+Each message is a two-part ZeroMQ message [header, payload]. Payloads of 64 KiB and more are sent
+zero-copy: `send` waits until libzmq has released the caller's buffer, so the caller may modify
+its array as soon as `send` returns.
+
+Peer death: a PAIR socket reports no disconnects, so a receive timeout (`ChannelTimeout`, default
+60 s, configurable per channel and per call) is how a crashed or unreachable peer is detected.
+An orderly `close()` additionally sends a one-part goodbye message, so the peer's next receive
+raises `PeerGone` at once when that message makes it out before the socket closes (best effort:
+the socket closes with the configured linger, 0 s by default, which may drop it).
+
+Memory bound: the socket's ZMQ_MAXMSGSIZE is set to max_payload_bytes (at least the largest header),
+so libzmq drops a connection that tries to send a larger message part instead of allocating it;
+the receiver then sees a ChannelTimeout. Declared sizes within that bound are checked against the
+header before the payload is interpreted.
+
+Encryption hook: pass CURVE keys (z85 text or 32 raw bytes, e.g. from `zmq.curve_keypair()`):
+the server side (usually the binding one) passes `curve_server=True, curve_secret_key=...`, the
+client passes `curve_server_key=<server public>, curve_public_key=..., curve_secret_key=...`.
+A client with a wrong server key never completes the handshake: its messages are never delivered
+and receives time out.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from permllm.errors import ChannelTimeout, ConfigError, PeerGone, ProtocolError
+from permllm.transport.channel import DEFAULT_TIMEOUT_S, Channel, FlightClock
+from permllm.transport.frames import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_LEN
+
+GOODBYE = b"PLM1-BYE"
+ZERO_COPY_MIN_BYTES = zmq.COPY_THRESHOLD
+
+
+class ZmqChannel(Channel):
+    """A Channel over a connected or bound zmq PAIR socket. Build it with `bind` or `connect`.
+
+    Not thread-safe: a ZeroMQ socket must be used (and closed) by one thread at a time.
+    """
+
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        peer: str,
+        *,
+        owned_context: zmq.Context | None = None,
+        clock: FlightClock | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        super().__init__(peer, clock=clock, timeout=timeout, max_payload_bytes=max_payload_bytes)
+        self._socket = socket
+        self._owned_context = owned_context
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+
+    @classmethod
+    def bind(cls, addr: str, *, peer: str, **options) -> ZmqChannel:
+        """Bind a PAIR socket to `addr` (e.g. "tcp://127.0.0.1:0" for a free port; see `endpoint`).
+
+        peer: the other party's name. options: see `_open`. Returns the channel.
+        Raises ConfigError on bad CURVE options, zmq.ZMQError when the address cannot be bound.
+        """
+        return cls._open(addr, peer=peer, binding=True, **options)
+
+    @classmethod
+    def connect(cls, addr: str, *, peer: str, **options) -> ZmqChannel:
+        """Connect a PAIR socket to `addr`, where the peer binds. Same options as `bind`."""
+        return cls._open(addr, peer=peer, binding=False, **options)
+
+    @classmethod
+    def _open(
+        cls,
+        addr: str,
+        *,
+        peer: str,
+        binding: bool,
+        context: zmq.Context | None = None,
+        clock: FlightClock | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        linger_s: float = 0.0,
+        curve_secret_key: bytes | None = None,
+        curve_public_key: bytes | None = None,
+        curve_server_key: bytes | None = None,
+        curve_server: bool = False,
+    ) -> ZmqChannel:
+        """Create, configure and bind/connect the socket.
+
+        context: a zmq.Context to use (a private one, terminated on close, when None).
+        clock, timeout, max_payload_bytes: as for Channel; timeout also bounds each send.
+        linger_s: how long close() may wait to flush unsent messages (0 = drop them).
+        curve_*: CURVE keys, see the module docstring.
+        """
+        curve = _curve_options(curve_secret_key, curve_public_key, curve_server_key, curve_server)
+        owned_context = zmq.Context() if context is None else None
+        socket = (context or owned_context).socket(zmq.PAIR)
+        try:
+            socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            socket.setsockopt(zmq.MAXMSGSIZE, max(int(max_payload_bytes), MAX_HEADER_LEN))
+            send_timeout_s = float(timeout)
+            socket.setsockopt(zmq.SNDTIMEO, -1 if send_timeout_s == float("inf") else max(1, int(send_timeout_s * 1000)))
+            for option, value in curve:
+                socket.setsockopt(option, value)
+            if binding:
+                socket.bind(addr)
+            else:
+                socket.connect(addr)
+            return cls(
+                socket, peer, owned_context=owned_context, clock=clock, timeout=timeout, max_payload_bytes=max_payload_bytes
+            )
+        except BaseException:
+            socket.close(linger=0)
+            if owned_context is not None:
+                owned_context.term()
+            raise
+
+    @property
+    def endpoint(self) -> str:
+        """The socket's last bound or connected endpoint, e.g. "tcp://127.0.0.1:43127"."""
+        return self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _send_frame(self, header: bytes, payload: memoryview) -> None:
+        """Send [header, payload]; large payloads zero-copy, waiting until libzmq releases them.
+        Raises ChannelTimeout when the send (or the release) does not complete within the timeout."""
+        timeout_s = -1 if self.timeout == float("inf") else self.timeout
+        try:
+            self._socket.send(header, zmq.SNDMORE)
+            if payload.nbytes >= ZERO_COPY_MIN_BYTES:
+                tracker = self._socket.send(payload, copy=False, track=True)
+                tracker.wait(timeout_s)
+            else:
+                self._socket.send(payload)
+        except zmq.Again as exc:
+            raise ChannelTimeout(f"the send queue stayed full for {self.timeout:g} s (peer not reading or not connected)") from exc
+        except zmq.NotDone as exc:
+            raise ChannelTimeout(f"the payload was not transmitted within {self.timeout:g} s") from exc
+
+    def _recv_frame(self, timeout_s: float | None):
+        """Poll for the next message; return (header_buffer, payload_buffer) or None on timeout.
+        Raises PeerGone on the peer's goodbye, ProtocolError on a message that is not 2 parts."""
+        ready = dict(self._poller.poll(None if timeout_s is None else max(1, int(timeout_s * 1000))))
+        if self._socket not in ready:
+            return None
+        parts = self._socket.recv_multipart(copy=False)
+        if len(parts) == 1 and parts[0].bytes == GOODBYE:
+            raise PeerGone(f"peer {self.peer!r} closed the channel")
+        if len(parts) != 2:
+            raise ProtocolError(f"expected a 2-part frame [header, payload] from peer {self.peer!r}, received {len(parts)} parts")
+        return parts[0].buffer, parts[1].buffer
+
+    def _close_transport(self) -> None:
+        """Send the goodbye message (best effort), close the socket and any private context."""
+        try:
+            self._socket.send(GOODBYE, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._poller.unregister(self._socket)
+        self._socket.close()
+        if self._owned_context is not None:
+            self._owned_context.term()
+
+
+def _curve_options(secret_key, public_key, server_key, server: bool) -> list[tuple[int, object]]:
+    """Translate the CURVE keyword arguments into (sockopt, value) pairs; [] when none is given.
+
+    Raises ConfigError on an incomplete or contradictory combination, or when libzmq lacks CURVE.
+    """
+    if not (secret_key or public_key or server_key or server):
+        return []
+    if not zmq.has("curve"):
+        raise ConfigError("CURVE keys given but this libzmq was built without CURVE support")
+    if server and server_key is not None:
+        raise ConfigError("curve_server=True and curve_server_key are exclusive: a socket is either server or client")
+    if server:
+        if secret_key is None:
+            raise ConfigError("a CURVE server needs curve_secret_key")
+        return [(zmq.CURVE_SERVER, 1), (zmq.CURVE_SECRETKEY, secret_key)]
+    if server_key is None:
+        raise ConfigError("CURVE keys given without curve_server=True or curve_server_key")
+    if secret_key is None or public_key is None:
+        raise ConfigError("a CURVE client needs curve_secret_key, curve_public_key and curve_server_key")
+    return [
+        (zmq.CURVE_SERVERKEY, server_key),
+        (zmq.CURVE_PUBLICKEY, public_key),
+        (zmq.CURVE_SECRETKEY, secret_key),
+    ]

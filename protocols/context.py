@@ -1,0 +1,108 @@
+"""What a protocol function runs against: one party's online context, or the helper's dry run.
+
+Every protocol in this package is one function that the owner and the user both call with their own
+`PartyContext` and their own share. The few places where the roles differ go through the messaging
+helpers here (`user_sends`, `owner_sends`, `exchange`) and `owner_term`, which keeps a public term
+on the owner's share only. The offline helper calls the same functions with a `DealerContext`:
+instead of computing on shares it deals the material each call will take.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+import torch
+
+from protocols.material import CallMaterial, Dealer, DealerCall, MaterialSource
+
+
+class Role(str, Enum):
+    OWNER = "owner"
+    USER = "user"
+
+
+class PartyContext:
+    """One online party: its role, the channel to the other party and its material provider.
+
+    channel: a `permllm.transport` Channel to the other online party.
+    material: a `MaterialSource` (correlated randomness from the helper or a helper-free provider).
+    """
+
+    dealing = False
+
+    def __init__(self, role: Role, channel, material: MaterialSource):
+        self.role = Role(role)
+        self.channel = channel
+        self.material = material
+
+    @property
+    def is_owner(self) -> bool:
+        return self.role is Role.OWNER
+
+    def take(self, kind: str, key: str) -> CallMaterial:
+        return self.material.next(kind, key)
+
+    def user_sends(self, tag: str, make: Callable[[], torch.Tensor], shape) -> torch.Tensor:
+        """The user computes and sends a ring tensor to the owner; both get it back (one flight)."""
+        if self.is_owner:
+            return self.receive(tag, shape)
+        value = make()
+        self.send(tag, value)
+        return value
+
+    def owner_sends(self, tag: str, make: Callable[[], torch.Tensor], shape) -> torch.Tensor:
+        """The owner computes and sends a ring tensor to the user; both get it back (one flight)."""
+        if not self.is_owner:
+            return self.receive(tag, shape)
+        value = make()
+        self.send(tag, value)
+        return value
+
+    def send(self, tag: str, value: torch.Tensor) -> None:
+        """Send a ring tensor to the other party."""
+        self.channel.send(tag, value)
+
+    def receive(self, tag: str, shape) -> torch.Tensor:
+        """Receive a ring tensor of the given shape from the other party."""
+        return _ring(self.channel.recv(tag, dtype=np.int64, shape=tuple(shape)))
+
+    def exchange(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
+        """Both parties send at once and receive the other's tensor of the same shape (one flight)."""
+        self.send(tag, mine)
+        return self.receive(tag, mine.shape)
+
+    def owner_term(self, term: Callable[[], torch.Tensor]) -> torch.Tensor | int:
+        """A public (or owner-only) term that belongs on exactly one share: the owner's.
+        Takes a callable so the user does not compute what it would throw away."""
+        return term() if self.is_owner else 0
+
+
+class DealerContext:
+    """The offline helper's dry run: protocols deal material instead of computing.
+
+    weight_mask(name) returns the mask U of a linear weight (the helper regenerates it from the seed
+    the owner gave it; it never sees W).
+    """
+
+    dealing = True
+
+    def __init__(self, dealer: Dealer, weight_mask: Callable[[str], torch.Tensor]):
+        self.dealer = dealer
+        self.weight_mask = weight_mask
+
+    def call(self, kind: str, key: str) -> DealerCall:
+        return self.dealer.call(kind, key)
+
+
+def _ring(array: np.ndarray) -> torch.Tensor:
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def shape_key(*shapes) -> str:
+    """A compact key naming the shapes of a call, e.g. "4x576|1536"."""
+    return "|".join("x".join(str(int(d)) for d in s) if isinstance(s, (tuple, list)) else str(s) for s in shapes)

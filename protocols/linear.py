@@ -1,0 +1,76 @@
+"""Linear layer: the owner's weight times a shared activation (PermLLM §4.1, exact over Z_2^64).
+
+Setting: the owner holds W (in x @ W orientation, encoded at `weight.bits`) and a mask U; during
+preparation it sent W~ = W - U to the user once. The helper knows U (from the owner's seed), never W.
+
+    in:  <x> = (x_o, x_u), shape (m, d_in), scale s
+    out: <y> = <x @ W + b>, shape (m, d_out), scale s + weight.bits; user share not dealt
+
+Online, general case (1 flight, user -> owner, m*d_in*8 bytes):
+    helper deals: user v (seeded), owner M = v @ U
+    user sends d = x_u - v
+    owner: y_o = x_o @ W + d @ U + M + b        user: y_u = x_u @ W~
+Online, dealt input (x_u known to the helper, e.g. the output of a permuted non-linear step):
+    0 flights: the helper deals owner M = x_u @ U directly; y_o = x_o @ W + M + b.
+Check: y_o + y_u = x_o W + (x_u - v) U + v U + x_u (W - U) = x W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from permllm.fixed import encode
+from permllm.sharing import Shared
+from protocols.context import shape_key
+
+
+@dataclass
+class LinearWeight:
+    """A linear layer as one party holds it.
+
+    name: identifies the weight across parties (the helper derives U from it).
+    bits: fixed-point scale of W.
+    local: owner: W; user: W~ = W - U; helper: None.
+    mask: owner: U (needed for d @ U); user and helper: None (the helper calls weight_mask(name)).
+    bias: owner only, float64 (encoded at the output scale on use), or None.
+    d_in, d_out: the shape of W.
+    """
+
+    name: str
+    bits: int
+    d_in: int
+    d_out: int
+    local: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
+    """<x> @ W (+ b). See the module docstring for messages, flights and bytes."""
+    m, d_in = x.shape
+    if d_in != weight.d_in:
+        raise ValueError(f"{weight.name}: input has {d_in} features, weight expects {weight.d_in}")
+    key = shape_key((m, d_in, weight.d_out), "dealt" if x.dealt else "masked")
+    out_bits = x.bits + weight.bits
+    out_shape = (m, weight.d_out)
+    if ctx.dealing:
+        call = ctx.call("linear:" + weight.name, key)
+        u = ctx.weight_mask(weight.name)
+        v = x.user_share if x.dealt else call.user_draw("v", (m, d_in))
+        call.to_owner("vU", v @ u)
+        return Shared.placeholder(out_shape, out_bits)
+
+    mat = ctx.take("linear:" + weight.name, key)
+    if x.dealt:
+        correction = mat.dealt("vU", out_shape) if ctx.is_owner else None
+    else:
+        d = ctx.user_sends(f"lin.{weight.name}", lambda: x.local - mat.draw("v", (m, d_in)), (m, d_in))
+        correction = d @ weight.mask + mat.dealt("vU", out_shape) if ctx.is_owner else None
+    y = x.local @ weight.local
+    if ctx.is_owner:
+        y = y + correction
+        if weight.bias is not None:
+            y = y + encode(weight.bias, out_bits)
+    return Shared.of(y, out_bits)

