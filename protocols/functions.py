@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,9 @@ def _swiglu(z: np.ndarray, lengths: list[int]) -> np.ndarray:
     return (_silu(z[:, 0]) * z[:, 1])[:, None]
 
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-
 def _gelu(z: np.ndarray, lengths: list[int]) -> np.ndarray:
-    try:
-        from scipy.special import erf
-    except ImportError:  # scipy is optional; math.erf is exact but slower
-        erf = _erf
-    x = z[:, 0]
-    return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0))))[:, None]
+    x = torch.from_numpy(np.ascontiguousarray(z[:, 0]))
+    return (0.5 * x * (1.0 + torch.special.erf(x / math.sqrt(2.0)))).numpy()[:, None]
 
 
 def rms_normalize(eps: float) -> UserFunction:

@@ -44,6 +44,7 @@ class GenerationTrace:
     """Per-token timings, flights and bytes (filled on each party's side)."""
 
     start: float = 0.0
+    start_depth: int = 0
     token_times: list[float] = field(default_factory=list)
     token_depths: list[int] = field(default_factory=list)
     token_bytes: list[tuple[int, int]] = field(default_factory=list)
@@ -85,6 +86,7 @@ def generate(
         raise ConfigError("max_new_tokens must be at least 1")
     if trace is not None:
         trace.start = time.perf_counter()
+        trace.start_depth = 0 if ctx.dealing else ctx.channel.clock.depth
     logits = decoder.forward(ctx, prompt_ids, prompt_len)
     tokens: list[int] = []
     for step in range(max_new_tokens):

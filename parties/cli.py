@@ -1,0 +1,187 @@
+"""The `permllm` command: the demo launcher and the three roles run by hand.
+
+    permllm demo                      owner, user and helper as three processes on this machine
+    permllm owner --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
+    permllm user  --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
+    permllm helper --owner tcp://OWNER:5556 --user tcp://USER:5557
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from permllm.errors import PermLLMError
+
+TWO_MACHINE_HELP = """\
+A session by hand on three machines (or three terminals):
+  owner:  permllm owner  --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
+  user:   permllm user   --owner tcp://OWNER_HOST:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
+  helper: permllm helper --owner tcp://OWNER_HOST:5556 --user tcp://USER_HOST:5557
+The owner and the user bind; the user connects to the owner; the helper connects to both. Give every
+role the same --network when you want simulated delays on top of the real network (default none).
+The owner holds the weights, the user the prompt; the helper only deals randomness before the
+online phase. Start them in any order: each waits up to the set-up timeout for the others.
+"""
+
+
+def _add_network(p, default):
+    p.add_argument("--network", default=default,
+                   help="simulated link: lan, wan (10 ms, 1 Gbit/s), wan-slow (50 ms, 100 Mbit/s), none, "
+                        f"or RTT_ms,Mbit_s (default {default})")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the other party during the online phase (default 60)")
+
+
+def _add_generation(p):
+    p.add_argument("--prompt", default=None, help="the question (default: a built-in one)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="token budget (default 48)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"], help="model (default smollm2)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; default 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens when sampling")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass when sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed of the user's sampling (masks stay cryptographic)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="permllm", description="Private two-party LLM inference (PermLLM-style).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run owner, user and helper as three local processes",
+                          description="Starts owner, user and helper as separate processes talking ZeroMQ over "
+                                      "loopback, asks the model a question privately and prints a summary.")
+    _add_generation(demo)
+    _add_network(demo, "wan")
+    demo.add_argument("--json", dest="json_path", default=None, help="also write the summary as JSON here")
+
+    owner = sub.add_parser("owner", help="the model owner (holds the weights)", epilog=TWO_MACHINE_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    owner.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    owner.add_argument("--listen-user", required=True, help="ZeroMQ address to bind for the user")
+    owner.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
+    _add_network(owner, "none")
+    owner.add_argument("--report", default=None, help="write this role's report (JSON) here")
+    owner.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+    user = sub.add_parser("user", help="the user (holds the prompt, sees the answer)", epilog=TWO_MACHINE_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_generation(user)
+    user.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the user")
+    user.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
+    _add_network(user, "none")
+    user.add_argument("--report", default=None, help="write this role's report (JSON) here")
+    user.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+    helper = sub.add_parser("helper", help="the offline helper (deals correlated randomness)", epilog=TWO_MACHINE_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    helper.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the helper")
+    helper.add_argument("--user", required=True, help="the user's ZeroMQ address for the helper")
+    _add_network(helper, "none")
+    helper.add_argument("--report", default=None, help="write this role's report (JSON) here")
+    helper.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    return parser
+
+
+def sampling_from_args(args):
+    from permllm.errors import ConfigError
+    from permllm.model.generation import SamplingConfig
+
+    sampling = args.sample or args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if not sampling:
+        return SamplingConfig(seed=args.seed)
+    temperature = 0.7 if args.temperature is None else args.temperature
+    if temperature <= 0:
+        raise ConfigError("--temperature must be positive when sampling")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError("--top-p must be in (0, 1]")
+    return SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _channel(addr, peer, bind, args, clock):
+    from netsim import NetSim, parse_profile
+    from permllm.transport import ZmqChannel
+
+    profile = parse_profile(args.network)
+    opener = ZmqChannel.bind if bind else ZmqChannel.connect
+    channel = opener(addr, peer=peer, clock=clock, timeout=args.timeout)
+    return channel if profile.name == "none" else NetSim(channel, profile)
+
+
+def _write_report(path, report):
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _log(args, role):
+    return (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from parties.launcher import run_demo
+
+            return run_demo(args)
+        return _run_role(args)
+    except PermLLMError as exc:
+        print(f"permllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"permllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_role(args) -> int:
+    from permllm.transport import FlightClock
+
+    clock = FlightClock()
+    if args.command == "owner":
+        from parties.roles import run_owner
+
+        channels = {"user": _channel(args.listen_user, "user", True, args, clock),
+                    "helper": _channel(args.listen_helper, "helper", True, args, clock)}
+        try:
+            report = run_owner(channels, args.model, progress=not args.quiet, log=_log(args, "owner"))
+        finally:
+            for ch in channels.values():
+                ch.close()
+    elif args.command == "helper":
+        from parties.roles import run_helper
+
+        channels = {"owner": _channel(args.owner, "owner", False, args, clock),
+                    "user": _channel(args.user, "user", False, args, clock)}
+        try:
+            report = run_helper(channels, progress=not args.quiet, log=_log(args, "helper"))
+        finally:
+            for ch in channels.values():
+                ch.close()
+    else:
+        from parties.models import load_tokenizer
+        from parties.roles import UserRequest, run_user
+        from permllm.model.prompts import DEMO_PROMPT
+
+        sampling = sampling_from_args(args)
+        tokenizer = load_tokenizer(args.model)
+        request = UserRequest(args.model, DEMO_PROMPT if args.prompt is None else args.prompt, args.max_new_tokens, sampling)
+        channels = {"owner": _channel(args.owner, "owner", False, args, clock),
+                    "helper": _channel(args.listen_helper, "helper", True, args, clock)}
+        try:
+            report = run_user(channels, request, tokenizer, progress=not args.quiet, log=_log(args, "user"))
+        finally:
+            for ch in channels.values():
+                ch.close()
+    _write_report(args.report, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The three roles of a session, each run in its own process over ZeroMQ.
+
+Session, in order (every arrow is framed messages on one channel; nothing is pickled):
+  1. user -> owner   hello: model, prompt length, token budget, fixed-point scales, session id
+     owner -> user   welcome: public architecture and its fingerprint (or an error naming the mismatch)
+     user -> owner   the BFV public context for token selection
+  2. owner -> helper its seed and the architecture; user -> helper its seed and the plan
+  3. preparation     owner -> user: every masked weight W - U (once per session)
+  4. offline         helper -> owner, helper -> user: the material for the whole budget
+  5. online          owner <-> user: prefill and generation
+Each role returns a report (timings, traffic, peak memory) that the launcher merges.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from permllm.errors import ConfigError, ProtocolError
+from permllm.fixed import ACT_BITS, WEIGHT_BITS
+from permllm.prg import fresh_seed
+from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
+from parties.models import PROTOCOL_VERSION, fingerprint
+from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json, send_record, finish_records
+from protocols.context import PartyContext, Role
+from protocols.material import QueuedMaterial
+
+SEED_TAG = "seed"
+
+
+def _progress(total, desc, enabled, unit="it"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class Plan:
+    """What the user asks for; all of it is public to the three parties."""
+
+    model: str
+    prompt_tokens: int
+    max_new_tokens: int
+    session: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def hello(self) -> dict:
+        return {"protocol": PROTOCOL_VERSION, "model": self.model, "prompt_tokens": self.prompt_tokens,
+                "max_new_tokens": self.max_new_tokens, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS,
+                "session": self.session}
+
+
+def check_hello(hello: dict, model: str, max_positions: int) -> Plan:
+    """The owner's check of the user's hello; raises ProtocolError naming the first mismatch."""
+    expected = {"protocol": PROTOCOL_VERSION, "model": model, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS}
+    for key, want in expected.items():
+        if hello.get(key) != want:
+            raise ProtocolError(f"{key} mismatch: the user has {hello.get(key)!r}, the owner {want!r}")
+    prompt, budget = hello.get("prompt_tokens"), hello.get("max_new_tokens")
+    if not isinstance(prompt, int) or not isinstance(budget, int) or prompt < 1 or budget < 1:
+        raise ProtocolError(f"bad plan: prompt_tokens={prompt!r}, max_new_tokens={budget!r}")
+    if prompt + budget > max_positions:
+        raise ProtocolError(f"prompt ({prompt}) plus budget ({budget}) exceeds the model's {max_positions} positions")
+    return Plan(model, prompt, budget, str(hello.get("session")))
+
+
+# ------------------------------------------------------------------------------------------ owner
+def run_owner(channels, model: str, *, progress: bool = True, log=print) -> dict:
+    """channels: dict with 'user' and 'helper' Channels. Returns the owner's report."""
+    from permllm.he import IndexLookupServer
+    from permllm.model.decoder_weights import DecoderArch, owner_weights
+    from permllm.model.generation import generate
+    from permllm.model.loading import load_model
+    from permllm.model.secure_decoder import SecureDecoder
+
+    phases = Phases()
+    user, helper = channels["user"], channels["helper"]
+    with phases.timed("load"):
+        log("owner: loading the model")
+        weights, _ = load_model(model)
+        arch = DecoderArch.from_config(weights.config)
+        max_positions = int(weights.config.max_position_embeddings or 2048)
+    arch_dict = arch.to_dict()
+    card = fingerprint(model, arch_dict)
+
+    hello = recv_json(user, "hello")
+    try:
+        plan = check_hello(hello, model, max_positions)
+    except ProtocolError as exc:
+        send_json(user, "welcome", {"error": str(exc)})
+        raise
+    send_json(user, "welcome", {"protocol": PROTOCOL_VERSION, "model": model, "arch": arch_dict,
+                                "fingerprint": card, "session": plan.session, "max_positions": max_positions,
+                                "eos_token_id": weights.config.eos_token_id})
+    server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=SETUP_TIMEOUT_S))
+
+    seed = fresh_seed()
+    send_json(helper, "owner-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session, "arch": arch_dict,
+                                     "fingerprint": card})
+    helper.send(SEED_TAG, seed)
+
+    with phases.timed("prepare"):
+        log("owner: folding, encoding and masking the weights; sending W - U to the user")
+        bar = _progress(None, "owner: preparing weights", progress)
+        prepared = owner_weights(weights, seed, progress=bar.update)
+        del weights
+        sent_before = user.stats.bytes_sent
+        for name, w in prepared.items():
+            user.send(f"w.{name}", w.local - w.mask)
+        bar.close()
+    prepare_bytes = user.stats.bytes_sent - sent_before
+
+    material = QueuedMaterial(seed)
+    with phases.timed("offline"):
+        received_before = helper.stats.bytes_received
+        recv_records(helper, lambda r: material.extend([r]))
+    offline_bytes = helper.stats.bytes_received - received_before
+
+    positions = plan.prompt_tokens + plan.max_new_tokens
+    ctx = PartyContext(Role.OWNER, user, material)
+    online_before = (user.stats.bytes_sent, user.stats.bytes_received, user.clock.depth)
+    with phases.timed("online"):
+        generate(ctx, SecureDecoder(arch, prepared, positions), prompt_len=plan.prompt_tokens,
+                 max_new_tokens=plan.max_new_tokens, lookup=server)
+    return {
+        "role": "owner", "phases_s": phases.seconds, "prepare_bytes": prepare_bytes, "offline_bytes": offline_bytes,
+        "online_bytes_sent": user.stats.bytes_sent - online_before[0],
+        "online_bytes_received": user.stats.bytes_received - online_before[1],
+        "material_left": material.remaining, "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ helper
+def run_helper(channels, *, progress: bool = True, log=print) -> dict:
+    """channels: dict with 'owner' and 'user' Channels. Deals, streams, returns the helper's report."""
+    from permllm.model.decoder_weights import DecoderArch, helper_weights, linear_shapes, weight_mask
+    from permllm.model.generation import generate
+    from permllm.model.secure_decoder import SecureDecoder
+    from protocols.context import DealerContext
+    from protocols.material import Dealer
+
+    owner, user = channels["owner"], channels["user"]
+    phases = Phases()
+    owner_plan = recv_json(owner, "owner-plan")
+    owner_seed = owner.recv_bytes(SEED_TAG, max_len=16, timeout=SETUP_TIMEOUT_S)
+    user_plan = recv_json(user, "user-plan")
+    user_seed = user.recv_bytes(SEED_TAG, max_len=16, timeout=SETUP_TIMEOUT_S)
+    for key in ("protocol", "session", "fingerprint"):
+        if owner_plan.get(key) != user_plan.get(key):
+            raise ProtocolError(f"{key} mismatch between the owner ({owner_plan.get(key)!r}) and the user ({user_plan.get(key)!r})")
+    if len(owner_seed) != 16 or len(user_seed) != 16:
+        raise ProtocolError("seeds must be 16 bytes")
+    arch = DecoderArch(**owner_plan["arch"])
+    prompt, budget = int(user_plan["prompt_tokens"]), int(user_plan["max_new_tokens"])
+    shapes = linear_shapes(arch)
+    masks: dict = {}
+
+    def mask_of(name):
+        if name not in masks:
+            d_in, d_out, _ = shapes[name]
+            masks[name] = weight_mask(owner_seed, name, d_in, d_out)
+        return masks[name]
+
+    bar = _progress(None, "helper: dealing", progress, unit="call")
+
+    def sink(owner_record, user_record):
+        send_record(owner, owner_record)
+        send_record(user, user_record)
+        bar.update(1)
+
+    log(f"helper: dealing material for a {prompt}-token prompt and {budget} new tokens")
+    with phases.timed("offline"):
+        dealer = Dealer(owner_seed, user_seed, sink=sink)
+        decoder = SecureDecoder(arch, helper_weights(arch), prompt + budget)
+        generate(DealerContext(dealer, mask_of), decoder, prompt_len=prompt, max_new_tokens=budget)
+        dealer.flush()
+        finish_records(owner, dealer.calls)
+        finish_records(user, dealer.calls)
+    bar.close()
+    return {"role": "helper", "phases_s": phases.seconds, "calls": dealer.calls,
+            "offline_bytes": owner.stats.bytes_sent + user.stats.bytes_sent, "peak_rss_mb": peak_rss_mb()}
+
+
+# ------------------------------------------------------------------------------------------ user
+@dataclass
+class UserRequest:
+    model: str
+    prompt: str
+    max_new_tokens: int
+    sampling: object = None
+
+
+def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_positions: int | None = None) -> list[int]:
+    """The chat-templated prompt ids; clear errors for input that cannot work, before any work."""
+    from permllm.model.prompts import chat_token_ids
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    ids = chat_token_ids(tokenizer, prompt)
+    if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+        raise ConfigError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the "
+                          f"model's {max_positions} positions")
+    return ids
+
+
+def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True, log=print, out=sys.stdout) -> dict:
+    """channels: dict with 'owner' and 'helper' Channels. Streams the answer; returns the user's report."""
+    from permllm.he import IndexLookupClient
+    from permllm.model.decoder_weights import DecoderArch, linear_shapes, user_weight
+    from permllm.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
+    from permllm.model.secure_decoder import SecureDecoder
+
+    owner, helper = channels["owner"], channels["helper"]
+    phases = Phases()
+    prompt_ids = prepare_prompt(tokenizer, request.prompt, request.max_new_tokens)
+    plan = Plan(request.model, len(prompt_ids), request.max_new_tokens)
+    send_json(owner, "hello", plan.hello())
+    welcome = recv_json(owner, "welcome")
+    if welcome.get("session") != plan.session:
+        raise ProtocolError("the owner answered for another session")
+    arch = DecoderArch(**welcome["arch"])
+    if welcome.get("fingerprint") != fingerprint(request.model, welcome["arch"]):
+        raise ProtocolError("the owner's model fingerprint does not match its architecture")
+    client = IndexLookupClient(arch.vocab)
+    owner.send("he.context", client.public_context())
+
+    seed = fresh_seed()
+    send_json(helper, "user-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session,
+                                    "fingerprint": welcome["fingerprint"], "prompt_tokens": plan.prompt_tokens,
+                                    "max_new_tokens": plan.max_new_tokens})
+    helper.send(SEED_TAG, seed)
+
+    shapes = linear_shapes(arch)
+    weights = {}
+    with phases.timed("prepare"):
+        bar = _progress(len(shapes), "user: receiving masked weights", progress, unit="weight")
+        for name, (d_in, d_out, _) in shapes.items():
+            array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=SETUP_TIMEOUT_S)
+            weights[name] = user_weight(name, arch, torch.from_numpy(array))
+            bar.update(1)
+        bar.close()
+    prepare_bytes = owner.stats.bytes_received
+
+    material = QueuedMaterial(seed)
+    with phases.timed("offline"):
+        bar = _progress(None, "user: receiving offline material", progress, unit="call")
+
+        def keep(record):
+            material.extend([record])
+            bar.update(1)
+
+        recv_records(helper, keep)
+        bar.close()
+    offline_bytes = helper.stats.bytes_received
+
+    eos = {i for i in (tokenizer.eos_token_id, welcome.get("eos_token_id")) if isinstance(i, int)}
+    trace = GenerationTrace()
+    tokens: list[int] = []
+    printed = [""]
+
+    def stream(token):
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        out.write(text[len(printed[0]):])
+        out.flush()
+        printed[0] = text
+
+    choose = token_chooser(request.sampling or SamplingConfig())
+    ctx = PartyContext(Role.USER, owner, material)
+    online_start_bytes = (owner.stats.bytes_sent, owner.stats.bytes_received)
+    with phases.timed("online"):
+        generate(ctx, SecureDecoder(arch, weights, plan.prompt_tokens + plan.max_new_tokens),
+                 prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, prompt_ids=prompt_ids,
+                 eos_ids=frozenset(eos), choose=choose, lookup=client, on_token=stream, trace=trace)
+    out.write("\n")
+    out.flush()
+    byte_marks = [s + r for s, r in trace.token_bytes]
+    return {
+        "role": "user", "phases_s": phases.seconds, "prompt_tokens": plan.prompt_tokens,
+        "generated_tokens": len(tokens), "token_ids": tokens,
+        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+        "ttft_s": trace.token_times[0] - trace.start if trace.token_times else None,
+        "decode_s_per_token": median_step(trace.token_times),
+        "decode_s_per_token_p90": percentile_step(trace.token_times, 0.9),
+        "online_bytes_per_token": median_step(byte_marks),
+        "online_bytes_per_token_up": median_step([s for s, _ in trace.token_bytes]),
+        "online_bytes_per_token_down": median_step([r for _, r in trace.token_bytes]),
+        "prefill_bytes": byte_marks[0] - sum(online_start_bytes) if byte_marks else None,
+        "flights_per_token": median_step(trace.token_depths),
+        "prefill_flights": trace.token_depths[0] - trace.start_depth if trace.token_depths else None,
+        "prepare_bytes": prepare_bytes, "offline_bytes": offline_bytes, "material_left": material.remaining,
+        "peak_rss_mb": peak_rss_mb(),
+    }

@@ -1,0 +1,63 @@
+"""The README's demo as real OS processes: owner, user and helper over ZeroMQ on loopback."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from permllm.transport.frames import header_length
+
+pytestmark = pytest.mark.processes
+
+SMOLLM2_LAYERS, SMOLLM2_VOCAB, SMOLLM2_HIDDEN = 30, 49152, 576
+
+
+def _demo_processes_alive() -> list[str]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "permllm-demo-" in cmdline:
+                alive.append(cmdline)
+    return alive
+
+
+def _masked_weight_bytes() -> int:
+    from permllm.model.decoder_weights import DecoderArch, linear_shapes
+
+    arch = DecoderArch(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
+                       rms_eps=1e-5, rope_theta=100000.0)
+    return sum(header_length(len(f"w.{name}"), 2) + 8 * d_in * d_out
+               for name, (d_in, d_out, _) in linear_shapes(arch).items())
+
+
+def test_demo_runs_three_processes_and_answers_like_the_plaintext_model(tmp_path):
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parties.cli", "demo", "--network", "lan", "--max-new-tokens", "6", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    # plaintext greedy decoding of the same model answers "The capital of France is Paris."
+    assert summary["text"].startswith("The capital of France is")
+    assert summary["text"] in proc.stdout
+    assert summary["generated_tokens"] == len(summary["token_ids"]) == 6
+    assert summary["prompt_tokens"] == 37
+    # 12 flights per layer + 3 (embedding, final norm) + 3 (selection) per generated token
+    assert summary["flights_per_token"] == 12 * SMOLLM2_LAYERS + 6
+    assert summary["prepare_bytes"] == _masked_weight_bytes()
+    for key in ("ttft_s", "decode_s_per_token", "online_bytes_per_token", "offline_s", "offline_bytes", "prepare_s"):
+        assert summary[key] is not None and summary[key] > 0, key
+    assert set(summary["peak_rss_mb"]) == {"owner", "user", "helper"}
+    assert "summary" in proc.stdout and "flights per token" in proc.stdout
+    assert _demo_processes_alive() == []
