@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network(demo, "wan")
     demo.add_argument("--json", dest="json_path", default=None, help="also write the summary as JSON here")
 
+    bench = sub.add_parser("bench", help="token-latency benchmarks under simulated networks",
+                           description="Runs the benchmark scenarios and prints the table (see bench/RESULTS.md).")
+    from parties import bench as bench_module
+
+    bench_module.add_arguments(bench)
+
     owner = sub.add_parser("owner", help="the model owner (holds the weights)", epilog=TWO_MACHINE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     owner.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
@@ -131,6 +137,10 @@ def main(argv=None) -> int:
             from parties.launcher import run_demo
 
             return run_demo(args)
+        if args.command == "bench":
+            from parties.bench import run_bench
+
+            return run_bench(args)
         return _run_role(args)
     except PermLLMError as exc:
         print(f"permllm {args.command}: error: {exc}", file=sys.stderr)

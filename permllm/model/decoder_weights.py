@@ -99,7 +99,9 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
         d_in, d_out, bits = shapes[name]
         if tuple(w.shape) != (d_in, d_out):
             raise ValueError(f"{name}: weight has shape {tuple(w.shape)}, expected {(d_in, d_out)}")
-        out[name] = LinearWeight(name, bits, d_in, d_out, local=encode(w, bits), mask=weight_mask(seed, name, d_in, d_out))
+        # contiguous: a transposed view (the tied lm_head) makes int64 matmuls ~9x slower
+        out[name] = LinearWeight(name, bits, d_in, d_out, local=encode(w, bits).contiguous(),
+                                 mask=weight_mask(seed, name, d_in, d_out))
         if progress:
             progress(1)
     return out
@@ -110,7 +112,7 @@ def user_weight(name: str, arch: DecoderArch, masked: torch.Tensor) -> LinearWei
     d_in, d_out, bits = linear_shapes(arch)[name]
     if tuple(masked.shape) != (d_in, d_out):
         raise ValueError(f"{name}: received masked weight of shape {tuple(masked.shape)}, expected {(d_in, d_out)}")
-    return LinearWeight(name, bits, d_in, d_out, local=masked)
+    return LinearWeight(name, bits, d_in, d_out, local=masked.contiguous())
 
 
 def helper_weights(arch: DecoderArch) -> dict[str, LinearWeight]:
