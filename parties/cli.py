@@ -27,12 +27,22 @@ online phase. Start them in any order: each waits up to the set-up timeout for t
 """
 
 
+def _add_security(p):
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="folder with this role's CURVE secret key ROLE.key and the peers' public keys PEER.pub "
+                        "(from `permllm keygen`); required unless --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="no encryption or authentication of the channels (local experiments only)")
+
+
 def _add_network(p, default):
     p.add_argument("--network", default=default,
                    help="simulated link: lan, wan (10 ms, 1 Gbit/s), wan-slow (50 ms, 100 Mbit/s), none, "
                         f"or RTT_ms,Mbit_s (default {default})")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the other party during the online phase (default 60)")
+    p.add_argument("--setup-timeout", type=float, default=900.0,
+                   help="seconds to wait for the others during set-up: model load, preparation, dealing (default 900)")
 
 
 def _add_generation(p):
@@ -56,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(demo)
     _add_network(demo, "wan")
     demo.add_argument("--json", dest="json_path", default=None, help="also write the summary as JSON here")
+    demo.add_argument("--insecure", action="store_true",
+                      help="run without CURVE (by default the demo makes fresh keys for the three roles)")
+
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair for one role",
+                            description="Writes NAME.key (secret, mode 0600) and NAME.pub into --out. Give each role "
+                                        "its own .key and the .pub files of its peers, in one folder per role.")
+    keygen.add_argument("--out", required=True, help="folder to write the keys into")
+    keygen.add_argument("--name", action="append", default=None,
+                        help="role name (repeatable; default: owner, user and helper)")
 
     bench = sub.add_parser("bench", help="token-latency benchmarks under simulated networks",
                            description="Runs the benchmark scenarios and prints the table (see bench/RESULTS.md).")
@@ -69,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     owner.add_argument("--listen-user", required=True, help="ZeroMQ address to bind for the user")
     owner.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
     _add_network(owner, "none")
+    _add_security(owner)
     owner.add_argument("--report", default=None, help="write this role's report (JSON) here")
     owner.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
@@ -78,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the user")
     user.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
     _add_network(user, "none")
+    _add_security(user)
     user.add_argument("--report", default=None, help="write this role's report (JSON) here")
     user.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
@@ -86,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     helper.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the helper")
     helper.add_argument("--user", required=True, help="the user's ZeroMQ address for the helper")
     _add_network(helper, "none")
+    _add_security(helper)
     helper.add_argument("--report", default=None, help="write this role's report (JSON) here")
     helper.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     return parser
@@ -108,14 +130,30 @@ def sampling_from_args(args):
     return SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def _channel(addr, peer, bind, args, clock):
+def _channel(addr, peer, bind, args, clock, curve):
     from netsim import NetSim, parse_profile
     from permllm.transport import ZmqChannel
 
     profile = parse_profile(args.network)
     opener = ZmqChannel.bind if bind else ZmqChannel.connect
-    channel = opener(addr, peer=peer, clock=clock, timeout=args.timeout)
+    options = {} if curve is None else curve.socket_options(peer, bind)
+    channel = opener(addr, peer=peer, clock=clock, timeout=args.timeout, **options)
     return channel if profile.name == "none" else NetSim(channel, profile)
+
+
+def _curve(args, role: str, peers: tuple[str, ...]):
+    """This role's CURVE setup from --keys, or None (with a loud warning) under --insecure."""
+    from permllm.errors import ConfigError
+    from parties.security import INSECURE_WARNING, Curve
+
+    if args.insecure:
+        print(f"permllm {role}: {INSECURE_WARNING}", file=sys.stderr, flush=True)
+        return None
+    if args.keys is None:
+        raise ConfigError(f"give --keys DIR (with {role}.key and " + ", ".join(f"{p}.pub" for p in peers)
+                          + "; see `permllm keygen`) or --insecure")
+    keys = os.path.abspath(args.keys)
+    return Curve(os.path.join(keys, f"{role}.key"), {p: os.path.join(keys, f"{p}.pub") for p in peers})
 
 
 def _write_report(path, report):
@@ -137,6 +175,13 @@ def main(argv=None) -> int:
             from parties.launcher import run_demo
 
             return run_demo(args)
+        if args.command == "keygen":
+            from parties.security import generate_keypair
+
+            for name in args.name or ["owner", "user", "helper"]:
+                secret, public = generate_keypair(args.out, name)
+                print(f"wrote {secret} (secret: keep it on the {name}'s machine) and {public}")
+            return 0
         if args.command == "bench":
             from parties.bench import run_bench
 
@@ -150,27 +195,41 @@ def main(argv=None) -> int:
         return 130
 
 
+PEERS = {"owner": ("user", "helper"), "user": ("owner", "helper"), "helper": ("owner", "user")}
+
+
 def _run_role(args) -> int:
     from permllm.transport import FlightClock
 
     clock = FlightClock()
+    curve = _curve(args, args.command, PEERS[args.command])
+    try:
+        return _run_role_with(args, clock, curve)
+    finally:
+        if curve is not None:
+            curve.close()
+
+
+def _run_role_with(args, clock, curve) -> int:
     if args.command == "owner":
         from parties.roles import run_owner
 
-        channels = {"user": _channel(args.listen_user, "user", True, args, clock),
-                    "helper": _channel(args.listen_helper, "helper", True, args, clock)}
+        channels = {"user": _channel(args.listen_user, "user", True, args, clock, curve),
+                    "helper": _channel(args.listen_helper, "helper", True, args, clock, curve)}
         try:
-            report = run_owner(channels, args.model, progress=not args.quiet, log=_log(args, "owner"))
+            report = run_owner(channels, args.model, progress=not args.quiet, log=_log(args, "owner"),
+                               setup_timeout=args.setup_timeout)
         finally:
             for ch in channels.values():
                 ch.close()
     elif args.command == "helper":
         from parties.roles import run_helper
 
-        channels = {"owner": _channel(args.owner, "owner", False, args, clock),
-                    "user": _channel(args.user, "user", False, args, clock)}
+        channels = {"owner": _channel(args.owner, "owner", False, args, clock, curve),
+                    "user": _channel(args.user, "user", False, args, clock, curve)}
         try:
-            report = run_helper(channels, progress=not args.quiet, log=_log(args, "helper"))
+            report = run_helper(channels, progress=not args.quiet, log=_log(args, "helper"),
+                                setup_timeout=args.setup_timeout)
         finally:
             for ch in channels.values():
                 ch.close()
@@ -182,10 +241,11 @@ def _run_role(args) -> int:
         sampling = sampling_from_args(args)
         tokenizer = load_tokenizer(args.model)
         request = UserRequest(args.model, DEMO_PROMPT if args.prompt is None else args.prompt, args.max_new_tokens, sampling)
-        channels = {"owner": _channel(args.owner, "owner", False, args, clock),
-                    "helper": _channel(args.listen_helper, "helper", True, args, clock)}
+        channels = {"owner": _channel(args.owner, "owner", False, args, clock, curve),
+                    "helper": _channel(args.listen_helper, "helper", True, args, clock, curve)}
         try:
-            report = run_user(channels, request, tokenizer, progress=not args.quiet, log=_log(args, "user"))
+            report = run_user(channels, request, tokenizer, progress=not args.quiet, log=_log(args, "user"),
+                              setup_timeout=args.setup_timeout)
         finally:
             for ch in channels.values():
                 ch.close()

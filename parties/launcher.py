@@ -56,7 +56,16 @@ def _validate(args) -> None:
 def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     base = [sys.executable, "-m", "parties.cli"]
     owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
-    common = ["--network", args.network, "--timeout", str(args.timeout)]
+    common = ["--network", args.network, "--timeout", str(args.timeout), "--setup-timeout", str(args.setup_timeout)]
+    if getattr(args, "insecure", False):
+        common.append("--insecure")
+    else:
+        from parties.security import generate_keypair
+
+        keys = reports / "keys"
+        for role in ROLES:
+            generate_keypair(keys, role)
+        common += ["--keys", str(keys)]
     user = base + ["user", "--owner", owner_user, "--listen-helper", user_helper,
                    "--max-new-tokens", str(args.max_new_tokens), "--model", args.model,
                    "--report", str(reports / "user.json")] + common
@@ -96,8 +105,9 @@ def run_demo(args) -> int:
         reports = Path(tmp)
         commands = _role_commands(args, free_ports(3), reports)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        security = "no encryption (--insecure)" if args.insecure else "CURVE-encrypted and authenticated"
         print(f"permllm demo: owner, helper and user as three processes over ZeroMQ on loopback, "
-              f"network '{args.network}'", file=sys.stderr, flush=True)
+              f"network '{args.network}', {security}", file=sys.stderr, flush=True)
         processes: dict[str, subprocess.Popen] = {}
         try:
             for role in ROLES:
@@ -174,6 +184,10 @@ def _fmt_bytes(n) -> str:
         n /= 1000
 
 
+def _fmt_count(x) -> str:
+    return "-" if x is None else (f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}")
+
+
 def _fmt_s(x) -> str:
     return "-" if x is None else f"{x:.3f} s"
 
@@ -185,7 +199,7 @@ def format_summary(s: dict) -> str:
         ("time to first token", _fmt_s(s["ttft_s"])),
         ("online s per generated token (median)", _fmt_s(s["decode_s_per_token"])),
         ("online bytes per token", _fmt_bytes(s["online_bytes_per_token"])),
-        ("flights per token", s["flights_per_token"]),
+        ("flights per token", _fmt_count(s["flights_per_token"])),
         ("prefill: flights / bytes", f"{s['prefill_flights']} / {_fmt_bytes(s['prefill_bytes'])}"),
         ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
         ("preparation (masked weights): time / bytes", f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from permllm.errors import ConfigError, ProtocolError
+from permllm.errors import ChannelTimeout, ConfigError, ProtocolError
 from permllm.fixed import ACT_BITS, WEIGHT_BITS
 from permllm.prg import fresh_seed
 from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
@@ -69,8 +69,17 @@ def check_hello(hello: dict, model: str, max_positions: int) -> Plan:
     return Plan(model, prompt, budget, str(hello.get("session")))
 
 
+def _first_answer(receive, peer: str):
+    """The first message from a peer; a timeout says what usually causes it."""
+    try:
+        return receive()
+    except ChannelTimeout as exc:
+        raise ChannelTimeout(f"{exc}. The {peer} is not running, not reachable at that address, or refused "
+                             f"this role's CURVE key (check --keys on both sides)") from None
+
+
 # ------------------------------------------------------------------------------------------ owner
-def run_owner(channels, model: str, *, progress: bool = True, log=print) -> dict:
+def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'user' and 'helper' Channels. Returns the owner's report."""
     from permllm.he import IndexLookupServer
     from permllm.model.decoder_weights import DecoderArch, owner_weights
@@ -88,7 +97,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print) -> dict
     arch_dict = arch.to_dict()
     card = fingerprint(model, arch_dict)
 
-    hello = recv_json(user, "hello")
+    hello = recv_json(user, "hello", timeout=setup_timeout)
     try:
         plan = check_hello(hello, model, max_positions)
     except ProtocolError as exc:
@@ -97,7 +106,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print) -> dict
     send_json(user, "welcome", {"protocol": PROTOCOL_VERSION, "model": model, "arch": arch_dict,
                                 "fingerprint": card, "session": plan.session, "max_positions": max_positions,
                                 "eos_token_id": weights.config.eos_token_id})
-    server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=SETUP_TIMEOUT_S))
+    server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=setup_timeout))
 
     seed = fresh_seed()
     send_json(helper, "owner-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session, "arch": arch_dict,
@@ -118,7 +127,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print) -> dict
     material = QueuedMaterial(seed)
     with phases.timed("offline"):
         received_before = helper.stats.bytes_received
-        recv_records(helper, lambda r: material.extend([r]))
+        recv_records(helper, lambda r: material.extend([r]), timeout=setup_timeout)
     offline_bytes = helper.stats.bytes_received - received_before
 
     positions = plan.prompt_tokens + plan.max_new_tokens
@@ -136,7 +145,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print) -> dict
 
 
 # ------------------------------------------------------------------------------------------ helper
-def run_helper(channels, *, progress: bool = True, log=print) -> dict:
+def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'owner' and 'user' Channels. Deals, streams, returns the helper's report."""
     from permllm.model.decoder_weights import DecoderArch, helper_weights, linear_shapes, weight_mask
     from permllm.model.generation import generate
@@ -146,10 +155,10 @@ def run_helper(channels, *, progress: bool = True, log=print) -> dict:
 
     owner, user = channels["owner"], channels["user"]
     phases = Phases()
-    owner_plan = recv_json(owner, "owner-plan")
-    owner_seed = owner.recv_bytes(SEED_TAG, max_len=16, timeout=SETUP_TIMEOUT_S)
-    user_plan = recv_json(user, "user-plan")
-    user_seed = user.recv_bytes(SEED_TAG, max_len=16, timeout=SETUP_TIMEOUT_S)
+    owner_plan = _first_answer(lambda: recv_json(owner, "owner-plan", timeout=setup_timeout), "owner")
+    owner_seed = owner.recv_bytes(SEED_TAG, max_len=16, timeout=setup_timeout)
+    user_plan = recv_json(user, "user-plan", timeout=setup_timeout)
+    user_seed = user.recv_bytes(SEED_TAG, max_len=16, timeout=setup_timeout)
     for key in ("protocol", "session", "fingerprint"):
         if owner_plan.get(key) != user_plan.get(key):
             raise ProtocolError(f"{key} mismatch between the owner ({owner_plan.get(key)!r}) and the user ({user_plan.get(key)!r})")
@@ -210,7 +219,8 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_positions: i
     return ids
 
 
-def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True, log=print, out=sys.stdout) -> dict:
+def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True, log=print, out=sys.stdout,
+             setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'owner' and 'helper' Channels. Streams the answer; returns the user's report."""
     from permllm.he import IndexLookupClient
     from permllm.model.decoder_weights import DecoderArch, linear_shapes, user_weight
@@ -222,7 +232,7 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
     prompt_ids = prepare_prompt(tokenizer, request.prompt, request.max_new_tokens)
     plan = Plan(request.model, len(prompt_ids), request.max_new_tokens)
     send_json(owner, "hello", plan.hello())
-    welcome = recv_json(owner, "welcome")
+    welcome = _first_answer(lambda: recv_json(owner, "welcome", timeout=setup_timeout), "owner")
     if welcome.get("session") != plan.session:
         raise ProtocolError("the owner answered for another session")
     arch = DecoderArch(**welcome["arch"])
@@ -242,7 +252,7 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
     with phases.timed("prepare"):
         bar = _progress(len(shapes), "user: receiving masked weights", progress, unit="weight")
         for name, (d_in, d_out, _) in shapes.items():
-            array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=SETUP_TIMEOUT_S)
+            array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
             weights[name] = user_weight(name, arch, torch.from_numpy(array))
             bar.update(1)
         bar.close()
@@ -256,7 +266,7 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
             material.extend([record])
             bar.update(1)
 
-        recv_records(helper, keep)
+        recv_records(helper, keep, timeout=setup_timeout)
         bar.close()
     offline_bytes = helper.stats.bytes_received
 

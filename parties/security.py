@@ -1,0 +1,108 @@
+"""CURVE keys for the ZeroMQ channels: encryption and mutual authentication of every socket.
+
+`permllm keygen --out DIR --name ROLE` writes ROLE.key (secret, mode 0600) and ROLE.pub. Each role is
+given its own secret key and the public key of every peer it accepts. Binding sockets are CURVE
+servers and only accept the peer key configured for them (checked by a ZAP handler: an unknown key
+is refused and logged); connecting sockets are CURVE clients that know the server's public key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from permllm.errors import ConfigError
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: the channels are NOT encrypted or authenticated. Anyone on the network path can "
+    "read and alter every share. Use this only for local experiments."
+)
+
+
+def generate_keypair(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """Write NAME.key (z85 secret key, mode 0600) and NAME.pub (z85 public key) into out_dir."""
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ConfigError(f"key name must be letters, digits, '-' or '_', got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    secret_path, public_path = out / f"{name}.key", out / f"{name}.pub"
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    public_path.write_bytes(public + b"\n")
+    return secret_path, public_path
+
+
+def _read_key(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    if len(key) != 40:
+        raise ConfigError(f"{path} is not a z85 CURVE key (40 characters expected, found {len(key)})")
+    try:
+        zmq.utils.z85.decode(key)
+    except (ValueError, KeyError):
+        raise ConfigError(f"{path} is not a valid z85 CURVE key") from None
+    return key
+
+
+def load_secret_key(path) -> tuple[bytes, bytes]:
+    """(public, secret) from a secret key file written by keygen."""
+    secret = _read_key(path, "secret key")
+    return zmq.curve_public(secret), secret
+
+
+def load_public_key(path) -> bytes:
+    return _read_key(path, "public key")
+
+
+class _PeerKeys:
+    """ZAP callback: each server socket (its ZAP domain is the peer's name) accepts one key."""
+
+    def __init__(self, allowed: dict[str, bytes], log):
+        self.allowed = allowed
+        self.log = log
+
+    def callback(self, domain, key) -> bool:
+        expected = self.allowed.get(domain)
+        ok = expected is not None and key == expected
+        if not ok:
+            self.log(f"refused a connection on the {domain or '?'} socket: unknown CURVE key {key.decode()}")
+        return ok
+
+
+class Curve:
+    """One process's CURVE identity, the peers' public keys and the ZAP handler for its servers."""
+
+    def __init__(self, secret_key_path, peer_public_keys: dict[str, str | os.PathLike], log=None):
+        self.public, self.secret = load_secret_key(secret_key_path)
+        self.peers = {peer: load_public_key(path) for peer, path in peer_public_keys.items()}
+        self.context = zmq.Context()
+        self._auth = ThreadAuthenticator(self.context)
+        self._auth.start()
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        provider = _PeerKeys(self.peers, log)
+        for peer in self.peers:  # one ZAP domain per server socket, named after its peer
+            self._auth.configure_curve_callback(peer, credentials_provider=provider)
+
+    def socket_options(self, peer: str, binding: bool) -> dict:
+        """Options for ZmqChannel.bind/connect towards `peer`."""
+        if peer not in self.peers:
+            raise ConfigError(f"no public key given for the {peer}")
+        if binding:
+            # sockets take their ZAP domain from the context's default at creation: the next
+            # socket (this channel's) authenticates against this peer's key only
+            self.context.setsockopt(zmq.ZAP_DOMAIN, peer.encode())
+            return {"context": self.context, "curve_server": True, "curve_secret_key": self.secret}
+        return {"context": self.context, "curve_server_key": self.peers[peer], "curve_public_key": self.public,
+                "curve_secret_key": self.secret}
+
+    def close(self) -> None:
+        self._auth.stop()
+        self.context.term()

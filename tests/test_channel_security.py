@@ -1,0 +1,88 @@
+"""CURVE on the ZeroMQ channels: key files, mutual authentication, refusal of unknown keys, CLI checks."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from parties.security import Curve, generate_keypair, load_public_key, load_secret_key
+from permllm.errors import ChannelTimeout, ConfigError
+from permllm.transport import ZmqChannel
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    for name in ("owner", "user", "mallory"):
+        generate_keypair(tmp_path, name)
+    return tmp_path
+
+
+def test_keygen_writes_a_private_secret_key_and_a_public_key(keys):
+    mode = stat.S_IMODE(os.stat(keys / "owner.key").st_mode)
+    assert mode == 0o600
+    public, _ = load_secret_key(keys / "owner.key")
+    assert public == load_public_key(keys / "owner.pub")
+
+
+def test_bad_key_files_are_clear_errors(tmp_path):
+    (tmp_path / "bad.pub").write_text("not a key")
+    with pytest.raises(ConfigError, match="not a z85 CURVE key"):
+        load_public_key(tmp_path / "bad.pub")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_secret_key(tmp_path / "missing.key")
+
+
+def test_known_peer_talks_and_unknown_key_is_refused(keys):
+    logged = []
+    owner = Curve(keys / "owner.key", {"user": keys / "user.pub"}, log=logged.append)
+    user = Curve(keys / "user.key", {"owner": keys / "owner.pub"})
+    mallory = Curve(keys / "mallory.key", {"owner": keys / "owner.pub"})
+    channels = []
+    try:
+        server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=3, **owner.socket_options("user", True))
+        client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=3, **user.socket_options("owner", False))
+        channels += [server, client]
+        client.send("hello", b"from the user")
+        assert server.recv_bytes("hello") == b"from the user"
+
+        server2 = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=1, **owner.socket_options("user", True))
+        intruder = ZmqChannel.connect(server2.endpoint, peer="owner", timeout=1, **mallory.socket_options("owner", False))
+        channels += [server2, intruder]
+        intruder.send("hello", b"from mallory")
+        with pytest.raises(ChannelTimeout):
+            server2.recv_bytes("hello")
+        mallory_public = load_public_key(keys / "mallory.pub").decode()
+        assert any("unknown CURVE key" in line and mallory_public in line for line in logged)
+    finally:
+        for ch in channels:
+            ch.close()
+        for c in (owner, user, mallory):
+            c.close()
+
+
+def _permllm(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "parties.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_roles_refuse_to_start_without_keys_or_insecure():
+    proc = _permllm("helper", "--owner", "tcp://127.0.0.1:1", "--user", "tcp://127.0.0.1:2")
+    assert proc.returncode == 2
+    assert "give --keys DIR" in proc.stderr and "--insecure" in proc.stderr
+
+
+def test_insecure_says_so_loudly():
+    proc = _permllm("helper", "--owner", "tcp://127.0.0.1:1", "--user", "tcp://127.0.0.1:2", "--insecure",
+                    "--timeout", "0.5", "--setup-timeout", "0.5", "--quiet")
+    assert "WARNING: --insecure" in proc.stderr
+    assert proc.returncode == 2  # nobody answers: a clear timeout error, no hang
+    assert "timed out" in proc.stderr
+
+
+def test_keygen_command(tmp_path):
+    proc = _permllm("keygen", "--out", str(tmp_path), "--name", "owner")
+    assert proc.returncode == 0
+    assert (tmp_path / "owner.key").exists() and (tmp_path / "owner.pub").exists()
