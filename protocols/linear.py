@@ -74,3 +74,33 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
         if weight.bias is not None:
             y = y + encode(weight.bias, out_bits)
     return Shared.of(y, out_bits)
+
+
+def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -> Shared:
+    """<W[t]> for `count` token ids t that only the user knows (embedding lookup, PermLLM §4.5).
+
+    The linear protocol on the one-hot input onehot(t) whose owner share is zero, so nobody
+    multiplies by it: the user's share is the row gather W~[t] and the owner's d @ U + M.
+        helper deals: user v (seeded), owner M = v @ U
+        flight 1, user -> owner: d = onehot(t) - v          count * vocab * 8 bytes
+        owner: y_o = d @ U + M        user: y_u = W~[t]
+    out: <W[t]>, shape (count, d_out), scale weight.bits; same material as `linear` on that input.
+    """
+    vocab = weight.d_in
+    shape = (count, vocab)
+    if ctx.dealing:
+        return linear(ctx, Shared.placeholder(shape, 0), weight)
+    mat = ctx.take("linear:" + weight.name, shape_key((count, vocab, weight.d_out), "masked"))
+    out_shape = (count, weight.d_out)
+    if ctx.is_owner:
+        d = ctx.receive(f"lin.{weight.name}", shape)
+        return Shared.of(d @ weight.mask + mat.dealt("vU", out_shape), weight.bits)
+    if token_ids is None or len(token_ids) != count:
+        raise ValueError(f"the user must supply {count} token ids")
+    ids = torch.as_tensor(token_ids, dtype=torch.int64)
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"token ids must be in [0, {vocab})")
+    onehot = torch.zeros(shape, dtype=torch.int64)
+    onehot[torch.arange(count), ids] = 1
+    ctx.send(f"lin.{weight.name}", onehot - mat.draw("v", shape))
+    return Shared.of(weight.local[ids], weight.bits)

@@ -222,3 +222,22 @@ def test_mismatched_material_is_a_clear_error():
     owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), SEEDS)
     with pytest.raises(MaterialMismatch, match="asked for trunc"):
         run_pair(lambda ctx: trunc(ctx, xo, 9), lambda ctx: trunc(ctx, xu, 9), owner_mat, user_mat, timeout=10)
+
+
+def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
+    from protocols.linear import lookup
+
+    vocab, d_out = 11, 4
+    g = torch.Generator().manual_seed(9)
+    w = encode(torch.randn(vocab, d_out, generator=g, dtype=torch.float64), 32)
+    u = random_ring((vocab, d_out), 10)
+    weights = {Role.OWNER: LinearWeight("E", 32, vocab, d_out, local=w, mask=u),
+               Role.USER: LinearWeight("E", 32, vocab, d_out, local=w - u)}
+    helper_w = LinearWeight("E", 32, vocab, d_out)
+    tokens = [3, 0, 10, 3]
+    owner_mat, user_mat = deal(lambda ctx: lookup(ctx, None, 4, helper_w), SEEDS, lambda name: u)
+    run = run_pair(lambda ctx: lookup(ctx, None, 4, weights[ctx.role]),
+                   lambda ctx: lookup(ctx, tokens, 4, weights[ctx.role]), owner_mat, user_mat)
+    assert torch.equal(run.owner.local + run.user.local, w[tokens])
+    assert run.flights == 1
+    assert run.bytes_user_to_owner == wire_bytes("lin.E", (4, vocab)) and run.bytes_owner_to_user == 0

@@ -34,7 +34,7 @@ from permllm.model.decoder_weights import DecoderArch
 from permllm.sharing import Shared
 from protocols.beaver import GrowingOperand, product
 from protocols.functions import SOFTMAX, SWIGLU, rms_normalize
-from protocols.linear import LinearWeight, linear
+from protocols.linear import LinearWeight, linear, lookup
 from protocols.permute import permuted_apply
 from protocols.trunc import trunc
 
@@ -78,18 +78,7 @@ class SecureDecoder:
         return out
 
     def _embed(self, ctx, tokens, count: int) -> Shared:
-        vocab = self.arch.vocab
-        if ctx.dealing:
-            onehot = Shared.placeholder((count, vocab), 0)
-        elif ctx.is_owner:
-            onehot = Shared.of(torch.zeros((count, vocab), dtype=torch.int64), 0)
-        else:
-            if tokens is None or len(tokens) != count:
-                raise ValueError(f"the user must supply {count} token ids")
-            local = torch.zeros((count, vocab), dtype=torch.int64)
-            local[torch.arange(count), torch.as_tensor(tokens, dtype=torch.int64)] = 1
-            onehot = Shared.of(local, 0)
-        return linear(ctx, onehot, self.weights["embed"])
+        return lookup(ctx, tokens, count, self.weights["embed"])
 
     def _layer(self, ctx, i: int, h: Shared, m: int) -> Shared:
         a = self.arch
