@@ -41,6 +41,8 @@ def _add_network(p, default):
                         f"or RTT_ms,Mbit_s (default {default})")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the other party during the online phase (default 60)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads of this process (default: torch's; the demo uses 1 per role)")
     p.add_argument("--setup-timeout", type=float, default=900.0,
                    help="seconds to wait for the others during set-up: model load, preparation, dealing (default 900)")
 
@@ -201,6 +203,14 @@ PEERS = {"owner": ("user", "helper"), "user": ("owner", "helper"), "helper": ("o
 def _run_role(args) -> int:
     from permllm.transport import FlightClock
 
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            from permllm.errors import ConfigError
+
+            raise ConfigError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     clock = FlightClock()
     curve = _curve(args, args.command, PEERS[args.command])
     try:

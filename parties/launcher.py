@@ -56,7 +56,10 @@ def _validate(args) -> None:
 def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     base = [sys.executable, "-m", "parties.cli"]
     owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
-    common = ["--network", args.network, "--timeout", str(args.timeout), "--setup-timeout", str(args.setup_timeout)]
+    # three roles share this machine's cores: one compute thread each avoids oversubscription
+    threads = args.threads if args.threads is not None else 1
+    common = ["--network", args.network, "--timeout", str(args.timeout), "--setup-timeout", str(args.setup_timeout),
+              "--threads", str(threads)]
     if getattr(args, "insecure", False):
         common.append("--insecure")
     else:
