@@ -61,3 +61,25 @@ def test_demo_runs_three_processes_and_answers_like_the_plaintext_model(tmp_path
     assert set(summary["peak_rss_mb"]) == {"owner", "user", "helper"}
     assert "summary" in proc.stdout and "flights per token" in proc.stdout
     assert _demo_processes_alive() == []
+
+
+def test_ctrl_c_stops_the_demo_and_every_party(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parties.cli", "demo", "--network", "none", "--max-new-tokens", "4", "--insecure"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_demo_processes_alive()) < 3:
+        time.sleep(0.2)
+    assert len(_demo_processes_alive()) >= 3, "the three parties never started"
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted" in err
+    time.sleep(0.5)
+    assert _demo_processes_alive() == []
