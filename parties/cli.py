@@ -139,7 +139,8 @@ def _channel(addr, peer, bind, args, clock, curve):
     profile = parse_profile(args.network)
     opener = ZmqChannel.bind if bind else ZmqChannel.connect
     options = {} if curve is None else curve.socket_options(peer, bind)
-    channel = opener(addr, peer=peer, clock=clock, timeout=args.timeout, **options)
+    # linger: a role's last message (e.g. the helper's end marker) must not be dropped at close
+    channel = opener(addr, peer=peer, clock=clock, timeout=args.timeout, linger_s=5.0, **options)
     return channel if profile.name == "none" else NetSim(channel, profile)
 
 

@@ -49,8 +49,6 @@ def _validate(args) -> None:
             raise ConfigError("the prompt is not valid UTF-8") from None
     if not 1 <= args.max_new_tokens <= 1024:
         raise ConfigError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
-    if args.model != "smollm2":
-        raise ConfigError("the demo runs smollm2; the MiniLM encoder runs in-process (see the README)")
 
 
 def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
@@ -69,6 +67,10 @@ def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         for role in ROLES:
             generate_keypair(keys, role)
         common += ["--keys", str(keys)]
+    if args.model == "minilm" and args.prompt is None:
+        from permllm.model.prompts import MINILM_SENTENCES
+
+        args.prompt = MINILM_SENTENCES[0]
     user = base + ["user", "--owner", owner_user, "--listen-helper", user_helper,
                    "--max-new-tokens", str(args.max_new_tokens), "--model", args.model,
                    "--report", str(reports / "user.json")] + common
@@ -153,6 +155,21 @@ def _wait(processes):
 def merge_reports(reports: dict, network: str) -> dict:
     """One summary from the three role reports (the keys the README and --json promise)."""
     user, owner, helper = reports["user"], reports["owner"], reports["helper"]
+    common = {
+        "network": network,
+        "prompt_tokens": user["prompt_tokens"],
+        "offline_s": helper["phases_s"].get("offline"),
+        "offline_bytes": helper["offline_bytes"],
+        "offline_calls": helper["calls"],
+        "prepare_s": owner["phases_s"].get("prepare"),
+        "prepare_bytes": owner["prepare_bytes"],
+        "model_load_s": owner["phases_s"].get("load"),
+        "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
+    }
+    if "embedding" in user:
+        return {**common, "model": "minilm", "embedding": user["embedding"], "text": "", "token_ids": [],
+                "generated_tokens": 0, "online_s": user["online_s"], "online_bytes": user["online_bytes"],
+                "online_flights": user["online_flights"]}
     return {
         "network": network,
         "text": user["text"],
@@ -196,6 +213,19 @@ def _fmt_s(x) -> str:
 
 
 def format_summary(s: dict) -> str:
+    if "embedding" in s:
+        rows = [
+            ("sentence tokens", s["prompt_tokens"]),
+            ("online time / bytes / flights", f"{_fmt_s(s['online_s'])} / {_fmt_bytes(s['online_bytes'])} / "
+                                              f"{s['online_flights']}"),
+            ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
+            ("preparation (masked weights): time / bytes",
+             f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}"),
+            ("peak RSS owner / user / helper",
+             " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper"))),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join([f"--- summary (network {s['network']}) ---"] + [f"{k:<{width}}  {v}" for k, v in rows])
     rows = [
         ("prompt tokens", s["prompt_tokens"]),
         ("generated tokens", s["generated_tokens"]),

@@ -25,6 +25,7 @@ import torch
 from permllm.errors import ChannelTimeout, ConfigError, ProtocolError
 from permllm.fixed import ACT_BITS, WEIGHT_BITS
 from permllm.prg import fresh_seed
+from parties.families import family, run_session
 from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
 from parties.models import PROTOCOL_VERSION, fingerprint
 from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json, send_record, finish_records
@@ -55,14 +56,16 @@ class Plan:
                 "session": self.session}
 
 
-def check_hello(hello: dict, model: str, max_positions: int) -> Plan:
-    """The owner's check of the user's hello; raises ProtocolError naming the first mismatch."""
+def check_hello(hello: dict, model: str, max_positions: int, generates: bool = True) -> Plan:
+    """The owner's check of the user's hello; raises ProtocolError naming the first mismatch.
+    A decoder needs a token budget of at least 1; an encoder (one embedding) takes 0."""
     expected = {"protocol": PROTOCOL_VERSION, "model": model, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS}
     for key, want in expected.items():
         if hello.get(key) != want:
             raise ProtocolError(f"{key} mismatch: the user has {hello.get(key)!r}, the owner {want!r}")
     prompt, budget = hello.get("prompt_tokens"), hello.get("max_new_tokens")
-    if not isinstance(prompt, int) or not isinstance(budget, int) or prompt < 1 or budget < 1:
+    if (not isinstance(prompt, int) or not isinstance(budget, int) or prompt < 1
+            or (budget < 1 if generates else budget != 0)):
         raise ProtocolError(f"bad plan: prompt_tokens={prompt!r}, max_new_tokens={budget!r}")
     if prompt + budget > max_positions:
         raise ProtocolError(f"prompt ({prompt}) plus budget ({budget}) exceeds the model's {max_positions} positions")
@@ -82,41 +85,41 @@ def _first_answer(receive, peer: str):
 def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'user' and 'helper' Channels. Returns the owner's report."""
     from permllm.he import IndexLookupServer
-    from permllm.model.decoder_weights import DecoderArch, owner_weights
-    from permllm.model.generation import generate
     from permllm.model.loading import load_model
-    from permllm.model.secure_decoder import SecureDecoder
 
+    fam = family(model)
     phases = Phases()
     user, helper = channels["user"], channels["helper"]
     with phases.timed("load"):
         log("owner: loading the model")
         weights, _ = load_model(model)
-        arch = DecoderArch.from_config(weights.config)
-        max_positions = int(weights.config.max_position_embeddings or 2048)
+        arch = fam.arch_from_config(weights.config)
+        max_positions = fam.max_positions(weights.config)
     arch_dict = arch.to_dict()
     card = fingerprint(model, arch_dict)
 
     hello = recv_json(user, "hello", timeout=setup_timeout)
     try:
-        plan = check_hello(hello, model, max_positions)
+        plan = check_hello(hello, model, max_positions, fam.generates)
     except ProtocolError as exc:
         send_json(user, "welcome", {"error": str(exc)})
         raise
     send_json(user, "welcome", {"protocol": PROTOCOL_VERSION, "model": model, "arch": arch_dict,
                                 "fingerprint": card, "session": plan.session, "max_positions": max_positions,
-                                "eos_token_id": weights.config.eos_token_id})
-    server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=setup_timeout))
+                                "eos_token_id": getattr(weights.config, "eos_token_id", None)})
+    server = None
+    if fam.generates:
+        server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=setup_timeout))
 
     seed = fresh_seed()
     send_json(helper, "owner-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session, "arch": arch_dict,
-                                     "fingerprint": card})
+                                     "fingerprint": card, "model": model})
     helper.send(SEED_TAG, seed)
 
     with phases.timed("prepare"):
         log("owner: folding, encoding and masking the weights; sending W - U to the user")
         bar = _progress(None, "owner: preparing weights", progress)
-        prepared = owner_weights(weights, seed, progress=bar.update)
+        prepared = fam.owner_weights(weights, seed, progress=bar.update)
         del weights
         sent_before = user.stats.bytes_sent
         for name, w in prepared.items():
@@ -134,8 +137,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
     ctx = PartyContext(Role.OWNER, user, material)
     online_before = (user.stats.bytes_sent, user.stats.bytes_received, user.clock.depth)
     with phases.timed("online"):
-        generate(ctx, SecureDecoder(arch, prepared, positions), prompt_len=plan.prompt_tokens,
-                 max_new_tokens=plan.max_new_tokens, lookup=server)
+        run_session(fam, ctx, fam.driver(arch, prepared, positions), plan, **({"lookup": server} if fam.generates else {}))
     return {
         "role": "owner", "phases_s": phases.seconds, "prepare_bytes": prepare_bytes, "offline_bytes": offline_bytes,
         "online_bytes_sent": user.stats.bytes_sent - online_before[0],
@@ -147,9 +149,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
 # ------------------------------------------------------------------------------------------ helper
 def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'owner' and 'user' Channels. Deals, streams, returns the helper's report."""
-    from permllm.model.decoder_weights import DecoderArch, helper_weights, linear_shapes, weight_mask
-    from permllm.model.generation import generate
-    from permllm.model.secure_decoder import SecureDecoder
+    from permllm.model.decoder_weights import weight_mask
     from protocols.context import DealerContext
     from protocols.material import Dealer
 
@@ -164,9 +164,11 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
             raise ProtocolError(f"{key} mismatch between the owner ({owner_plan.get(key)!r}) and the user ({user_plan.get(key)!r})")
     if len(owner_seed) != 16 or len(user_seed) != 16:
         raise ProtocolError("seeds must be 16 bytes")
-    arch = DecoderArch(**owner_plan["arch"])
-    prompt, budget = int(user_plan["prompt_tokens"]), int(user_plan["max_new_tokens"])
-    shapes = linear_shapes(arch)
+    fam = family(str(owner_plan.get("model")))
+    arch = fam.arch_from_dict(owner_plan["arch"])
+    plan = Plan(fam.name, int(user_plan["prompt_tokens"]), int(user_plan["max_new_tokens"]), str(user_plan["session"]))
+    prompt, budget = plan.prompt_tokens, plan.max_new_tokens
+    shapes = fam.linear_shapes(arch)
     masks: dict = {}
 
     def mask_of(name):
@@ -185,8 +187,7 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
     log(f"helper: dealing material for a {prompt}-token prompt and {budget} new tokens")
     with phases.timed("offline"):
         dealer = Dealer(owner_seed, user_seed, sink=sink)
-        decoder = SecureDecoder(arch, helper_weights(arch), prompt + budget)
-        generate(DealerContext(dealer, mask_of), decoder, prompt_len=prompt, max_new_tokens=budget)
+        run_session(fam, DealerContext(dealer, mask_of), fam.driver(arch, fam.helper_weights(arch), prompt + budget), plan)
         dealer.flush()
         finish_records(owner, dealer.calls)
         finish_records(user, dealer.calls)
@@ -219,27 +220,40 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_positions: i
     return ids
 
 
+def prepare_sentence(tokenizer, sentence: str) -> list[int]:
+    """[CLS] sentence [SEP] ids for an encoder (truncated like sentence-transformers)."""
+    if not isinstance(sentence, str) or not sentence.strip():
+        raise ConfigError("the sentence is empty")
+    return list(tokenizer(sentence, truncation=True)["input_ids"])
+
+
 def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True, log=print, out=sys.stdout,
              setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
-    """channels: dict with 'owner' and 'helper' Channels. Streams the answer; returns the user's report."""
+    """channels: dict with 'owner' and 'helper' Channels. Streams the answer (or prints the embedding);
+    returns the user's report."""
     from permllm.he import IndexLookupClient
-    from permllm.model.decoder_weights import DecoderArch, linear_shapes, user_weight
-    from permllm.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
-    from permllm.model.secure_decoder import SecureDecoder
+    from permllm.model.generation import GenerationTrace, SamplingConfig, token_chooser
 
+    fam = family(request.model)
     owner, helper = channels["owner"], channels["helper"]
     phases = Phases()
-    prompt_ids = prepare_prompt(tokenizer, request.prompt, request.max_new_tokens)
-    plan = Plan(request.model, len(prompt_ids), request.max_new_tokens)
+    if fam.generates:
+        prompt_ids = prepare_prompt(tokenizer, request.prompt, request.max_new_tokens)
+        plan = Plan(request.model, len(prompt_ids), request.max_new_tokens)
+    else:
+        prompt_ids = prepare_sentence(tokenizer, request.prompt)
+        plan = Plan(request.model, len(prompt_ids), 0)
     send_json(owner, "hello", plan.hello())
     welcome = _first_answer(lambda: recv_json(owner, "welcome", timeout=setup_timeout), "owner")
     if welcome.get("session") != plan.session:
         raise ProtocolError("the owner answered for another session")
-    arch = DecoderArch(**welcome["arch"])
+    arch = fam.arch_from_dict(welcome["arch"])
     if welcome.get("fingerprint") != fingerprint(request.model, welcome["arch"]):
         raise ProtocolError("the owner's model fingerprint does not match its architecture")
-    client = IndexLookupClient(arch.vocab)
-    owner.send("he.context", client.public_context())
+    client = None
+    if fam.generates:
+        client = IndexLookupClient(arch.vocab)
+        owner.send("he.context", client.public_context())
 
     seed = fresh_seed()
     send_json(helper, "user-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session,
@@ -247,13 +261,13 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
                                     "max_new_tokens": plan.max_new_tokens})
     helper.send(SEED_TAG, seed)
 
-    shapes = linear_shapes(arch)
+    shapes = fam.linear_shapes(arch)
     weights = {}
     with phases.timed("prepare"):
         bar = _progress(len(shapes), "user: receiving masked weights", progress, unit="weight")
         for name, (d_in, d_out, _) in shapes.items():
             array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
-            weights[name] = user_weight(name, arch, torch.from_numpy(array))
+            weights[name] = fam.user_weight(name, arch, torch.from_numpy(array))
             bar.update(1)
         bar.close()
     prepare_bytes = owner.stats.bytes_received
@@ -270,41 +284,55 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
         bar.close()
     offline_bytes = helper.stats.bytes_received
 
-    eos = {i for i in (tokenizer.eos_token_id, welcome.get("eos_token_id")) if isinstance(i, int)}
-    trace = GenerationTrace()
-    tokens: list[int] = []
-    printed = [""]
-
-    def stream(token):
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        out.write(text[len(printed[0]):])
-        out.flush()
-        printed[0] = text
-
-    choose = token_chooser(request.sampling or SamplingConfig())
     ctx = PartyContext(Role.USER, owner, material)
-    online_start_bytes = (owner.stats.bytes_sent, owner.stats.bytes_received)
-    with phases.timed("online"):
-        generate(ctx, SecureDecoder(arch, weights, plan.prompt_tokens + plan.max_new_tokens),
-                 prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, prompt_ids=prompt_ids,
-                 eos_ids=frozenset(eos), choose=choose, lookup=client, on_token=stream, trace=trace)
-    out.write("\n")
-    out.flush()
-    byte_marks = [s + r for s, r in trace.token_bytes]
-    return {
-        "role": "user", "phases_s": phases.seconds, "prompt_tokens": plan.prompt_tokens,
-        "generated_tokens": len(tokens), "token_ids": tokens,
-        "text": tokenizer.decode(tokens, skip_special_tokens=True),
-        "ttft_s": trace.token_times[0] - trace.start if trace.token_times else None,
-        "decode_s_per_token": median_step(trace.token_times),
-        "decode_s_per_token_p90": percentile_step(trace.token_times, 0.9),
-        "online_bytes_per_token": median_step(byte_marks),
-        "online_bytes_per_token_up": median_step([s for s, _ in trace.token_bytes]),
-        "online_bytes_per_token_down": median_step([r for _, r in trace.token_bytes]),
-        "prefill_bytes": byte_marks[0] - sum(online_start_bytes) if byte_marks else None,
-        "flights_per_token": median_step(trace.token_depths),
-        "prefill_flights": trace.token_depths[0] - trace.start_depth if trace.token_depths else None,
-        "prepare_bytes": prepare_bytes, "offline_bytes": offline_bytes, "material_left": material.remaining,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    driver = fam.driver(arch, weights, plan.prompt_tokens + plan.max_new_tokens)
+    online_start = (owner.stats.bytes_sent, owner.stats.bytes_received, owner.clock.depth)
+    report = {"role": "user", "prompt_tokens": plan.prompt_tokens, "prepare_bytes": prepare_bytes,
+              "offline_bytes": offline_bytes}
+    if not fam.generates:
+        with phases.timed("online"):
+            embedding = run_session(fam, ctx, driver, plan, prompt_ids=prompt_ids)
+        out.write("embedding (" + str(len(embedding)) + " dims, L2-normalised): "
+                  + " ".join(f"{v:+.4f}" for v in embedding[:8]) + " ...\n")
+        out.flush()
+        report.update({
+            "embedding": [float(v) for v in embedding], "text": "", "token_ids": [], "generated_tokens": 0,
+            "online_s": phases.seconds["online"],
+            "online_bytes": owner.stats.bytes_sent + owner.stats.bytes_received - online_start[0] - online_start[1],
+            "online_flights": owner.clock.depth - online_start[2],
+        })
+    else:
+        eos = {i for i in (tokenizer.eos_token_id, welcome.get("eos_token_id")) if isinstance(i, int)}
+        trace = GenerationTrace()
+        tokens: list[int] = []
+        printed = [""]
+
+        def stream(token):
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            out.write(text[len(printed[0]):])
+            out.flush()
+            printed[0] = text
+
+        choose = token_chooser(request.sampling or SamplingConfig())
+        with phases.timed("online"):
+            run_session(fam, ctx, driver, plan, prompt_ids=prompt_ids, eos_ids=frozenset(eos), choose=choose,
+                        lookup=client, on_token=stream, trace=trace)
+        out.write("\n")
+        out.flush()
+        byte_marks = [s + r for s, r in trace.token_bytes]
+        report.update({
+            "generated_tokens": len(tokens), "token_ids": tokens,
+            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "ttft_s": trace.token_times[0] - trace.start if trace.token_times else None,
+            "decode_s_per_token": median_step(trace.token_times),
+            "decode_s_per_token_p90": percentile_step(trace.token_times, 0.9),
+            "online_bytes_per_token": median_step(byte_marks),
+            "online_bytes_per_token_up": median_step([s for s, _ in trace.token_bytes]),
+            "online_bytes_per_token_down": median_step([r for _, r in trace.token_bytes]),
+            "prefill_bytes": byte_marks[0] - online_start[0] - online_start[1] if byte_marks else None,
+            "flights_per_token": median_step(trace.token_depths),
+            "prefill_flights": trace.token_depths[0] - trace.start_depth if trace.token_depths else None,
+        })
+    report.update({"phases_s": phases.seconds, "material_left": material.remaining, "peak_rss_mb": peak_rss_mb()})
+    return report

@@ -83,3 +83,28 @@ def test_ctrl_c_stops_the_demo_and_every_party(tmp_path):
     assert "interrupted" in err
     time.sleep(0.5)
     assert _demo_processes_alive() == []
+
+
+def test_minilm_demo_gives_the_plaintext_sentence_embedding(tmp_path):
+    import numpy as np
+
+    from permllm.model.loading import load_model
+    from permllm.model.prompts import MINILM_SENTENCES
+    from permllm.model.reference import encoder_embed
+
+    out = tmp_path / "minilm.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parties.cli", "demo", "--model", "minilm", "--network", "none", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    weights, tokenizer = load_model("minilm")
+    ids = tokenizer(MINILM_SENTENCES[0], truncation=True)["input_ids"]
+    want = encoder_embed(weights, ids).numpy()
+    got = np.asarray(summary["embedding"])
+    assert summary["prompt_tokens"] == len(ids)
+    cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cosine >= 0.999  # the bound; fixed-point error alone is far below it
+    assert summary["online_flights"] == 4 + 12 * 6  # see permllm/model/secure_encoder.py
+    assert _demo_processes_alive() == []

@@ -106,16 +106,17 @@ def causal_attention(
     k_positions[j] <= q_positions[i]. Scores are scaled by 1/sqrt(D). Returns the context (n, H*D).
     """
     n, H, D = q.shape
-    kv_heads = k.shape[1]
+    m, kv_heads, _ = k.shape
     group = H // kv_heads
-    k_full = k.repeat_interleave(group, dim=1)  # (m, H, D)
-    v_full = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,mhd->hnm", q, k_full) / math.sqrt(D)
-    allowed = k_positions[None, :] <= q_positions[:, None]  # (n, m)
-    scores = scores.masked_fill(~allowed[None, :, :], float("-inf"))
-    probs = softmax(scores, dim=-1)
-    ctx = torch.einsum("hnm,mhd->nhd", probs, v_full)
-    return ctx.reshape(n, H * D)
+    # query head h = kv * group + g; stack each KV head's group of query heads: (KV, group*n, D)
+    q_g = q.reshape(n, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * n, D)
+    scores = torch.bmm(q_g, k.permute(1, 2, 0)) / math.sqrt(D)          # (KV, group*n, m)
+    scores = scores.reshape(kv_heads, group, n, m)
+    allowed = k_positions[None, :] <= q_positions[:, None]              # (n, m)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = softmax(scores, dim=-1).reshape(kv_heads, group * n, m)
+    ctx = torch.bmm(probs, v.permute(1, 0, 2))                          # (KV, group*n, D)
+    return ctx.reshape(kv_heads, group, n, D).permute(2, 0, 1, 3).reshape(n, H * D)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
