@@ -35,8 +35,18 @@ def _add_security(p):
                    help="no encryption or authentication of the channels (local experiments only)")
 
 
+def _network(spec: str) -> str:
+    from netsim import parse_profile
+
+    try:
+        parse_profile(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
 def _add_network(p, default):
-    p.add_argument("--network", default=default,
+    p.add_argument("--network", default=default, type=_network,
                    help="simulated link: lan, wan (10 ms, 1 Gbit/s), wan-slow (50 ms, 100 Mbit/s), none, "
                         f"or RTT_ms,Mbit_s (default {default})")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -236,6 +246,8 @@ def _run_role_with(args, clock, curve) -> int:
     elif args.command == "helper":
         from parties.roles import run_helper
 
+        # the helper only works during set-up: its sends may wait while the others are still preparing
+        args.timeout = max(args.timeout, args.setup_timeout)
         channels = {"owner": _channel(args.owner, "owner", False, args, clock, curve),
                     "user": _channel(args.user, "user", False, args, clock, curve)}
         try:

@@ -41,14 +41,21 @@ def _validate(args) -> None:
     except ValueError as exc:
         raise ConfigError(f"--network: {exc}") from None
     if args.prompt is not None:
-        if not args.prompt.strip():
-            raise ConfigError("the prompt is empty")
-        try:
-            args.prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError("the prompt is not valid UTF-8") from None
+        from parties.roles import check_text
+
+        check_text(args.prompt, "prompt")
     if not 1 <= args.max_new_tokens <= 1024:
         raise ConfigError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
+    if args.model == "smollm2" and args.prompt is not None:
+        _check_prompt_fits(args.prompt, args.max_new_tokens)
+
+
+def _check_prompt_fits(prompt: str, max_new_tokens: int) -> None:
+    """Tokenize the prompt (the tokenizer is public and cheap) so an oversized one fails before any role starts."""
+    from parties.models import load_tokenizer, max_positions
+    from parties.roles import prepare_prompt
+
+    prepare_prompt(load_tokenizer("smollm2"), prompt, max_new_tokens, max_positions("smollm2"))
 
 
 def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:

@@ -205,12 +205,21 @@ class UserRequest:
     sampling: object = None
 
 
+def check_text(text, what: str) -> None:
+    """A non-empty, valid UTF-8 string, or a ConfigError saying what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"the {what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"the {what} is not valid UTF-8") from None
+
+
 def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_positions: int | None = None) -> list[int]:
     """The chat-templated prompt ids; clear errors for input that cannot work, before any work."""
     from permllm.model.prompts import chat_token_ids
 
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ConfigError("the prompt is empty")
+    check_text(prompt, "prompt")
     if max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     ids = chat_token_ids(tokenizer, prompt)
@@ -222,8 +231,7 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_positions: i
 
 def prepare_sentence(tokenizer, sentence: str) -> list[int]:
     """[CLS] sentence [SEP] ids for an encoder (truncated like sentence-transformers)."""
-    if not isinstance(sentence, str) or not sentence.strip():
-        raise ConfigError("the sentence is empty")
+    check_text(sentence, "sentence")
     return list(tokenizer(sentence, truncation=True)["input_ids"])
 
 
@@ -248,6 +256,10 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
     if welcome.get("session") != plan.session:
         raise ProtocolError("the owner answered for another session")
     arch = fam.arch_from_dict(welcome["arch"])
+    max_positions = welcome.get("max_positions")
+    if isinstance(max_positions, int) and plan.prompt_tokens + plan.max_new_tokens > max_positions:
+        raise ConfigError(f"the prompt ({plan.prompt_tokens} tokens) plus the budget ({plan.max_new_tokens}) exceeds "
+                          f"the model's {max_positions} positions")
     if welcome.get("fingerprint") != fingerprint(request.model, welcome["arch"]):
         raise ProtocolError("the owner's model fingerprint does not match its architecture")
     client = None
