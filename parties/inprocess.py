@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from permllm.errors import PermLLMError
 from permllm.prg import fresh_seed
 from permllm.transport.memory import MemoryChannel
@@ -179,3 +181,59 @@ def private_generate_inprocess(
 
     run = run_pair(owner, user, owner_mat, user_mat, wrap_channel=wrap_channel, timeout=timeout)
     return LocalGeneration(tokens=run.user, run=run, user_trace=trace, dealt_calls=dealt_calls)
+
+
+@dataclass
+class LocalEmbedding:
+    """Result of an in-process private embedding.
+
+    embedding: (hidden,) for one sentence, (sentences, hidden) for several (float64, user side).
+    run: the two-party run (traffic of all sentences together).
+    dealt_calls: protocol calls the helper dealt for the session.
+    """
+
+    embedding: np.ndarray
+    run: Any
+    dealt_calls: int
+
+
+def private_embed_inprocess(
+    weights,
+    token_ids,
+    *,
+    seeds=None,
+    normalize: bool | None = None,
+    wrap_channel=None,
+    timeout: float = 3600.0,
+) -> LocalEmbedding:
+    """Owner, user and an in-process dealer embed privately with `weights` (an EncoderWeights).
+
+    token_ids: one sentence (list of ids, special tokens included) or a list of sentences, embedded
+    one after another in the same session. The same code paths as a three-party run, minus the
+    network: weights are folded, encoded and masked, the dealer runs its dry run for all sentences,
+    then owner and user run in two threads (`parties.inprocess.run_pair`)."""
+    from permllm.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
+    from permllm.model.secure_encoder import SecureEncoder
+
+    batch = len(token_ids) > 0 and not isinstance(token_ids[0], (int, np.integer))
+    sentences = [list(map(int, s)) for s in token_ids] if batch else [list(map(int, token_ids))]
+    if not sentences or any(len(s) == 0 for s in sentences):
+        raise ValueError("every sentence needs at least one token")
+    seeds = seeds or Seeds.fresh()
+    arch = EncoderArch.from_config(weights.config)
+    max_tokens = max(len(s) for s in sentences)
+    owner_w = owner_weights(weights, seeds.owner)
+    user_w = {name: user_weight(name, arch, w.local - w.mask) for name, w in owner_w.items()}
+    masks = {name: w.mask for name, w in owner_w.items()}
+
+    def session(ctx, encoder: SecureEncoder, with_tokens: bool):
+        return [encoder.embed(ctx, s if with_tokens else None, len(s), normalize=normalize) for s in sentences]
+
+    owner_mat, user_mat = deal(lambda ctx: session(ctx, SecureEncoder(arch, helper_weights(arch), max_tokens), False),
+                               seeds, weight_mask=masks.__getitem__)
+    dealt_calls = owner_mat.remaining
+    run = run_pair(lambda ctx: session(ctx, SecureEncoder(arch, owner_w, max_tokens), False),
+                   lambda ctx: session(ctx, SecureEncoder(arch, user_w, max_tokens), True),
+                   owner_mat, user_mat, wrap_channel=wrap_channel, timeout=timeout)
+    embedding = np.stack(run.user) if batch else run.user[0]
+    return LocalEmbedding(embedding=embedding, run=run, dealt_calls=dealt_calls)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from permllm.errors import ConfigError, PermLLMError
+from permllm.errors import ConfigError
 
 ROLES = ("owner", "helper", "user")
 

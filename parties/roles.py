@@ -13,10 +13,8 @@ Each role returns a report (timings, traffic, peak memory) that the launcher mer
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np

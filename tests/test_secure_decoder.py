@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 from parties.inprocess import Seeds, deal, private_generate_inprocess, run_pair

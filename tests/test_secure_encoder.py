@@ -9,7 +9,8 @@ import torch
 from parties.inprocess import Seeds, deal, run_pair
 from permllm.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
 from permllm.model.reference import encoder_embed
-from permllm.model.secure_encoder import SecureEncoder, private_embed_inprocess
+from parties.inprocess import private_embed_inprocess
+from permllm.model.secure_encoder import SecureEncoder
 from permllm.transport.frames import header_length
 from tests.tiny_encoder import tiny_encoder
 

@@ -18,7 +18,7 @@ fill the dict with the intermediate tensors under the names listed in ``DECODER_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+
 
 import torch
 
