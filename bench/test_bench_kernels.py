@@ -18,6 +18,7 @@ import torch
 
 from permllm.kernels import gather_rows_numba, gather_rows_numpy, scatter_rows_numba, scatter_rows_numpy
 from permllm.prg import Prg
+from permllm.ring_matmul import ring_matmul_numba
 
 SEED = bytes(range(16))
 ROW_SHAPES = {"1d_2^20": (1 << 20,), "49152x1": (49152, 1), "4096x576": (4096, 576)}
@@ -28,7 +29,8 @@ KERNELS = {
     ("scatter", "numpy"): scatter_rows_numpy,
 }
 KEYSTREAM_BYTES = 64 << 20
-MATMUL_SHAPES = {"1x576@576x1536": (1, 576, 1536), "48x576@576x1536": (48, 576, 1536)}
+MATMUL_SHAPES = {"1x576@576x1536": (1, 576, 1536), "48x576@576x1536": (48, 576, 1536),
+                 "1x576@576x49152": (1, 576, 49152)}
 
 
 def median_seconds(benchmark) -> float:
@@ -81,16 +83,26 @@ def test_bench_permutation_49152(benchmark):
 
 
 @pytest.mark.parametrize("shape_name", list(MATMUL_SHAPES))
-@pytest.mark.parametrize("impl", ["torch", "numpy"])
+@pytest.mark.parametrize("impl", ["numba", "torch", "numpy"])
 def test_bench_ring_matmul(benchmark, impl, shape_name):
-    """Ring (wrapping int64) matmul; the torch rows record torch's speedup over numpy int64 matmul."""
+    """Ring (wrapping int64) matmul: permllm.ring_matmul's numba kernel (one thread, as each role runs in
+    the demo; its row records the speed-up over torch), torch's int64 matmul (its row records the
+    speed-up over numpy's) and numpy's."""
     m, k, n = MATMUL_SHAPES[shape_name]
+    if impl == "numpy" and m * k * n > 1 << 24:
+        pytest.skip("numpy's int64 matmul takes seconds per call at this size")
     a = Prg(SEED, "bench/a").int64((m, k))
     b = Prg(SEED, "bench/b").int64((k, n))
     a_np, b_np = a.numpy(), b.numpy()
     assert np.array_equal(torch.matmul(a, b).numpy(), a_np @ b_np)  # both wrap mod 2^64 identically
     benchmark.group = f"matmul {shape_name}"
-    if impl == "torch":
+    if impl == "numba":
+        assert torch.equal(ring_matmul_numba(a, b, threads=1), torch.matmul(a, b))
+        benchmark(ring_matmul_numba, a, b, 1)
+        benchmark.extra_info["speedup_vs_torch"] = best_seconds(lambda: torch.matmul(a, b), repeat=3) / best_seconds(
+            lambda: ring_matmul_numba(a, b, threads=1)
+        )
+    elif impl == "torch":
         benchmark(torch.matmul, a, b)
         benchmark.extra_info["speedup_vs_numpy"] = best_seconds(lambda: a_np @ b_np, repeat=3) / best_seconds(
             lambda: torch.matmul(a, b)

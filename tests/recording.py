@@ -17,8 +17,9 @@ Statistics (all on int64 ring words, i.e. elements of Z_2^64):
     little-endian words against the uniform distribution (255 degrees of freedom).
   * `pearson(a, b)`: the sample correlation of two equally long vectors.
   * `normal_two_sided_p(z)`, `chi_square_upper_bound(dof, p)`: the false-positive probability of a
-    |z| bound, and the chi-square value exceeded with probability p (Wilson-Hilferty approximation,
-    accurate to well under 1% of the value for 255 degrees of freedom; stdlib only).
+    |z| bound, and the chi-square value exceeded with probability p (Wilson-Hilferty approximation:
+    390.5 for 255 dof at p = 1e-7, against 390.2 exact; stdlib only).
+  * `find_subsequences(words, needles)`: which needles occur contiguously in the words (one pass).
 """
 
 from __future__ import annotations
@@ -208,18 +209,6 @@ def chi_square_upper_bound(dof: int, p: float) -> float:
     z = NormalDist().inv_cdf(1 - p)
     h = 2 / (9 * dof)
     return dof * (1 - h + z * math.sqrt(h)) ** 3
-
-
-def contains_subsequence(haystack: np.ndarray, needle: np.ndarray) -> bool:
-    """True when `needle` occurs contiguously in `haystack` (both 1-D int64)."""
-    needle = np.asarray(needle, dtype=np.int64).reshape(-1)
-    k = needle.size
-    if k == 0 or haystack.size < k:
-        return False
-    for start in np.flatnonzero(haystack[: haystack.size - k + 1] == needle[0]):
-        if np.array_equal(haystack[start:start + k], needle):
-            return True
-    return False
 
 
 def find_subsequences(haystack: np.ndarray, needles) -> list[int]:

@@ -4,7 +4,8 @@ Sessions run end to end (prefill, token-by-token generation, BFV token selection
 of tests/tiny_model.py: once with `private_generate_inprocess(..., wrap_channel=...)` (owner and user
 over a recorded in-memory channel, in-process dealing), once as the three roles of `parties.roles`
 (owner, user and helper over three recorded in-memory channel pairs: hello, plans, seeds, masked
-weights, streamed material, online phase), and once on the real SmolLM2-135M for two tokens.
+weights, streamed material, online phase), and once on the real SmolLM2-135M for two tokens
+(marked slow: ~40 s idle).
 
 What a party receives falls into three kinds, and every frame is classified (an unknown tag fails):
   * ring payloads: int64 tensors in Z_2^64 (masked shares, masked openings, masked weights, dealt
@@ -29,10 +30,8 @@ seeds are printed in every failure message so a failing run can be replayed.
 
 from __future__ import annotations
 
-import io
 import math
 import re
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +43,6 @@ from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.kernels import scatter_rows
 from permllm.model.decoder_weights import DecoderArch, folded_float_weights, linear_shapes, owner_weights
 from permllm.prg import Prg
-from permllm.transport.channel import FlightClock
-from permllm.transport.memory import MemoryChannel
 from tests.recording import (
     Transcript,
     bit_balance_z,
@@ -57,6 +54,7 @@ from tests.recording import (
     record_dealt,
     record_permutations,
 )
+from tests.three_roles import TinyTokenizer, run_three_roles
 from tests.tiny_model import tiny_decoder
 
 BIT_Z_BOUND = 6.0
@@ -77,16 +75,12 @@ CONTROL_INT64_TAGS = {"sel.n", "continue"}
 CIPHERTEXT_TAGS = re.compile(r"^sel\.(q\d+|r)$")
 
 
-MEASURED: dict[str, tuple] = {}
-"""what each uniformity check measured (name -> (words, max |z|, chi2)); printed with `pytest -s`"""
-
-
 def _uniformity(words: np.ndarray, what: str, seeds: Seeds | None = None) -> tuple[float, float]:
-    """Assert the words pass the bit-balance and byte chi-square bounds; return (max |z|, chi2)."""
+    """Assert the words pass the bit-balance and byte chi-square bounds; return (max |z|, chi2).
+    The measured values are printed (visible with `pytest -s`)."""
     assert words.size >= 1000, f"{what}: only {words.size} words"
     z = np.abs(bit_balance_z(words))
     chi2 = byte_chi_square(words)
-    MEASURED[what] = (words.size, float(z.max()), chi2)
     print(f"\n{what}: {words.size} words, max |z| {z.max():.2f} (bound {BIT_Z_BOUND}), "
           f"chi2 {chi2:.1f} (bound {CHI2_BOUND:.1f})")
     context = f"{what}: {words.size} words"
@@ -265,26 +259,16 @@ def test_owner_never_receives_token_ids_one_hots_or_embedding_rows(tiny_session)
     assert all(find_subsequences(w, rows) == [] for w in dealt)
 
 
-LINEAR_LEAK = (
-    "protocols/linear.py deals the owner M = v @ U in the clear (call.to_owner('vU', v @ u)); the owner "
-    "knows U (weight.mask) and receives d = x_u - v, so d @ U + M = x_u @ U: for the embedding x_u is the "
-    "user's one-hot, i.e. the owner reads U[token] and so every prompt and generated token id; for a dealt "
-    "input (qkv, gate_up, down, lm_head) M = x_u @ U with U left-invertible mod 2^64, so the owner solves "
-    "x_u and opens the normalized activations"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LINEAR_LEAK)
 def test_owner_cannot_recover_token_ids_from_its_view(tiny_session):
     """The owner's whole view: what it received, its dealt material and its own secrets (the masks U)."""
     s = tiny_session
     u = owner_weights(s.weights, s.seeds.owner)["embed"].mask
     d_messages = [m for m in s.transcript.received_by("owner") if m.tag == "lin.embed"]
-    dealt = [r.tensors["vU"] for r in s.dealt["owner"] if r.kind == "linear:embed"]
+    dealt = [r.tensors["M"] for r in s.dealt["owner"] if r.kind == "linear:embed"]
     assert len(d_messages) == len(dealt) == len(s.tokens)
     recovered = []
-    for m, vu in zip(d_messages, dealt):
-        rows = torch.from_numpy(m.array().copy()) @ u + vu
+    for m, owner_term in zip(d_messages, dealt):
+        rows = torch.from_numpy(m.array().copy()) @ u + owner_term
         for row in rows:
             hits = torch.nonzero((u == row).all(dim=1)).reshape(-1).tolist()
             recovered.append(hits)
@@ -332,14 +316,13 @@ def _independent_columns(u: torch.Tensor) -> list[int]:
     raise AssertionError("U is singular mod 2")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LINEAR_LEAK)
 def test_owner_cannot_recover_normalized_activations_from_its_view(tiny_session):
     """Layer 0's first RMSNorm output feeds the qkv layer as a dealt input: from M = x_u @ U (dealt to the
     owner), U, its own share and its permutation, the owner must not be able to open the activations."""
     s = tiny_session
     arch = DecoderArch.from_config(s.weights.config)
     u = owner_weights(s.weights, s.seeds.owner)["L0.qkv"].mask
-    m = next(r for r in s.dealt["owner"] if r.kind == "linear:L0.qkv").tensors["vU"]
+    m = next(r for r in s.dealt["owner"] if r.kind == "linear:L0.qkv").tensors["M"]
     cols = _independent_columns(u)
     x_u = m[:, cols] @ _inverse_mod_2_64(u[:, cols].contiguous())  # the user's share, solved by the owner
     # the owner's own share of the same norm output: pi^-1(e) + b2, from what it received and its seed
@@ -387,18 +370,6 @@ def test_every_permutation_shown_to_the_user_is_fresh(tiny_session):
 
 
 # ------------------------------------------------------------------------------------------ three roles
-class _TinyTokenizer:
-    """Just enough of a tokenizer for parties.roles.run_user on the tiny model (ids < 97)."""
-
-    eos_token_id = 2
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_tensors=None):
-        return [1] + [5 + ord(c) % 90 for c in messages[-1]["content"]]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids)
-
-
 @dataclass
 class RolesSession:
     weights: object
@@ -410,45 +381,13 @@ class RolesSession:
 @pytest.fixture(scope="module")
 def roles_session() -> RolesSession:
     """owner, user and helper of parties.roles in three threads over recorded in-memory channels."""
-    import permllm.model.loading as loading
-    from parties.roles import UserRequest, run_helper, run_owner, run_user
-
     weights = tiny_decoder(seed=4)
     prompt, budget = "a tiny private question", 3
     transcript = Transcript()
-    clocks = {r: FlightClock() for r in ("owner", "user", "helper")}
-    channels: dict[str, dict] = {r: {} for r in clocks}
-    for a, b in (("owner", "user"), ("owner", "helper"), ("user", "helper")):
-        end_a, end_b = MemoryChannel.pair(a, b, clocks[a], clocks[b], timeout=120)
-        channels[a][b] = transcript.wrap(end_a, receiver=a)
-        channels[b][a] = transcript.wrap(end_b, receiver=b)
-    reports, errors = {}, {}
-    quiet = lambda *args, **kwargs: None  # noqa: E731
-    tokenizer = _TinyTokenizer()
-    roles = {
-        "owner": lambda: run_owner(channels["owner"], "smollm2", progress=False, log=quiet),
-        "helper": lambda: run_helper(channels["helper"], progress=False, log=quiet),
-        "user": lambda: run_user(channels["user"], UserRequest("smollm2", prompt, budget), tokenizer,
-                                 progress=False, log=quiet, out=io.StringIO()),
-    }
-
-    def target(role):
-        try:
-            reports[role] = roles[role]()
-        except BaseException as exc:  # reported below
-            errors[role] = exc
-            for ch in channels[role].values():
-                ch.close()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loading, "load_model", lambda name: (weights, None))
-        threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in roles]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+    reports, errors, _ = run_three_roles(weights, prompt, budget,
+                                         wrap=lambda ch, receiver: transcript.wrap(ch, receiver=receiver))
     assert not errors, errors
-    assert all(not t.is_alive() for t in threads)
+    tokenizer = TinyTokenizer()
     return RolesSession(weights, tokenizer.apply_chat_template([{"content": prompt}]), reports, transcript)
 
 
@@ -463,10 +402,12 @@ def test_helper_receives_exactly_the_public_plans_and_two_seeds(roles_session):
     owner_plan, owner_seed, user_plan, user_seed = (m.payload for m in received)
     owner_plan, user_plan = json.loads(owner_plan), json.loads(user_plan)
     arch = DecoderArch.from_config(roles_session.weights.config)
-    assert set(owner_plan) == {"protocol", "session", "arch", "fingerprint"}
-    assert owner_plan["arch"] == arch.to_dict()  # the public architecture, no weight
+    # exactly the public model card: name, architecture and its fingerprint, plus the session id
+    assert set(owner_plan) == {"protocol", "session", "model", "arch", "fingerprint", "prompt_tokens", "max_new_tokens"}
+    assert owner_plan["model"] == "smollm2" and owner_plan["arch"] == arch.to_dict()  # no weight
     assert set(user_plan) == {"protocol", "session", "fingerprint", "prompt_tokens", "max_new_tokens"}
     assert user_plan["prompt_tokens"] == len(roles_session.prompt_ids)  # the prompt length is public, not the prompt
+    assert owner_plan["prompt_tokens"] == user_plan["prompt_tokens"] and owner_plan["max_new_tokens"] == user_plan["max_new_tokens"]
     assert len(owner_seed) == len(user_seed) == 16 and owner_seed != user_seed
     assert roles_session.reports["owner"]["material_left"] == roles_session.reports["user"]["material_left"] == 0
 

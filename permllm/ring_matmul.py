@@ -1,0 +1,116 @@
+"""Matrix products over Z_2^64: `ring_matmul(a, b) == a @ b` for 2-D torch.int64 tensors, faster.
+
+torch's int64 `@` wraps mod 2^64 exactly but runs a scalar kernel on one thread (about 0.1-0.2
+GMAC/s here). Every linear layer of a session is such a product (SmolLM2: 1.3e8 multiply-adds per
+party per generated token), so the engine uses a numba kernel instead: for each tile of 4 rows of
+`a` by 512 columns of `b` it streams the rows of `b` once and keeps the 4 partial rows of the
+result in cache; the inner loop runs over contiguous columns and vectorizes. Integer overflow in
+numba (LLVM) wraps in two's complement, exactly like torch, so the result is bit-identical (tested
+against torch on full-range random operands).
+
+Threads: the kernel releases the GIL; products of at least PARALLEL_MIN_MACS multiply-adds are
+split by column blocks over `torch.get_num_threads()` threads (the process's compute-thread
+setting, `--threads` on the command line), smaller ones run on the calling thread. Without numba,
+`ring_matmul` is torch's `@`.
+
+    python -m pytest bench/test_bench_kernels.py -k matmul --benchmark-only   # numba vs torch
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from permllm.kernels import NUMBA_AVAILABLE, numba
+
+__all__ = ["ring_matmul", "ring_matmul_numba", "ring_matmul_torch", "PARALLEL_MIN_MACS"]
+
+PARALLEL_MIN_MACS = 1 << 22
+_ROW_TILE = 4
+_COLUMN_TILE = 512
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def ring_matmul_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The reference: torch's int64 matmul (wraps mod 2^64)."""
+    return a @ b
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype != torch.int64 or b.dtype != torch.int64:
+        raise TypeError(f"ring_matmul: expected int64 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"ring_matmul: expected 2-D operands, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"ring_matmul: inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+
+
+if NUMBA_AVAILABLE:
+
+    @numba.njit(cache=True, nogil=True)
+    def _matmul_columns(a, b, out, j_start, j_stop):
+        """out[:, j_start:j_stop] = a @ b[:, j_start:j_stop] mod 2^64 (a, b, out C-contiguous int64)."""
+        m, k = a.shape
+        for j0 in range(j_start, j_stop, _COLUMN_TILE):
+            j1 = min(j_stop, j0 + _COLUMN_TILE)
+            i0 = 0
+            while i0 + _ROW_TILE <= m:
+                for j in range(j0, j1):
+                    out[i0, j] = 0
+                    out[i0 + 1, j] = 0
+                    out[i0 + 2, j] = 0
+                    out[i0 + 3, j] = 0
+                for p in range(k):
+                    a0 = a[i0, p]
+                    a1 = a[i0 + 1, p]
+                    a2 = a[i0 + 2, p]
+                    a3 = a[i0 + 3, p]
+                    for j in range(j0, j1):
+                        bv = b[p, j]
+                        out[i0, j] += a0 * bv
+                        out[i0 + 1, j] += a1 * bv
+                        out[i0 + 2, j] += a2 * bv
+                        out[i0 + 3, j] += a3 * bv
+                i0 += _ROW_TILE
+            for i in range(i0, m):
+                for j in range(j0, j1):
+                    out[i, j] = 0
+                for p in range(k):
+                    av = a[i, p]
+                    for j in range(j0, j1):
+                        out[i, j] += av * b[p, j]
+
+    def ring_matmul_numba(a: torch.Tensor, b: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """a @ b mod 2^64 with the numba kernel; threads defaults to torch.get_num_threads()."""
+        _check(a, b)
+        m, k = a.shape
+        n = b.shape[1]
+        a_np = np.ascontiguousarray(a.detach().numpy())
+        b_np = np.ascontiguousarray(b.detach().numpy())
+        out = np.empty((m, n), dtype=np.int64)
+        threads = torch.get_num_threads() if threads is None else threads
+        blocks = min(threads, -(-n // _COLUMN_TILE))
+        if blocks <= 1 or m * k * n < PARALLEL_MIN_MACS:
+            _matmul_columns(a_np, b_np, out, 0, n)
+        else:
+            pool = _pools.get(blocks)
+            if pool is None:
+                pool = _pools[blocks] = ThreadPoolExecutor(blocks, thread_name_prefix="ring-matmul")
+            width = -(-n // blocks)
+            edges = [(j, min(n, j + width)) for j in range(0, n, width)]
+            for f in [pool.submit(_matmul_columns, a_np, b_np, out, j0, j1) for j0, j1 in edges]:
+                f.result()
+        return torch.from_numpy(out)
+
+    ring_matmul = ring_matmul_numba
+
+else:  # pragma: no cover - exercised only on installs without numba
+
+    def ring_matmul_numba(a, b, threads=None):
+        raise RuntimeError("numba is not installed; use ring_matmul or ring_matmul_torch")
+
+    def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _check(a, b)
+        return a @ b
