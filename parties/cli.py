@@ -1,9 +1,11 @@
 """The `permllm` command: the demo launcher and the three roles run by hand.
 
     permllm demo                      owner, user and helper as three processes on this machine
-    permllm owner --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
-    permllm user  --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
-    permllm helper --owner tcp://OWNER:5556 --user tcp://USER:5557
+    permllm bench                     token-latency benchmarks under simulated networks
+    permllm keygen --out keys         CURVE key pairs for the three roles
+    permllm owner --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
+    permllm user  --keys keys --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
+    permllm helper --keys keys --owner tcp://OWNER:5556 --user tcp://USER:5557
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from permllm.errors import PermLLMError
 
 TWO_MACHINE_HELP = """\
 A session by hand on three machines (or three terminals):
-  owner:  permllm owner  --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
-  user:   permllm user   --owner tcp://OWNER_HOST:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
-  helper: permllm helper --owner tcp://OWNER_HOST:5556 --user tcp://USER_HOST:5557
-The owner and the user bind; the user connects to the owner; the helper connects to both. Give every
-role the same --network when you want simulated delays on top of the real network (default none).
-The owner holds the weights, the user the prompt; the helper only deals randomness before the
-online phase. Start them in any order: each waits up to the set-up timeout for the others.
+  once:   permllm keygen --out keys     (owner.key/.pub, user.key/.pub, helper.key/.pub)
+          give each machine a folder with its own ROLE.key and the other two .pub files
+  owner:  permllm owner  --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
+  user:   permllm user   --keys keys --owner tcp://OWNER_HOST:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
+  helper: permllm helper --keys keys --owner tcp://OWNER_HOST:5556 --user tcp://USER_HOST:5557
+The owner and the user bind; the user connects to the owner; the helper connects to both. Every
+channel is CURVE-encrypted and mutually authenticated (--insecure turns that off, for local
+experiments only). The owner holds the weights, the user the prompt; the helper only deals
+randomness before the online phase. Start them in any order: each waits up to --setup-timeout for
+the others. The owner can cap what one user key may run with --budget-file and
+--max-sessions-per-key / --max-positions-per-key. --network adds simulated delays on top of the
+real network and is meant for one machine: it needs the parties' clocks to agree (default none).
 """
 
 
@@ -57,10 +64,24 @@ def _add_network(p, default):
                    help="seconds to wait for the others during set-up: model load, preparation, dealing (default 900)")
 
 
+def _model_spec(spec: str) -> str:
+    from parties.models import check_model_spec
+    from permllm.errors import ConfigError
+
+    try:
+        return check_model_spec(spec)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+MODEL_HELP = ("smollm2 (default), minilm (a sentence-embedding encoder), or the path of a Llama-style "
+              "checkpoint: a .gguf file or a folder with config.json and the tokenizer files")
+
+
 def _add_generation(p):
     p.add_argument("--prompt", default=None, help="the question (default: a built-in one)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="token budget (default 48)")
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"], help="model (default smollm2)")
+    p.add_argument("--model", default="smollm2", type=_model_spec, help=MODEL_HELP)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; default 0.7)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens when sampling")
@@ -96,11 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     owner = sub.add_parser("owner", help="the model owner (holds the weights)", epilog=TWO_MACHINE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    owner.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    owner.add_argument("--model", default="smollm2", type=_model_spec, help=MODEL_HELP)
     owner.add_argument("--listen-user", required=True, help="ZeroMQ address to bind for the user")
     owner.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
     _add_network(owner, "none")
     _add_security(owner)
+    owner.add_argument("--budget-file", default=None, metavar="PATH",
+                       help="query budget ledger (JSON, kept across sessions): sessions and positions run per user "
+                            "key; needs --max-sessions-per-key and/or --max-positions-per-key")
+    owner.add_argument("--max-sessions-per-key", type=int, default=None, metavar="N",
+                       help="refuse a user key after N sessions (counted in --budget-file)")
+    owner.add_argument("--max-positions-per-key", type=int, default=None, metavar="N",
+                       help="refuse a session that would take a user key past N positions in all (prompt tokens "
+                            "plus generated tokens, counted in --budget-file)")
     owner.add_argument("--report", default=None, help="write this role's report (JSON) here")
     owner.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
@@ -169,6 +198,26 @@ def _curve(args, role: str, peers: tuple[str, ...]):
     return Curve(os.path.join(keys, f"{role}.key"), {p: os.path.join(keys, f"{p}.pub") for p in peers})
 
 
+def _query_budget(args):
+    """The owner's QueryBudget from its options, or None; ConfigError for a half-given budget."""
+    from permllm.errors import ConfigError
+
+    limits = args.max_sessions_per_key, args.max_positions_per_key
+    if args.budget_file is None:
+        if any(v is not None for v in limits):
+            raise ConfigError("--max-sessions-per-key and --max-positions-per-key need --budget-file PATH")
+        return None
+    from parties.budget import QueryBudget
+
+    return QueryBudget(args.budget_file, max_sessions=limits[0], max_positions=limits[1])
+
+
+def _user_key(curve) -> str:
+    from parties.budget import INSECURE_KEY
+
+    return INSECURE_KEY if curve is None else curve.peers["user"].decode("ascii")
+
+
 def _write_report(path, report):
     if path:
         with open(path, "w") as f:
@@ -235,11 +284,12 @@ def _run_role_with(args, clock, curve) -> int:
     if args.command == "owner":
         from parties.roles import run_owner
 
+        budget, user_key = _query_budget(args), _user_key(curve)
         channels = {"user": _channel(args.listen_user, "user", True, args, clock, curve),
                     "helper": _channel(args.listen_helper, "helper", True, args, clock, curve)}
         try:
             report = run_owner(channels, args.model, progress=not args.quiet, log=_log(args, "owner"),
-                               setup_timeout=args.setup_timeout)
+                               setup_timeout=args.setup_timeout, budget=budget, user_key=user_key)
         finally:
             for ch in channels.values():
                 ch.close()
@@ -258,12 +308,17 @@ def _run_role_with(args, clock, curve) -> int:
                 ch.close()
     else:
         from parties.models import load_tokenizer
-        from parties.roles import UserRequest, run_user
+        from parties.roles import UserRequest, check_text, run_user
+        from permllm.errors import ConfigError
         from permllm.model.prompts import DEMO_PROMPT
 
         sampling = sampling_from_args(args)
+        prompt = DEMO_PROMPT if args.prompt is None else args.prompt
+        check_text(prompt, "prompt")  # before the tokenizer, which takes seconds to load
+        if args.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be at least 1")
         tokenizer = load_tokenizer(args.model)
-        request = UserRequest(args.model, DEMO_PROMPT if args.prompt is None else args.prompt, args.max_new_tokens, sampling)
+        request = UserRequest(args.model, prompt, args.max_new_tokens, sampling)
         channels = {"owner": _channel(args.owner, "owner", False, args, clock, curve),
                     "helper": _channel(args.listen_helper, "helper", True, args, clock, curve)}
         try:

@@ -6,10 +6,19 @@ family from the public model name and never branches on it elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from permllm.errors import ConfigError
+from permllm.errors import ConfigError, ProtocolError
+
+MAX_ARCH_DIMENSION = 1 << 20
+"""The largest size a peer may declare for any architecture field (SmolLM2's largest is its 49152-token
+vocabulary): a malformed or hostile handshake cannot make a role allocate without bound."""
+MAX_LINEAR_ELEMENTS = 1 << 31
+"""The most linear-weight elements a received architecture may imply (16 GiB of ring words; SmolLM2
+has 1.3e8): together with MAX_ARCH_DIMENSION this bounds what the user and the helper allocate."""
 
 
 @dataclass(frozen=True)
@@ -29,21 +38,61 @@ class Family:
     def max_positions(self, config) -> int:
         return int(getattr(config, "max_position_embeddings", None) or 2048)
 
+    def received_arch(self, message, sender: str):
+        """The architecture a peer sent, checked field by field and for its total size; ProtocolError
+        naming the sender otherwise."""
+        try:
+            arch = self.arch_from_dict(message)
+            elements = sum(d_in * d_out for d_in, d_out, _ in self.linear_shapes(arch).values())
+        except ProtocolError as exc:
+            raise ProtocolError(f"the {sender} sent a bad architecture: {exc}") from None
+        if elements > MAX_LINEAR_ELEMENTS:
+            raise ProtocolError(f"the {sender} sent an architecture of {elements} linear-weight elements "
+                                f"(at most {MAX_LINEAR_ELEMENTS} accepted)")
+        return arch
+
 
 def family(model: str) -> Family:
-    if model == "smollm2":
+    """The family of a model by its public name (`smollm2`, `minilm`, or `llama:NAME` for a checkpoint)."""
+    if model == "smollm2" or model.startswith("llama:") and len(model) > len("llama:"):
         from permllm.model import decoder_weights as dw
         from permllm.model.secure_decoder import SecureDecoder
 
-        return Family("smollm2", True, dw.DecoderArch.from_config, lambda d: dw.DecoderArch(**d), dw.linear_shapes,
+        return Family(model, True, dw.DecoderArch.from_config, arch_reader(dw.DecoderArch), dw.linear_shapes,
                       dw.owner_weights, dw.user_weight, dw.helper_weights, SecureDecoder)
     if model == "minilm":
         from permllm.model import encoder_weights as ew
         from permllm.model.secure_encoder import SecureEncoder
 
-        return Family("minilm", False, ew.EncoderArch.from_config, lambda d: ew.EncoderArch(**d), ew.linear_shapes,
+        return Family("minilm", False, ew.EncoderArch.from_config, arch_reader(ew.EncoderArch), ew.linear_shapes,
                       ew.owner_weights, ew.user_weight, ew.helper_weights, SecureEncoder)
-    raise ConfigError(f"unknown model {model!r}; choose smollm2 or minilm")
+    raise ConfigError(f"unknown model {model!r}; choose smollm2, minilm or llama:NAME (a Llama-style checkpoint)")
+
+
+def arch_reader(cls) -> Callable[[Any], Any]:
+    """A checked reader of an architecture received in a handshake: exactly the dataclass's fields, each
+    of its type, integers in [1, MAX_ARCH_DIMENSION], floats finite and positive; ProtocolError otherwise."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+
+    def read(message):
+        if not isinstance(message, dict):
+            raise ProtocolError(f"the architecture is not a JSON object: {message!r:.80}")
+        if set(message) != set(fields):
+            missing, extra = sorted(set(fields) - set(message)), sorted(set(message) - set(fields))
+            raise ProtocolError(f"the architecture has missing fields {missing} and unknown fields {extra}")
+        for name, kind in fields.items():
+            value = message[name]
+            if kind in ("int", int):
+                ok = type(value) is int and 1 <= value <= MAX_ARCH_DIMENSION
+            elif kind in ("float", float):
+                ok = type(value) in (int, float) and math.isfinite(value) and value > 0
+            else:
+                ok = type(value) is bool
+            if not ok:
+                raise ProtocolError(f"architecture field {name!r} has an invalid value {value!r:.40}")
+        return cls(**message)
+
+    return read
 
 
 def run_session(fam: Family, ctx, driver, plan, **user_side) -> Any:

@@ -23,10 +23,11 @@ import torch
 from permllm.errors import ChannelTimeout, ConfigError, ProtocolError
 from permllm.fixed import ACT_BITS, WEIGHT_BITS
 from permllm.prg import fresh_seed
-from parties.families import family, run_session
+from parties.families import MAX_ARCH_DIMENSION, family, run_session
 from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
-from parties.models import PROTOCOL_VERSION, fingerprint
-from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json, send_record, finish_records
+from parties.models import PROTOCOL_VERSION, fingerprint, model_name
+from parties.wire import (SETUP_TIMEOUT_S, abort_records, finish_records, recv_json, recv_records, require,
+                          send_json, send_record)
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
 
@@ -80,27 +81,37 @@ def _first_answer(receive, peer: str):
 
 
 # ------------------------------------------------------------------------------------------ owner
-def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
-    """channels: dict with 'user' and 'helper' Channels. Returns the owner's report."""
+def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S,
+              budget=None, user_key: str = "") -> dict:
+    """channels: dict with 'user' and 'helper' Channels; model: a model spec (`parties.models`: a bundled
+    name or a checkpoint path). Returns the owner's report.
+
+    budget: a `parties.budget.QueryBudget` charged for this session under `user_key` (the user's CURVE
+    public key) before any weight is sent; a user over its budget is refused in the welcome."""
     from permllm.he import IndexLookupServer
     from permllm.model.loading import load_model
 
+    spec, model = model, model_name(model)
     fam = family(model)
     phases = Phases()
     user, helper = channels["user"], channels["helper"]
     with phases.timed("load"):
         log("owner: loading the model")
-        weights, _ = load_model(model)
+        weights, _ = load_model(spec)
         arch = fam.arch_from_config(weights.config)
         max_positions = fam.max_positions(weights.config)
     arch_dict = arch.to_dict()
     card = fingerprint(model, arch_dict)
 
     hello = recv_json(user, "hello", timeout=setup_timeout)
+    reservation = None
     try:
         plan = check_hello(hello, model, max_positions, fam.generates)
-    except ProtocolError as exc:
+        if budget is not None:
+            reservation = budget.reserve(user_key, plan.prompt_tokens + plan.max_new_tokens)
+    except (ProtocolError, ConfigError) as exc:
         send_json(user, "welcome", {"error": str(exc)})
+        send_json(helper, "owner-plan", {"error": f"the owner refused the session: {exc}"})
         raise
     send_json(user, "welcome", {"protocol": PROTOCOL_VERSION, "model": model, "arch": arch_dict,
                                 "fingerprint": card, "session": plan.session, "max_positions": max_positions,
@@ -111,7 +122,8 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
 
     seed = fresh_seed()
     send_json(helper, "owner-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session, "arch": arch_dict,
-                                     "fingerprint": card, "model": model})
+                                     "fingerprint": card, "model": model, "prompt_tokens": plan.prompt_tokens,
+                                     "max_new_tokens": plan.max_new_tokens})
     helper.send(SEED_TAG, seed)
 
     with phases.timed("prepare"):
@@ -134,8 +146,12 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
     positions = plan.prompt_tokens + plan.max_new_tokens
     ctx = PartyContext(Role.OWNER, user, material)
     online_before = (user.stats.bytes_sent, user.stats.bytes_received, user.clock.depth)
+    driver = fam.driver(arch, prepared, positions)
     with phases.timed("online"):
-        run_session(fam, ctx, fam.driver(arch, prepared, positions), plan, **({"lookup": server} if fam.generates else {}))
+        run_session(fam, ctx, driver, plan, **({"lookup": server} if fam.generates else {}))
+    if reservation is not None:
+        # a decoder's last chosen token is never fed back; an encoder runs its prompt once
+        budget.settle(reservation, driver.position + 1 if fam.generates else plan.prompt_tokens)
     return {
         "role": "owner", "phases_s": phases.seconds, "prepare_bytes": prepare_bytes, "offline_bytes": offline_bytes,
         "online_bytes_sent": user.stats.bytes_sent - online_before[0],
@@ -157,14 +173,14 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
     owner_seed = owner.recv_bytes(SEED_TAG, max_len=16, timeout=setup_timeout)
     user_plan = recv_json(user, "user-plan", timeout=setup_timeout)
     user_seed = user.recv_bytes(SEED_TAG, max_len=16, timeout=setup_timeout)
-    for key in ("protocol", "session", "fingerprint"):
-        if owner_plan.get(key) != user_plan.get(key):
-            raise ProtocolError(f"{key} mismatch between the owner ({owner_plan.get(key)!r}) and the user ({user_plan.get(key)!r})")
-    if len(owner_seed) != 16 or len(user_seed) != 16:
-        raise ProtocolError("seeds must be 16 bytes")
-    fam = family(str(owner_plan.get("model")))
-    arch = fam.arch_from_dict(owner_plan["arch"])
-    plan = Plan(fam.name, int(user_plan["prompt_tokens"]), int(user_plan["max_new_tokens"]), str(user_plan["session"]))
+    try:
+        fam, arch, plan = _check_plans(owner_plan, user_plan)
+        if len(owner_seed) != 16 or len(user_seed) != 16:
+            raise ProtocolError("seeds must be 16 bytes")
+    except (ProtocolError, ConfigError) as exc:
+        for channel in (owner, user):  # both are waiting for material: tell them why none comes
+            abort_records(channel, f"the helper refused the session: {exc}")
+        raise
     prompt, budget = plan.prompt_tokens, plan.max_new_tokens
     shapes = fam.linear_shapes(arch)
     masks: dict = {}
@@ -192,6 +208,30 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
     bar.close()
     return {"role": "helper", "phases_s": phases.seconds, "calls": dealer.calls,
             "offline_bytes": owner.stats.bytes_sent + user.stats.bytes_sent, "peak_rss_mb": peak_rss_mb()}
+
+
+PLAN_FIELDS = {"protocol": int, "session": str, "fingerprint": str, "prompt_tokens": int, "max_new_tokens": int}
+
+
+def _check_plans(owner_plan: dict, user_plan: dict):
+    """The helper's check that the owner and the user describe the same session: (family, arch, plan);
+    ProtocolError naming the first field that is missing, malformed or different."""
+    for key, kind in PLAN_FIELDS.items():
+        mine = require(owner_plan, key, kind, "owner", "owner-plan")
+        theirs = require(user_plan, key, kind, "user", "user-plan")
+        if mine != theirs:
+            raise ProtocolError(f"{key} mismatch between the owner ({mine!r}) and the user ({theirs!r})")
+    if owner_plan["protocol"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol mismatch: the parties speak {owner_plan['protocol']}, the helper {PROTOCOL_VERSION}")
+    fam = family(require(owner_plan, "model", str, "owner", "owner-plan"))
+    arch = fam.received_arch(owner_plan.get("arch"), "owner")
+    if fingerprint(fam.name, arch.to_dict()) != owner_plan["fingerprint"]:
+        raise ProtocolError("the owner's model fingerprint does not match its architecture")
+    prompt, budget = owner_plan["prompt_tokens"], owner_plan["max_new_tokens"]
+    if (prompt < 1 or (budget < 1 if fam.generates else budget != 0)
+            or prompt + budget > MAX_ARCH_DIMENSION):
+        raise ProtocolError(f"bad plan: prompt_tokens={prompt}, max_new_tokens={budget}")
+    return fam, arch, Plan(fam.name, prompt, budget, owner_plan["session"])
 
 
 # ------------------------------------------------------------------------------------------ user
@@ -233,6 +273,23 @@ def prepare_sentence(tokenizer, sentence: str) -> list[int]:
     return list(tokenizer(sentence, truncation=True)["input_ids"])
 
 
+def _check_welcome(welcome: dict, plan: Plan, fam):
+    """The user's check of the owner's welcome: the same protocol, model and session, an architecture
+    that matches its fingerprint and room for the plan. Returns the architecture."""
+    for key, want in (("protocol", PROTOCOL_VERSION), ("model", plan.model), ("session", plan.session)):
+        got = welcome.get(key)
+        if got != want:
+            raise ProtocolError(f"{key} mismatch: the owner has {got!r:.60}, the user {want!r}")
+    arch = fam.received_arch(welcome.get("arch"), "owner")
+    if require(welcome, "fingerprint", str, "owner", "welcome") != fingerprint(plan.model, arch.to_dict()):
+        raise ProtocolError("the owner's model fingerprint does not match its architecture")
+    max_positions = require(welcome, "max_positions", int, "owner", "welcome")
+    if plan.prompt_tokens + plan.max_new_tokens > max_positions:
+        raise ConfigError(f"the prompt ({plan.prompt_tokens} tokens) plus the budget ({plan.max_new_tokens}) exceeds "
+                          f"the model's {max_positions} positions")
+    return arch
+
+
 def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True, log=print, out=sys.stdout,
              setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'owner' and 'helper' Channels. Streams the answer (or prints the embedding);
@@ -240,26 +297,19 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
     from permllm.he import IndexLookupClient
     from permllm.model.generation import GenerationTrace, SamplingConfig, token_chooser
 
-    fam = family(request.model)
+    name = model_name(request.model)
+    fam = family(name)
     owner, helper = channels["owner"], channels["helper"]
     phases = Phases()
     if fam.generates:
         prompt_ids = prepare_prompt(tokenizer, request.prompt, request.max_new_tokens)
-        plan = Plan(request.model, len(prompt_ids), request.max_new_tokens)
+        plan = Plan(name, len(prompt_ids), request.max_new_tokens)
     else:
         prompt_ids = prepare_sentence(tokenizer, request.prompt)
-        plan = Plan(request.model, len(prompt_ids), 0)
+        plan = Plan(name, len(prompt_ids), 0)
     send_json(owner, "hello", plan.hello())
     welcome = _first_answer(lambda: recv_json(owner, "welcome", timeout=setup_timeout), "owner")
-    if welcome.get("session") != plan.session:
-        raise ProtocolError("the owner answered for another session")
-    arch = fam.arch_from_dict(welcome["arch"])
-    max_positions = welcome.get("max_positions")
-    if isinstance(max_positions, int) and plan.prompt_tokens + plan.max_new_tokens > max_positions:
-        raise ConfigError(f"the prompt ({plan.prompt_tokens} tokens) plus the budget ({plan.max_new_tokens}) exceeds "
-                          f"the model's {max_positions} positions")
-    if welcome.get("fingerprint") != fingerprint(request.model, welcome["arch"]):
-        raise ProtocolError("the owner's model fingerprint does not match its architecture")
+    arch = _check_welcome(welcome, plan, fam)
     client = None
     if fam.generates:
         client = IndexLookupClient(arch.vocab)

@@ -14,6 +14,7 @@ from permllm.errors import ProtocolError
 from protocols.material import MaterialRecord
 
 MAX_JSON_BYTES = 1 << 20
+MAX_RECORD_HEADER = 4096
 SETUP_TIMEOUT_S = 900.0
 """Receives during set-up wait this long: the other side may be loading a model or dealing."""
 
@@ -33,6 +34,16 @@ def recv_json(channel, tag: str, *, timeout: float | None = SETUP_TIMEOUT_S) -> 
     if "error" in message:
         raise ProtocolError(f"{channel.peer} ended the session: {message['error']}")
     return message
+
+
+def require(message: dict, key: str, kind: type, sender: str, tag: str):
+    """message[key], which must be of `kind` (int excludes bool); ProtocolError naming the sender,
+    the message and the field otherwise."""
+    value = message.get(key)
+    ok = type(value) is int if kind is int else isinstance(value, kind)
+    if not ok:
+        raise ProtocolError(f"the {sender}'s {tag!r} message has no valid {key!r} field (got {value!r:.60})")
+    return value
 
 
 def send_records(channel, records: Iterable[MaterialRecord]) -> int:
@@ -56,11 +67,19 @@ def finish_records(channel, count: int) -> None:
     channel.send("mat", f"end\t{count}".encode("ascii"))
 
 
+def abort_records(channel, reason: str) -> None:
+    """End a material stream with an error the receiver raises (the helper refusing a session)."""
+    channel.send("mat", ("error\t" + reason).encode("utf-8")[:MAX_RECORD_HEADER])
+
+
 def recv_records(channel, on_record: Callable[[MaterialRecord], None], *, timeout: float = SETUP_TIMEOUT_S) -> int:
     """Receive streamed records until the end marker; returns the count. Checks call order."""
     expected = 0
     while True:
-        header = channel.recv_bytes("mat", max_len=4096, timeout=timeout)
+        header = channel.recv_bytes("mat", max_len=MAX_RECORD_HEADER, timeout=timeout)
+        if header.startswith(b"error\t"):
+            reason = header[6:].decode("utf-8", errors="replace")
+            raise ProtocolError(f"the {channel.peer} ended the session: {reason}")
         try:
             fields = header.decode("ascii").split("\t")
             if fields[0] == "end" and len(fields) == 2:

@@ -17,6 +17,10 @@ class ProtocolError(PermLLMError):
     """A frame or message did not match what the protocol expects (tag, dtype, shape, order, size)."""
 
 
+class AuthenticationRefused(PermLLMError):
+    """The peer's CURVE server refused this party's key (ZAP denied it): the keys on the two sides differ."""
+
+
 class MaterialExhausted(PermLLMError):
     """The offline correlated randomness is used up (prompt or token budget larger than prepared)."""
 

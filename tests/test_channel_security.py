@@ -6,11 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
 from parties.security import Curve, generate_keypair, load_public_key, load_secret_key
-from permllm.errors import ChannelTimeout, ConfigError
+from permllm.errors import AuthenticationRefused, ChannelTimeout, ConfigError
 from permllm.transport import ZmqChannel
 
 
@@ -57,10 +58,36 @@ def test_known_peer_talks_and_unknown_key_is_refused(keys):
             server2.recv_bytes("hello")
         mallory_public = load_public_key(keys / "mallory.pub").decode()
         assert any("unknown CURVE key" in line and mallory_public in line for line in logged)
+        # the refused side learns it at once (libzmq reports the ZAP refusal to the client), not after
+        # its timeout
+        start = time.monotonic()
+        with pytest.raises(AuthenticationRefused, match="peer 'owner' refused this party's CURVE key .ZAP status 400"):
+            intruder.recv_bytes("welcome", timeout=30)
+        assert time.monotonic() - start < 5
     finally:
         for ch in channels:
             ch.close()
         for c in (owner, user, mallory):
+            c.close()
+
+
+def test_a_wrong_server_key_times_out_saying_the_handshake_failed(keys):
+    owner = Curve(keys / "owner.key", {"user": keys / "user.pub"})
+    # the user was given mallory's public key as the owner's
+    confused = Curve(keys / "user.key", {"owner": keys / "mallory.pub"})
+    channels = []
+    try:
+        server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=3, **owner.socket_options("user", True))
+        client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=3, **confused.socket_options("owner", False))
+        channels += [server, client]
+        client.send("hello", b"x")
+        with pytest.raises(ChannelTimeout, match=r"waiting for tag 'welcome' from peer 'owner'; its CURVE handshake "
+                                                 r"failed \d+ times \(a wrong public key for the owner"):
+            client.recv_bytes("welcome", timeout=2)
+    finally:
+        for ch in channels:
+            ch.close()
+        for c in (owner, confused):
             c.close()
 
 

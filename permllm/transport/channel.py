@@ -333,7 +333,8 @@ class Channel(ABC):
             except PeerGone as exc:
                 raise PeerGone(f"waiting for tag {tag!r} from peer {self.peer!r}: {exc}") from exc
             if frame is None:
-                raise ChannelTimeout(f"timed out after {wait_s:g} s waiting for tag {tag!r} from peer {self.peer!r}")
+                raise ChannelTimeout(f"timed out after {wait_s:g} s waiting for tag {tag!r} from peer {self.peer!r}"
+                                     + self._timeout_hint())
             header_buf, payload = frame
             try:
                 header = decode_header(header_buf)
@@ -356,6 +357,10 @@ class Channel(ABC):
             )
         self._clock.observe(header.depth)
         return Received(header, payload)
+
+    def _timeout_hint(self) -> str:
+        """What the transport knows about why nothing arrived (appended to a timeout's message)."""
+        return ""
 
     # --- transport primitives ---------------------------------------------------------------
     @abstractmethod

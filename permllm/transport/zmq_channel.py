@@ -18,20 +18,28 @@ header before the payload is interpreted.
 Encryption hook: pass CURVE keys (z85 text or 32 raw bytes, e.g. from `zmq.curve_keypair()`):
 the server side (usually the binding one) passes `curve_server=True, curve_secret_key=...`, the
 client passes `curve_server_key=<server public>, curve_public_key=..., curve_secret_key=...`.
-A client with a wrong server key never completes the handshake: its messages are never delivered
-and receives time out.
+A CURVE client watches its socket's handshake events (a ZeroMQ socket monitor): when the server
+refuses its key (ZAP denies it, libzmq reports HANDSHAKE_FAILED_AUTH on the client too) the next
+receive raises `AuthenticationRefused` at once instead of waiting for its timeout. A client with a
+wrong server key never completes the handshake (libzmq only sees it fail and retries): its messages
+are never delivered, and the receive's timeout says how many handshakes failed.
 """
 
 from __future__ import annotations
 
-import zmq
+import time
 
-from permllm.errors import ChannelTimeout, ConfigError, PeerGone, ProtocolError
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from permllm.errors import AuthenticationRefused, ChannelTimeout, ConfigError, PeerGone, ProtocolError
 from permllm.transport.channel import DEFAULT_TIMEOUT_S, Channel, FlightClock
 from permllm.transport.frames import DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEADER_LEN
 
 GOODBYE = b"PLM1-BYE"
 ZERO_COPY_MIN_BYTES = zmq.COPY_THRESHOLD
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_HANDSHAKE_EVENTS = _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 
 class ZmqChannel(Channel):
@@ -55,6 +63,32 @@ class ZmqChannel(Channel):
         self._owned_context = owned_context
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
+        self._monitor = None
+        self.failed_handshakes = 0
+        """CURVE handshakes that failed since the last one that succeeded (clients only)."""
+
+    def _watch_handshakes(self) -> None:
+        """Follow this CURVE client socket's handshake events (see the module docstring)."""
+        self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _timeout_hint(self) -> str:
+        if not self.failed_handshakes:
+            return ""
+        return (f"; its CURVE handshake failed {self.failed_handshakes} times (a wrong public key for the "
+                f"{self.peer}, or it is not a CURVE server)")
+
+    def _read_handshake_events(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise AuthenticationRefused(
+                    f"peer {self.peer!r} refused this party's CURVE key (ZAP status {event['value']}): give each "
+                    f"role the other's public key from the same `permllm keygen`")
+            if event["event"] & _HANDSHAKE_FAILED:
+                self.failed_handshakes += 1
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed_handshakes = 0
 
     @classmethod
     def bind(cls, addr: str, *, peer: str, **options) -> ZmqChannel:
@@ -104,13 +138,16 @@ class ZmqChannel(Channel):
             socket.setsockopt(zmq.SNDTIMEO, -1 if send_timeout_s == float("inf") else max(1, int(send_timeout_s * 1000)))
             for option, value in curve:
                 socket.setsockopt(option, value)
+            channel = cls(
+                socket, peer, owned_context=owned_context, clock=clock, timeout=timeout, max_payload_bytes=max_payload_bytes
+            )
+            if curve_server_key is not None:
+                channel._watch_handshakes()
             if binding:
                 socket.bind(addr)
             else:
                 socket.connect(addr)
-            return cls(
-                socket, peer, owned_context=owned_context, clock=clock, timeout=timeout, max_payload_bytes=max_payload_bytes
-            )
+            return channel
         except BaseException:
             socket.close(linger=0)
             if owned_context is not None:
@@ -141,9 +178,16 @@ class ZmqChannel(Channel):
     def _recv_frame(self, timeout_s: float | None):
         """Poll for the next message; return (header_buffer, payload_buffer) or None on timeout.
         Raises PeerGone on the peer's goodbye, ProtocolError on a message that is not 2 parts."""
-        ready = dict(self._poller.poll(None if timeout_s is None else max(1, int(timeout_s * 1000))))
-        if self._socket not in ready:
-            return None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = dict(self._poller.poll(None if left is None else max(1, int(left * 1000))))
+            if self._monitor is not None and self._monitor in ready:
+                self._read_handshake_events()
+            if self._socket in ready:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
         parts = self._socket.recv_multipart(copy=False)
         if len(parts) == 1 and parts[0].bytes == GOODBYE:
             raise PeerGone(f"peer {self.peer!r} closed the channel")
@@ -158,6 +202,9 @@ class ZmqChannel(Channel):
         except zmq.ZMQError:
             pass
         self._poller.unregister(self._socket)
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
         self._socket.close()
         if self._owned_context is not None:
             self._owned_context.term()
