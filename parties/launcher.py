@@ -46,16 +46,16 @@ def _validate(args) -> None:
         check_text(args.prompt, "prompt")
     if not 1 <= args.max_new_tokens <= 1024:
         raise ConfigError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
-    if args.model == "smollm2" and args.prompt is not None:
-        _check_prompt_fits(args.prompt, args.max_new_tokens)
+    if args.model != "minilm" and args.prompt is not None:
+        _check_prompt_fits(args.model, args.prompt, args.max_new_tokens)
 
 
-def _check_prompt_fits(prompt: str, max_new_tokens: int) -> None:
+def _check_prompt_fits(model: str, prompt: str, max_new_tokens: int) -> None:
     """Tokenize the prompt (the tokenizer is public and cheap) so an oversized one fails before any role starts."""
     from parties.models import load_tokenizer, max_positions
     from parties.roles import prepare_prompt
 
-    prepare_prompt(load_tokenizer("smollm2"), prompt, max_new_tokens, max_positions("smollm2"))
+    prepare_prompt(load_tokenizer(model), prompt, max_new_tokens, max_positions(model))
 
 
 def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:

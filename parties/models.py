@@ -1,16 +1,47 @@
 """The models a session can run, as the roles see them: the owner loads weights, the user only a
-tokenizer (the tokenizer and chat template are public; the weights never reach the user)."""
+tokenizer (the tokenizer and chat template are public; the weights never reach the user).
+
+A model is named by a spec: a bundled model (`smollm2`, `minilm`) or the path of any Llama-style
+checkpoint on disk, a `.gguf` file or a folder with `config.json` and the tokenizer files. A path's
+public name in the handshake is `llama:` plus its file or folder name, so the owner and the user may
+keep the checkpoint at different paths; the helper needs only the name."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from pathlib import Path
 
 from permllm.errors import ConfigError
 
 MODELS = ("smollm2", "minilm")
 PROTOCOL_VERSION = 1
+CHECKPOINT_PREFIX = "llama:"
+
+
+def check_model_spec(spec: str) -> str:
+    """A bundled model name or an existing Llama-style checkpoint path; ConfigError otherwise."""
+    if spec in MODELS:
+        return spec
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").is_file():
+        return spec
+    raise ConfigError(f"unknown model {spec!r}: give one of {', '.join(MODELS)}, a .gguf file or a folder "
+                      "with config.json (a Llama-style checkpoint)")
+
+
+def model_name(spec: str) -> str:
+    """The public name of a model spec in the handshake."""
+    return spec if spec in MODELS else CHECKPOINT_PREFIX + Path(spec).name
+
+
+def _checkpoint(spec: str) -> tuple[str, dict]:
+    """(folder, from_pretrained options) of a checkpoint path."""
+    path = Path(check_model_spec(spec))
+    if path.is_file():
+        return str(path.parent), {"gguf_file": path.name, "local_files_only": True}
+    return str(path), {"local_files_only": True}
 
 
 def load_tokenizer(model: str):
@@ -25,7 +56,8 @@ def load_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=SMOLLM2_GGUF, local_files_only=True)
     if model == "minilm":
         return AutoTokenizer.from_pretrained(str(find_minilm_dir()), local_files_only=True)
-    raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    folder, options = _checkpoint(model)
+    return AutoTokenizer.from_pretrained(folder, **options)
 
 
 def fingerprint(model: str, arch: dict) -> str:
@@ -46,5 +78,6 @@ def max_positions(model: str) -> int:
     elif model == "minilm":
         config = AutoConfig.from_pretrained(str(find_minilm_dir()), local_files_only=True)
     else:
-        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        folder, options = _checkpoint(model)
+        config = AutoConfig.from_pretrained(folder, **options)
     return int(config.max_position_embeddings)

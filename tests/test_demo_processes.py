@@ -107,3 +107,54 @@ def test_minilm_demo_gives_the_plaintext_sentence_embedding(tmp_path):
     assert cosine >= 0.999  # the issue's bound; fixed-point error alone is far below it
     assert summary["online_flights"] == 4 + 12 * 6  # see permllm/model/secure_encoder.py
     assert _demo_processes_alive() == []
+
+
+def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
+    """`--model PATH`: a Llama-style checkpoint the code has never seen (a tiny random LlamaForCausalLM,
+    untied head, another rope theta, saved as a plain transformers folder with SmolLM2's tokenizer)
+    runs through the same three processes; the private answer equals transformers' greedy generate."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from permllm.model.loading import SMOLLM2_GGUF, find_smollm2_gguf
+    from permllm.model.prompts import chat_token_ids
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False, rope_theta=5000.0,
+                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger logit gaps than the 0.02-std init, so no greedy step is a near tie
+        model.lm_head.weight.mul_(40)
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(find_smollm2_gguf().parent), gguf_file=SMOLLM2_GGUF,
+                                              local_files_only=True)
+    tokenizer.save_pretrained(folder)
+    prompt, budget = "Name three colours.", 6
+    ids = chat_token_ids(tokenizer, prompt)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False, eos_token_id=2,
+                             pad_token_id=2, output_scores=True, return_dict_in_generate=True)
+    expected = out.sequences[0, len(ids):].tolist()
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    assert min(margins) > 0.05, margins  # the precondition for an exact comparison (fixed-point error ~1e-3)
+
+    summary = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "parties.cli", "demo", "--model", str(folder), "--network", "none",
+                           "--prompt", prompt, "--max-new-tokens", str(budget), "--json", str(summary)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(summary.read_text())
+    assert result["token_ids"] == expected
+    assert result["prompt_tokens"] == len(ids) and result["generated_tokens"] == len(expected)
+    # 2 layers: the same per-layer protocol as SmolLM2 (12 flights per layer, 6 outside)
+    assert result["flights_per_token"] == 2 * 12 + 6
+    assert _demo_processes_alive() == []
+
+
+def test_demo_names_a_model_that_is_not_there(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "parties.cli", "demo", "--model", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown model" in proc.stderr and "config.json" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -241,3 +241,35 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
     assert torch.equal(run.owner.local + run.user.local, w[tokens])
     assert run.flights == 1
     assert run.bytes_user_to_owner == wire_bytes("lin.E", (4, vocab)) and run.bytes_owner_to_user == 0
+
+
+def test_token_selection_recovers_the_chosen_id_under_the_permutation():
+    """select_token on shared logits: the user gets the true argmax id, the owner nothing. 4 flights:
+    the permuted reveal (user -> owner, owner -> user), the BFV query, the BFV reply. Ring messages are
+    exact; a BFV ciphertext's serialized size varies slightly (TenSEAL compresses it), so those carry
+    the bounds of tests/test_he.py (one query chunk and one reply at most 100 000 bytes each)."""
+    from permllm.he import IndexLookupClient, IndexLookupServer
+    from permllm.transport.frames import header_length
+    from protocols.selection import select_token
+
+    vocab = 50
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(1, vocab, generator=g, dtype=torch.float64) * 4
+    lo, lu = share(encode(z, LINEAR_BITS), LINEAR_BITS, seed=13)
+    client = IndexLookupClient(vocab)
+    server = IndexLookupServer(client.public_context())
+
+    def call(ctx, logits):
+        if ctx.dealing:
+            return select_token(ctx, logits)
+        user = ctx.role is Role.USER
+        return select_token(ctx, logits, (lambda v: int(np.argmax(v))) if user else None, client if user else server)
+
+    run = run_call(call, lo, lu, Shared.placeholder((1, vocab), LINEAR_BITS))
+    assert run.user == int(torch.argmax(z)) and run.owner is None
+    assert run.flights == 4
+    ring_up = wire_bytes("sel.mask", (vocab, 1)) + wire_bytes("sel.n", (1,))
+    query = run.bytes_user_to_owner - ring_up - header_length(len("sel.q0"), 1)
+    assert 10_000 < query <= 100_000, query
+    reply = run.bytes_owner_to_user - wire_bytes("sel.perm", (vocab, 1)) - header_length(len("sel.r"), 1)
+    assert 10_000 < reply <= 100_000, reply

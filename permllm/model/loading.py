@@ -434,10 +434,15 @@ def load_encoder(model_dir):
 
 
 def load_model(name: str):
-    """``"smollm2"`` -> ``load_decoder(<bundled GGUF>)``; ``"minilm"`` -> ``load_encoder(<bundled dir>)``."""
+    """``"smollm2"`` -> ``load_decoder(<bundled GGUF>)``; ``"minilm"`` -> ``load_encoder(<bundled dir>)``;
+    the path of a Llama-style checkpoint (a ``.gguf`` file or a folder with ``config.json``) -> ``load_decoder``."""
     key = name.strip().lower()
     if key == "smollm2":
         return load_decoder(find_smollm2_gguf())
     if key == "minilm":
         return load_encoder(find_minilm_dir())
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    path = Path(name)
+    if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").is_file():
+        return load_decoder(path)
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}, or give the path of a "
+                      "Llama-style checkpoint (.gguf file or folder with config.json)")
