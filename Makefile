@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-all bench bench-tokens
 
 install:
 	$(PIP) install -q "torch==2.13.0"
@@ -18,5 +18,10 @@ test: install
 test-all: install
 	$(PYTHON) -m pytest -q
 
+# micro-benchmarks: ring matmul, permutation kernels, PRG, channels (with and without CURVE), BFV
 bench: install
-	$(PYTHON) -m pytest bench --benchmark-only -q
+	$(PYTHON) -m pytest bench --benchmark-only -q --ignore=bench/test_bench_scenarios.py
+
+# the token-latency scenarios behind bench/RESULTS.md (about 30 minutes on 2 cores)
+bench-tokens: install
+	$(PYTHON) -m parties.cli bench --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png

@@ -6,6 +6,8 @@ What it measures (SmolLM2-135M-Instruct, a fixed chat prompt of about 48 tokens,
               on), one session per network profile (none, lan, wan, wan-slow): time to first token,
               decode seconds per token (median, p90), online bytes per token per direction, flights,
               offline and preparation cost, peak RSS of each party
+  curve       the 'none' session again with the other security setting (CURVE off, or on with
+              --insecure): what CURVE adds to set-up, preparation and per-token latency (full run only)
   floor       per profile: no-delay latency + flights x RTT/2 + bytes / bandwidth, and measured / floor
   plaintext   transformers' greedy generate of the same prompt on the same machine (s per token)
   breakdown   one decode step by layer part (SecureDecoder.step_hooks), owner and user in-process
@@ -21,7 +23,6 @@ Everything heavy is imported lazily: `add_arguments`, the formulas and the forma
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -44,7 +45,8 @@ MODEL_LABEL = "SmolLM2-135M-Instruct"
 # 49 tokens with SmolLM2's chat template (30 of them are the template's default system prompt)
 SCENARIO_PROMPT = "Explain in two short sentences why the sky is blue during the day but often red at sunset."
 PROFILE_NAMES = ("none", "lan", "wan", "wan-slow")
-PARTS = ("sessions", "plaintext", "breakdown", "scaling", "sweep")
+PARTS = ("sessions", "curve", "plaintext", "breakdown", "scaling", "sweep")
+CURVE_FIGURES = ("ttft_s", "decode_s_per_token", "prepare_s", "offline_s", "wall_s")
 BREAKDOWN_ORDER = ("embedding", "norm", "qkv", "scores", "softmax", "weighted_values", "out_proj", "mlp",
                    "final_norm", "lm_head", "selection")
 LAYER_PARTS = ("norm", "qkv", "scores", "softmax", "weighted_values", "out_proj", "mlp")
@@ -56,11 +58,15 @@ PART_LABELS = {
     "lm_head": "lm_head", "selection": "selection (rest of the token)",
 }
 RATIO_LIMIT = 1.25
+PROFILE_KEYS = ("name", "rtt_ms", "mbit_s", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90",
+                "floor_s_per_token", "ratio", "flights_per_token", "flights_per_layer", "online_bytes_per_token",
+                "online_bytes_per_token_up", "online_bytes_per_token_down", "offline_s", "offline_bytes",
+                "offline_s_per_token", "offline_bytes_per_token", "prepare_s", "prepare_bytes", "peak_rss_mb")
 
 FULL = SimpleNamespace(max_new_tokens=32, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=4,
-                       scaling_prompts="16,64,256", scaling_positions="1,32,128", breakdown_tokens=8)
+                       scaling_prompts="16,64,256", scaling_positions="1,32,128", breakdown_tokens=8, skip=())
 QUICK = SimpleNamespace(max_new_tokens=8, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=2,
-                        scaling_prompts="16,64", scaling_positions="1,16", breakdown_tokens=4)
+                        scaling_prompts="16,64", scaling_positions="1,16", breakdown_tokens=4, skip=("curve",))
 SCALING_WINDOW = 3  # decode steps per scaling figure (median over positions k, k+1, k+2)
 
 
@@ -68,11 +74,14 @@ SCALING_WINDOW = 3  # decode steps per scaling figure (median over positions k, 
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the reduced set: 8 generated tokens, 2 tokens per sweep point, prompts 16/64, "
-                             "positions 1/16 (under 10 minutes on 2 cores)")
+                             "positions 1/16, no CURVE comparison (under 10 minutes on 2 cores)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                         help="write every figure as JSON here")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="write a PNG of decode s/token against RTT (with the floor) here")
+    parser.add_argument("--markdown", dest="markdown_path", default=None, metavar="PATH",
+                        help="write the results page (date, machine, command, the table, the plot) here, "
+                             "e.g. bench/RESULTS.md")
     parser.add_argument("--profiles", default=",".join(PROFILE_NAMES),
                         help="comma-separated network profiles for the three-process sessions: names "
                              "(none, lan, wan, wan-slow) or RTT_ms:Mbit_s; 'none' is always run "
@@ -94,7 +103,7 @@ def add_arguments(parser) -> None:
                         help=f"generated positions of the scaling runs (default {FULL.scaling_positions}, "
                              f"quick {QUICK.scaling_positions})")
     parser.add_argument("--skip", default="", metavar="PART,...",
-                        help=f"parts to leave out: {', '.join(PARTS)}")
+                        help=f"parts to leave out: {', '.join(PARTS)} (skipping sessions skips curve too)")
     parser.add_argument("--session-timeout", type=float, default=1800.0,
                         help="wall-clock limit of one three-process session in seconds (default 1800)")
     parser.add_argument("--insecure", action="store_true",
@@ -118,6 +127,7 @@ class BenchConfig:
     parts: tuple = PARTS
     json_path: str | None = None
     plot_path: str | None = None
+    markdown_path: str | None = None
     session_timeout: float = 1800.0
     insecure: bool = False
 
@@ -175,6 +185,9 @@ def config_from_args(args) -> BenchConfig:
     for s in skip:
         if s not in PARTS:
             raise ConfigError(f"--skip: unknown part {s!r}; choose from {', '.join(PARTS)}")
+    skip += list(preset.skip)
+    if "sessions" in skip:
+        skip.append("curve")  # it compares against the 'none' session
     parts = tuple(p for p in PARTS if p not in skip)
     if not parts:
         raise ConfigError("--skip leaves nothing to run")
@@ -233,6 +246,7 @@ def config_from_args(args) -> BenchConfig:
         scaling_prompts=sorted(prompts), scaling_positions=sorted(positions),
         breakdown_tokens=preset.breakdown_tokens, parts=parts,
         json_path=_output_path(getattr(args, "json_path", None), "--json", ".json"), plot_path=plot,
+        markdown_path=_output_path(getattr(args, "markdown_path", None), "--markdown", ".md"),
         session_timeout=timeout, insecure=bool(getattr(args, "insecure", False)),
     )
 
@@ -344,6 +358,17 @@ def complete_summary(summary: dict) -> dict:
     return summary
 
 
+def curve_cost(encrypted: dict, plain: dict) -> dict:
+    """What CURVE adds: the same session (profile, prompt, tokens) with encryption on and off."""
+    added = {}
+    for key in CURVE_FIGURES:
+        on, off = encrypted.get(key), plain.get(key)
+        added[key] = None if on is None or off is None else on - off
+    return {"profile": encrypted.get("name"), "encrypted": {k: encrypted.get(k) for k in CURVE_FIGURES},
+            "plain": {k: plain.get(k) for k in CURVE_FIGURES}, "added": added,
+            "same_tokens": encrypted.get("token_ids") == plain.get("token_ids")}
+
+
 # ================================================================================== formatting
 def fmt_bytes(n) -> str:
     if n is None:
@@ -360,6 +385,12 @@ def fmt_s(x) -> str:
     if x is None:
         return "-"
     return f"{x * 1e3:.1f} ms" if abs(x) < 0.1 else f"{x:.3f} s"
+
+
+def fmt_signed_s(x) -> str:
+    if x is None:
+        return "-"
+    return ("-" if x < 0 else "+") + fmt_s(abs(x))
 
 
 def fmt_num(x, digits: int = 1) -> str:
@@ -418,12 +449,14 @@ def format_table(summary: dict) -> str:
             row("  owner -> user", lambda p: fmt_bytes(p.get("online_bytes_per_token_down"))),
             row("prefill flights / bytes", lambda p: f"{fmt_num(p.get('prefill_flights'))} / {fmt_bytes(p.get('prefill_bytes'))}"),
             row("offline s / bytes (session)", lambda p: f"{fmt_s(p.get('offline_s'))} / {fmt_bytes(p.get('offline_bytes'))}"),
-            row("offline per generated token", lambda p: f"{fmt_s(p.get('offline_s_per_token'))} / {fmt_bytes(p.get('offline_bytes_per_token'))}"),
-            row("preparation s / bytes", lambda p: f"{fmt_s(p.get('prepare_s'))} / {fmt_bytes(p.get('prepare_bytes'))}"),
+            row("offline per generated token (incl. prefill)", lambda p: f"{fmt_s(p.get('offline_s_per_token'))} / {fmt_bytes(p.get('offline_bytes_per_token'))}"),
+            row("preparation (W-U at user) s / bytes", lambda p: f"{fmt_s(p.get('prepare_s'))} / {fmt_bytes(p.get('prepare_bytes'))}"),
             row("model load (owner)", lambda p: fmt_s(p.get("model_load_s"))),
             row("peak RSS owner/user/helper MB", lambda p: "/".join(f"{(p.get('peak_rss_mb') or {}).get(r, 0):.0f}"
                                                                     for r in ("owner", "user", "helper"))),
             row("session wall time", lambda p: fmt_s(p.get("wall_s"))),
+            row("load average before -> after", lambda p: f"{p.get('loadavg_before', '?').split('/')[0]} -> "
+                                                         f"{p.get('loadavg_after', '?').split('/')[0]}"),
             row("plaintext transformers s/token", lambda p: fmt_s(plain.get("s_per_token"))),
         ]
         blocks.append(_grid(header, rows))
@@ -432,6 +465,16 @@ def format_table(summary: dict) -> str:
         bad = [p["name"] for p in profiles if p.get("ratio") is not None and p["ratio"] > RATIO_LIMIT]
         if bad:
             blocks.append(f"NOTE: {', '.join(bad)} above 1.25 x floor; see the breakdown and bench/RESULTS.md")
+    cv = summary.get("curve")
+    if cv:
+        labels = {"ttft_s": "time to first token", "decode_s_per_token": "decode s/token (median)",
+                  "prepare_s": "preparation (W-U at user)", "offline_s": "offline (helper's material)",
+                  "wall_s": "session wall time"}
+        rows = [[labels[k], fmt_s(cv["encrypted"].get(k)), fmt_s(cv["plain"].get(k)), fmt_signed_s(cv["added"].get(k))]
+                for k in CURVE_FIGURES]
+        blocks.append(_grid(["CURVE", "on", "off", "added by CURVE"], rows,
+                            title=f"cost of CURVE encryption (three processes, profile {cv.get('profile')}); "
+                                  f"same tokens with and without: {cv.get('same_tokens')}"))
     if plain:
         blocks.append(f"plaintext: transformers greedy generate, same prompt, {plain.get('threads')} thread(s): "
                       f"{fmt_s(plain.get('s_per_token'))} per token, first token {fmt_s(plain.get('ttft_s'))}; "
@@ -478,6 +521,53 @@ def format_table(summary: dict) -> str:
                             title=f"PermLLM's protocol for the same shape (cache length {pl['cache_len']}, BFV "
                                   f"{fmt_bytes(pl['he_bytes'])} included):"))
     return "\n\n".join(blocks)
+
+
+def results_markdown(summary: dict, path: str, plot_path: str | None, json_path: str | None) -> str:
+    """The results page of a run: what was measured, where, with which command, the table and the plot."""
+    m, sc = summary.get("machine", {}), summary.get("scenario", {})
+    here = Path(path).resolve().parent
+
+    def link(p):
+        return os.path.relpath(Path(p).resolve(), here)
+
+    lines = [
+        "# permllm token-latency benchmarks",
+        "",
+        f"Measured {summary.get('date', '?')} on {m.get('cores', '?')} cores ({m.get('cpu_model', '?')}), "
+        f"Python {m.get('python', '?')}, torch {m.get('torch', '?')}, {m.get('platform', '?')}; load average "
+        f"{m.get('loadavg_start', '?')} at the start, {m.get('loadavg_end', '?')} at the end; "
+        f"{'quick' if summary.get('quick') else 'full'} run, {summary.get('wall_s', 0) / 60:.0f} minutes in all.",
+        "",
+        f"Scenario: {sc.get('model', MODEL_LABEL)}, a {sc.get('prompt_tokens', '?')}-token chat prompt "
+        f"(\"{sc.get('prompt', '')}\"), {sc.get('max_new_tokens', '?')} generated tokens, greedy; owner, user and "
+        "helper as three processes over ZeroMQ (CURVE on unless the command says --insecure) under netsim.",
+        "",
+        "Regenerate (this page, the JSON and the plot):",
+        "",
+        "```bash",
+        summary.get("command", "permllm bench"),
+        "```",
+        "",
+        "Every figure is measured: bytes are serialized frames counted by the channels, flights the depth "
+        "of the critical path carried in every frame, times wall-clock on this machine. The floor of a "
+        "profile is the no-delay decode latency plus flights x RTT/2 plus the online bytes over the "
+        f"bandwidth; the engine's target is measured / floor <= {RATIO_LIMIT}.",
+        "",
+    ]
+    profiles = [p for p in summary.get("profiles") or [] if p.get("ratio") is not None]
+    if profiles:
+        within = [p["name"] for p in profiles if p["ratio"] <= RATIO_LIMIT]
+        above = [f"{p['name']} ({p['ratio']:.2f})" for p in profiles if p["ratio"] > RATIO_LIMIT]
+        lines += [f"Within {RATIO_LIMIT} x floor: {', '.join(within) or 'none'}."
+                  + (f" Above: {', '.join(above)}; the breakdown below shows where the time goes." if above else ""),
+                  ""]
+    if plot_path:
+        lines += [f"![decode seconds per token against RTT, with the floor]({link(plot_path)})", ""]
+    if json_path:
+        lines += [f"Every figure, as JSON: [{os.path.basename(json_path)}]({link(json_path)}).", ""]
+    lines += ["```text", format_table(summary), "```", ""]
+    return "\n".join(lines)
 
 
 # ================================================================================== machine
@@ -535,6 +625,7 @@ def run_session(network: str, prompt: str, max_new_tokens: int, *, timeout: floa
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         processes: dict[str, subprocess.Popen] = {}
         logs = {}
+        load_before = _loadavg()
         start = time.perf_counter()
         bar = _progress(None, f"session {network}", unit="s")
         failed = None
@@ -578,6 +669,12 @@ def run_session(network: str, prompt: str, max_new_tokens: int, *, timeout: floa
     summary = merge_reports(raw, network=network)
     summary.update(profile_figures(network))
     summary["wall_s"] = wall
+    summary["loadavg_before"], summary["loadavg_after"] = load_before, _loadavg()
+    # the owner's "prepare" ends when its last masked weight is handed to the transport; the user's ends
+    # when it holds them all (under netsim that includes the simulated transfer): report the latter
+    summary["prepare_s_owner"] = summary["prepare_s"]
+    summary["prepare_s"] = raw["user"]["phases_s"].get("prepare", summary["prepare_s"])
+    summary["offline_wait_s_user"] = raw["user"]["phases_s"].get("offline")
     summary["owner_online_s"] = raw["owner"]["phases_s"].get("online")
     summary["user_online_s"] = raw["user"]["phases_s"].get("online")
     summary["material_left"] = raw["user"].get("material_left")
@@ -724,14 +821,6 @@ class InProcessBench:
         self.client = IndexLookupClient(self.arch.vocab)
         self.server = IndexLookupServer(self.client.public_context())
 
-    def he_bytes(self) -> int:
-        """Bytes of one BFV token query and its answer (the 'selection' ciphertexts)."""
-        import numpy as np
-
-        query = self.client.query(0)
-        answer = self.server.answer(query, np.arange(self.arch.vocab, dtype=np.int64))
-        return sum(len(q) for q in query) + len(answer)
-
     def run(self, prompt_ids: list[int], max_new_tokens: int, *, parts: bool = False, wrap_channel=None,
             on_token=None, desc: str = "in-process") -> InProcessRun:
         from permllm.model.decoder_weights import helper_weights
@@ -754,8 +843,7 @@ class InProcessBench:
         t0 = time.perf_counter()
         owner_mat, user_mat = deal(dry_run, seeds, weight_mask=self.masks.__getitem__)
         deal_s = time.perf_counter() - t0
-        dealing = marks.per_forward(holder["end"], *holder["records"])
-        del holder
+        dealing = marks.per_forward(holder.pop("end"), *holder.pop("records"))
 
         user_parts, owner_parts = (PartRecorder(), PartRecorder()) if parts else (None, None)
         owner_dec = SecureDecoder(arch, self.owner_w, positions)
@@ -787,6 +875,19 @@ class InProcessBench:
             bar.close()
         return InProcessRun(tokens=pair.user, trace=trace, user_parts=user_parts, owner_parts=owner_parts,
                             dealing=dealing, deal_s=deal_s, wall_s=time.perf_counter() - t1)
+
+
+def bfv_token_bytes(vocab: int) -> int:
+    """Bytes of one BFV token query and its answer (the ciphertexts of the token choice), measured."""
+    import numpy as np
+
+    from permllm.he import IndexLookupClient, IndexLookupServer
+
+    client = IndexLookupClient(vocab)
+    server = IndexLookupServer(client.public_context())
+    query = client.query(0)
+    answer = server.answer(query, np.arange(vocab, dtype=np.int64))
+    return sum(len(q) for q in query) + len(answer)
 
 
 def breakdown_from_run(run: InProcessRun, layers: int, prompt_tokens: int) -> dict:
@@ -917,6 +1018,7 @@ def write_plot(summary: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sw = summary["sweep"]
     pts = [q for q in sw["points"] if q["mbit_s"] is not None]
@@ -928,12 +1030,19 @@ def write_plot(summary: dict, path: str) -> None:
             label="floor = no-delay + flights x RTT/2 + bytes/bandwidth")
     if base:
         ax.axhline(base["decode_s_per_token"], color="grey", lw=0.8, ls=":", label="no delay (in-process)")
+    labelled = False
     for p in summary.get("profiles") or []:
         if p["name"] != "none" and p.get("decode_s_per_token") is not None and p["rtt_ms"] > 0:
-            ax.plot([p["rtt_ms"]], [p["decode_s_per_token"]], "^", color="C2", ms=8)
-            ax.annotate(f"{p['name']} (3 processes, {_mbit(p)})", (p["rtt_ms"], p["decode_s_per_token"]),
-                        textcoords="offset points", xytext=(6, -12), fontsize=8, color="C2")
+            ax.plot([p["rtt_ms"]], [p["decode_s_per_token"]], "^", color="C2", ms=8,
+                    label=None if labelled else "three-process session (ZeroMQ, netsim profile)")
+            labelled = True
+            left = bool(x) and p["rtt_ms"] <= min(x)
+            ax.annotate(f"{p['name']} ({_mbit(p)})", (p["rtt_ms"], p["decode_s_per_token"]),
+                        textcoords="offset points", xytext=(8, 4) if left else (-8, 4),
+                        ha="left" if left else "right", fontsize=8, color="C2")
     ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("round-trip time (ms), log scale")
     ax.set_ylabel("decode seconds per token (median)")
     sc = summary.get("scenario", {})
@@ -992,6 +1101,15 @@ def run_bench(args) -> int:
                 s["name"] = spec
                 summary["profiles"].append(s)
                 overall.update(1)
+        if "curve" in cfg.parts:
+            state = "on" if cfg.insecure else "off"
+            _say(f"the 'none' session again with CURVE {state} ({cfg.max_new_tokens} tokens)")
+            other = run_session("none", cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout,
+                                insecure=not cfg.insecure)
+            other["name"] = "none"
+            none = summary["profiles"][0]
+            summary["curve"] = curve_cost(other, none) if cfg.insecure else curve_cost(none, other)
+            overall.update(1)
         import torch
 
         torch.set_num_threads(1)  # the parties run one compute thread each, as in the demo
@@ -1020,12 +1138,10 @@ def run_bench(args) -> int:
             del weights
             arch = bench.arch
             summary["model"] = _model_shape(arch)
-            he_bytes = bench.he_bytes()
             if "breakdown" in cfg.parts:
                 _say("breakdown of a decode step by layer part (in-process, no delay)")
                 run = bench.run(prompt_ids, cfg.breakdown_tokens, parts=True, desc="breakdown (in-process)")
                 summary["breakdown"] = breakdown_from_run(run, arch.layers, len(prompt_ids))
-                summary["breakdown"]["he_bytes"] = he_bytes
                 overall.update(1)
             if "scaling" in cfg.parts:
                 _say("scaling with prompt length and generated position (in-process, no delay)")
@@ -1052,12 +1168,12 @@ def run_bench(args) -> int:
         else:
             summary["model"] = {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64,
                                 "intermediate": 1536, "vocab": 49152, "outside_flights_default": 6}
-            he_bytes = 0
     finally:
         overall.close()
 
     complete_summary(summary)
     shape = summary["model"]
+    he_bytes = bfv_token_bytes(shape["vocab"])
     ref = next((p for p in summary["profiles"] if p["name"] == "wan"), None) or \
         (summary["profiles"][0] if summary["profiles"] else None)
     cache_len = len(prompt_ids) + max(1, cfg.max_new_tokens // 2)
@@ -1083,4 +1199,8 @@ def run_bench(args) -> int:
         Path(cfg.plot_path).parent.mkdir(parents=True, exist_ok=True)
         write_plot(summary, cfg.plot_path)
         _say(f"wrote {cfg.plot_path}")
+    if cfg.markdown_path:
+        Path(cfg.markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.markdown_path).write_text(results_markdown(summary, cfg.markdown_path, cfg.plot_path, cfg.json_path))
+        _say(f"wrote {cfg.markdown_path}")
     return 0
