@@ -16,7 +16,7 @@ What it measures (SmolLM2-135M-Instruct, a fixed chat prompt of about 48 tokens,
               in-memory channels, a few tokens per point; the profile is switched between tokens)
   permllm     PermLLM's published protocol cost for the same model shape, beside ours
 
-    permllm bench --quick --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png
+    permllm bench --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png --markdown bench/RESULTS.md
 
 Everything heavy is imported lazily: `add_arguments`, the formulas and the formatting are cheap.
 """
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -1065,9 +1066,9 @@ def _model_shape(arch) -> dict:
 
 def _command_line() -> str:
     argv = sys.argv[1:]
-    if argv and argv[0] == "bench":
-        return "permllm " + " ".join(argv)
-    return "permllm bench " + " ".join(argv)
+    if not argv or argv[0] != "bench":
+        argv = ["bench", *argv]
+    return "permllm " + shlex.join(argv)
 
 
 def run_bench(args) -> int:

@@ -37,6 +37,13 @@ def test_bad_key_files_are_clear_errors(tmp_path):
         load_secret_key(tmp_path / "missing.key")
 
 
+def _owner_user_channels(owner: Curve, user: Curve, timeout: float):
+    """(owner's server channel towards the user, user's client channel towards the owner)."""
+    server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=timeout, **owner.socket_options("user", True))
+    client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=timeout, **user.socket_options("owner", False))
+    return server, client
+
+
 def test_known_peer_talks_and_unknown_key_is_refused(keys):
     logged = []
     owner = Curve(keys / "owner.key", {"user": keys / "user.pub"}, log=logged.append)
@@ -44,14 +51,12 @@ def test_known_peer_talks_and_unknown_key_is_refused(keys):
     mallory = Curve(keys / "mallory.key", {"owner": keys / "owner.pub"})
     channels = []
     try:
-        server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=3, **owner.socket_options("user", True))
-        client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=3, **user.socket_options("owner", False))
+        server, client = _owner_user_channels(owner, user, timeout=3)
         channels += [server, client]
         client.send("hello", b"from the user")
         assert server.recv_bytes("hello") == b"from the user"
 
-        server2 = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=1, **owner.socket_options("user", True))
-        intruder = ZmqChannel.connect(server2.endpoint, peer="owner", timeout=1, **mallory.socket_options("owner", False))
+        server2, intruder = _owner_user_channels(owner, mallory, timeout=1)
         channels += [server2, intruder]
         intruder.send("hello", b"from mallory")
         with pytest.raises(ChannelTimeout):
@@ -75,17 +80,14 @@ def test_a_wrong_server_key_times_out_saying_the_handshake_failed(keys):
     owner = Curve(keys / "owner.key", {"user": keys / "user.pub"})
     # the user was given mallory's public key as the owner's
     confused = Curve(keys / "user.key", {"owner": keys / "mallory.pub"})
-    channels = []
+    server, client = _owner_user_channels(owner, confused, timeout=3)
     try:
-        server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=3, **owner.socket_options("user", True))
-        client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=3, **confused.socket_options("owner", False))
-        channels += [server, client]
         client.send("hello", b"x")
         with pytest.raises(ChannelTimeout, match=r"waiting for tag 'welcome' from peer 'owner'; its CURVE handshake "
                                                  r"failed \d+ times \(a wrong public key for the owner"):
             client.recv_bytes("welcome", timeout=2)
     finally:
-        for ch in channels:
+        for ch in (server, client):
             ch.close()
         for c in (owner, confused):
             c.close()
