@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from permllm.errors import ChannelTimeout, ConfigError, ProtocolError
+from permllm.errors import ChannelTimeout, ConfigError, PermLLMError, ProtocolError
 from permllm.fixed import ACT_BITS, WEIGHT_BITS
 from permllm.prg import fresh_seed
 from parties.families import MAX_ARCH_DIMENSION, family, run_session
@@ -111,7 +111,10 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
             reservation = budget.reserve(user_key, plan.prompt_tokens + plan.max_new_tokens)
     except (ProtocolError, ConfigError) as exc:
         send_json(user, "welcome", {"error": str(exc)})
-        send_json(helper, "owner-plan", {"error": f"the owner refused the session: {exc}"})
+        try:  # best effort: the refusal itself is what this role reports
+            send_json(helper, "owner-plan", {"error": f"the owner refused the session: {exc}"})
+        except PermLLMError:
+            pass
         raise
     send_json(user, "welcome", {"protocol": PROTOCOL_VERSION, "model": model, "arch": arch_dict,
                                 "fingerprint": card, "session": plan.session, "max_positions": max_positions,
