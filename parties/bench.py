@@ -1039,7 +1039,7 @@ def write_plot(summary: dict, path: str) -> None:
             labelled = True
             left = bool(x) and p["rtt_ms"] <= min(x)
             ax.annotate(f"{p['name']} ({_mbit(p)})", (p["rtt_ms"], p["decode_s_per_token"]),
-                        textcoords="offset points", xytext=(8, 4) if left else (-8, 4),
+                        textcoords="offset points", xytext=(8, -14) if left else (-8, 4),
                         ha="left" if left else "right", fontsize=8, color="C2")
     ax.set_xscale("log")
     ax.set_xticks(x, [f"{v:g}" for v in x])

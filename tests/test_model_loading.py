@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -336,3 +337,34 @@ def test_chat_token_ids_accepts_all_return_types():
 
     for result in ([5, 6, 7], {"input_ids": [5, 6, 7]}, {"input_ids": [[5, 6, 7]]}, torch.tensor([[5, 6, 7]])):
         assert prompts.chat_token_ids(Fake(result), "q") == [5, 6, 7]
+
+
+def test_the_tokenizer_cache_gives_the_same_tokens(tmp_path, monkeypatch):
+    """The GGUF tokenizer saved once in the cache and read back: the same ids, chat template, eos and text."""
+    from parties.models import TOKENIZER_CACHE_ENV, load_tokenizer
+
+    monkeypatch.setenv(TOKENIZER_CACHE_ENV, str(tmp_path))
+    first = load_tokenizer("smollm2")  # read from the GGUF file, then saved
+    cached = list((tmp_path / "tokenizers").iterdir())
+    assert len(cached) == 1 and (cached[0] / "tokenizer_config.json").is_file()
+    again = load_tokenizer("smollm2")  # read from the cache
+    assert type(again).__name__ == type(first).__name__ and again.eos_token_id == first.eos_token_id
+    assert again.chat_template == first.chat_template
+    for text in ["Hi", "Explain RoPE in two sentences.", "naïve café — 東京 🚀", "  spaces\tand\nnewlines  "]:
+        ids = prompts.chat_token_ids(first, text)
+        assert prompts.chat_token_ids(again, text) == ids
+        assert again.decode(ids) == first.decode(ids)
+    assert list((tmp_path / "tokenizers").iterdir()) == cached  # nothing written the second time
+
+
+def test_a_damaged_tokenizer_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A cache whose files were cut short is thrown away and rebuilt from the GGUF file, not an error."""
+    from parties.models import TOKENIZER_CACHE_ENV, load_tokenizer
+
+    monkeypatch.setenv(TOKENIZER_CACHE_ENV, str(tmp_path))
+    first = load_tokenizer("smollm2")
+    (cached,) = (tmp_path / "tokenizers").iterdir()
+    (cached / "tokenizer_config.json").write_text("{ cut short")
+    again = load_tokenizer("smollm2")
+    assert prompts.chat_token_ids(again, "Hi there") == prompts.chat_token_ids(first, "Hi there")
+    assert json.loads((cached / "tokenizer_config.json").read_text())  # the rebuilt cache is whole again
