@@ -97,7 +97,7 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
     user, helper = channels["user"], channels["helper"]
     with phases.timed("load"):
         log("owner: loading the model")
-        weights, _ = load_model(spec)
+        weights, _ = load_model(spec, tokenizer=False)
         arch = fam.arch_from_config(weights.config)
         max_positions = fam.max_positions(weights.config)
     arch_dict = arch.to_dict()

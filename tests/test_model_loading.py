@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from permllm.errors import ConfigError
-from permllm.model import loading, prompts, reference
+from permllm.model import gguf_cache, loading, prompts, reference
 from permllm.model.weights import DecoderConfig, DecoderWeights, EncoderWeights
 
 # Reference (float64) vs HF (float32) prefill logits: max |diff| <= LOGIT_RTOL * max |HF logit|.
@@ -341,9 +341,9 @@ def test_chat_token_ids_accepts_all_return_types():
 
 def test_the_tokenizer_cache_gives_the_same_tokens(tmp_path, monkeypatch):
     """The GGUF tokenizer saved once in the cache and read back: the same ids, chat template, eos and text."""
-    from parties.models import TOKENIZER_CACHE_ENV, load_tokenizer
+    from parties.models import load_tokenizer
 
-    monkeypatch.setenv(TOKENIZER_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
     first = load_tokenizer("smollm2")  # read from the GGUF file, then saved
     cached = list((tmp_path / "tokenizers").iterdir())
     assert len(cached) == 1 and (cached[0] / "tokenizer_config.json").is_file()
@@ -359,12 +359,32 @@ def test_the_tokenizer_cache_gives_the_same_tokens(tmp_path, monkeypatch):
 
 def test_a_damaged_tokenizer_cache_is_rebuilt(tmp_path, monkeypatch):
     """A cache whose files were cut short is thrown away and rebuilt from the GGUF file, not an error."""
-    from parties.models import TOKENIZER_CACHE_ENV, load_tokenizer
+    from parties.models import load_tokenizer
 
-    monkeypatch.setenv(TOKENIZER_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
     first = load_tokenizer("smollm2")
     (cached,) = (tmp_path / "tokenizers").iterdir()
     (cached / "tokenizer_config.json").write_text("{ cut short")
     again = load_tokenizer("smollm2")
     assert prompts.chat_token_ids(again, "Hi there") == prompts.chat_token_ids(first, "Hi there")
     assert json.loads((cached / "tokenizer_config.json").read_text())  # the rebuilt cache is whole again
+
+
+def test_the_config_cache_gives_the_same_config(tmp_path, monkeypatch):
+    """The GGUF model config saved once and read back equals the one transformers reads from the file
+    (all fields but the folder it was read from), and maps to the same DecoderConfig and context length."""
+    from transformers import AutoConfig
+
+    from parties.models import max_positions
+
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    gguf = loading.find_smollm2_gguf()
+    direct = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    loading.load_decoder_config(gguf)  # built and saved
+    assert [p.parent.name for p in tmp_path.glob("*/*")] == ["configs"]
+    cached = loading.load_decoder_config(gguf)  # read back
+    strip = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert strip(cached) == strip(direct)
+    assert loading.decoder_config_from_hf(cached) == loading.decoder_config_from_hf(direct)
+    assert max_positions("smollm2") == direct.max_position_embeddings == 8192
+    assert gguf_cache.entry_folder(tmp_path / "missing.gguf", "configs") is None

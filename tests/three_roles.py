@@ -56,7 +56,7 @@ def run_three_roles(weights, prompt: str, max_new_tokens: int, *, wrap=None, own
                 ch.close()
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loading, "load_model", lambda name: (weights, None))
+        mp.setattr(loading, "load_model", lambda name, tokenizer=True: (weights, None))
         threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in roles]
         for t in threads:
             t.start()

@@ -8,9 +8,11 @@ importing the packages (their ``__init__`` modules need dependencies we do not h
 Public API
 ----------
 - ``find_smollm2_gguf() -> Path``, ``find_minilm_dir() -> Path``
-- ``load_decoder(path_or_dir, gguf_file=None) -> (DecoderWeights, tokenizer)``
+- ``load_decoder(path_or_dir, gguf_file=None, tokenizer=True) -> (DecoderWeights, tokenizer)``
+- ``load_decoder_tokenizer(path_or_dir, gguf_file=None)``, ``load_decoder_config(...)``: no weights read
 - ``load_encoder(dir) -> (EncoderWeights, tokenizer)``
-- ``load_model(name) -> (DecoderWeights | EncoderWeights, tokenizer)`` for ``"smollm2"`` / ``"minilm"``
+- ``load_model(name, tokenizer=True) -> (DecoderWeights | EncoderWeights, tokenizer)`` for ``"smollm2"`` /
+  ``"minilm"`` or a Llama-style checkpoint path; ``tokenizer=False`` skips the tokenizer (None)
 - lower level, used by tests that need the HF model as well: ``load_hf_decoder``, ``load_hf_encoder``,
   ``decoder_config_from_hf``, ``decoder_weights_from_state_dict``, ``encoder_config_from_hf``,
   ``encoder_weights_from_state_dict``.
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from permllm.errors import ConfigError
+from permllm.model import gguf_cache
 from permllm.model.weights import (
     DecoderConfig,
     DecoderLayerWeights,
@@ -258,8 +261,10 @@ def _split_decoder_path(path_or_dir, gguf_file):
     return path, gguf_file
 
 
-def load_hf_decoder(path_or_dir, gguf_file: str | None = None):
-    """Load a Llama-style checkpoint with transformers (float32, eval mode) -> ``(hf_model, tokenizer)``.
+def load_hf_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: bool = True):
+    """Load a Llama-style checkpoint with transformers (float32, eval mode) -> ``(hf_model, tokenizer)``,
+    the tokenizer None when ``tokenizer=False``. The config and tokenizer of a GGUF file come from the
+    metadata cache (`permllm.model.gguf_cache`) after their first use.
 
     ``path_or_dir`` is a folder (plain HF checkpoint, or the folder of ``gguf_file``) or a ``.gguf`` path.
     """
@@ -268,10 +273,36 @@ def load_hf_decoder(path_or_dir, gguf_file: str | None = None):
     kwargs = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+        kwargs["config"] = load_decoder_config(path, gguf_file)
     model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
     model.eval()
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(path), **kwargs)
-    return model, tokenizer
+    return model, (load_decoder_tokenizer(path, gguf_file) if tokenizer else None)
+
+
+def load_decoder_config(path_or_dir, gguf_file: str | None = None):
+    """The transformers config of a Llama-style checkpoint, without its weights; a GGUF file's comes from
+    the metadata cache after its first use."""
+    path, gguf_file = _split_decoder_path(path_or_dir, gguf_file)
+    tf = _transformers()
+    if gguf_file is None:
+        return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return gguf_cache.cached(
+        path / gguf_file, "configs",
+        lambda: tf.AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True),
+        lambda folder: tf.AutoConfig.from_pretrained(folder, local_files_only=True))
+
+
+def load_decoder_tokenizer(path_or_dir, gguf_file: str | None = None):
+    """The tokenizer (and chat template) of a Llama-style checkpoint, without its weights; a GGUF file's
+    comes from the metadata cache after its first use."""
+    path, gguf_file = _split_decoder_path(path_or_dir, gguf_file)
+    tf = _transformers()
+    if gguf_file is None:
+        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return gguf_cache.cached(
+        path / gguf_file, "tokenizers",
+        lambda: tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True),
+        lambda folder: tf.AutoTokenizer.from_pretrained(folder, local_files_only=True))
 
 
 def decoder_weights_from_hf(model) -> DecoderWeights:
@@ -281,15 +312,15 @@ def decoder_weights_from_hf(model) -> DecoderWeights:
         return decoder_weights_from_state_dict(model.state_dict(), config)
 
 
-def load_decoder(path_or_dir, gguf_file: str | None = None):
-    """Load a Llama-style decoder from disk -> ``(DecoderWeights, tokenizer)``; the HF model is freed."""
-    model, tokenizer = load_hf_decoder(path_or_dir, gguf_file)
+def load_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: bool = True):
+    """Load a Llama-style decoder from disk -> ``(DecoderWeights, tokenizer or None)``; the HF model is freed."""
+    model, tok = load_hf_decoder(path_or_dir, gguf_file, tokenizer=tokenizer)
     try:
         weights = decoder_weights_from_hf(model)
     finally:
         del model
         gc.collect()
-    return weights, tokenizer
+    return weights, tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,16 +464,18 @@ def load_encoder(model_dir):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(name: str):
+def load_model(name: str, *, tokenizer: bool = True):
     """``"smollm2"`` -> ``load_decoder(<bundled GGUF>)``; ``"minilm"`` -> ``load_encoder(<bundled dir>)``;
-    the path of a Llama-style checkpoint (a ``.gguf`` file or a folder with ``config.json``) -> ``load_decoder``."""
+    the path of a Llama-style checkpoint (a ``.gguf`` file or a folder with ``config.json``) -> ``load_decoder``.
+    ``tokenizer=False`` (the owner, who never tokenizes) returns None for the tokenizer."""
     key = name.strip().lower()
     if key == "smollm2":
-        return load_decoder(find_smollm2_gguf())
+        return load_decoder(find_smollm2_gguf(), tokenizer=tokenizer)
     if key == "minilm":
-        return load_encoder(find_minilm_dir())
+        weights, tok = load_encoder(find_minilm_dir())
+        return weights, (tok if tokenizer else None)
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").is_file():
-        return load_decoder(path)
+        return load_decoder(path, tokenizer=tokenizer)
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}, or give the path of a "
                       "Llama-style checkpoint (.gguf file or folder with config.json)")
