@@ -66,8 +66,8 @@ PROFILE_KEYS = ("name", "rtt_ms", "mbit_s", "ttft_s", "decode_s_per_token", "dec
 
 FULL = SimpleNamespace(max_new_tokens=32, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=4,
                        scaling_prompts="16,64,256", scaling_positions="1,32,128", breakdown_tokens=8, skip=())
-QUICK = SimpleNamespace(max_new_tokens=8, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=2,
-                        scaling_prompts="16,64", scaling_positions="1,16", breakdown_tokens=4, skip=("curve",))
+QUICK = SimpleNamespace(max_new_tokens=4, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=1,
+                        scaling_prompts="16,64", scaling_positions="1,8", breakdown_tokens=4, skip=("curve",))
 SCALING_WINDOW = 3  # decode steps per scaling figure (median over positions k, k+1, k+2)
 
 

@@ -26,8 +26,8 @@ from permllm.prg import fresh_seed
 from parties.families import MAX_ARCH_DIMENSION, family, run_session
 from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
 from parties.models import PROTOCOL_VERSION, fingerprint, model_name
-from parties.wire import (SETUP_TIMEOUT_S, abort_records, finish_records, recv_json, recv_records, require,
-                          send_json, send_record)
+from parties.wire import (SETUP_TIMEOUT_S, abort_records, await_receipt, finish_records, recv_json, recv_records,
+                          require, send_json, send_record)
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
 
@@ -208,6 +208,8 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
         dealer.flush()
         finish_records(owner, dealer.calls)
         finish_records(user, dealer.calls)
+        await_receipt(owner, dealer.calls, timeout=setup_timeout)
+        await_receipt(user, dealer.calls, timeout=setup_timeout)
     bar.close()
     return {"role": "helper", "phases_s": phases.seconds, "calls": dealer.calls,
             "offline_bytes": owner.stats.bytes_sent + user.stats.bytes_sent, "peak_rss_mb": peak_rss_mb()}

@@ -46,13 +46,15 @@ def require(message: dict, key: str, kind: type, sender: str, tag: str):
     return value
 
 
-def send_records(channel, records: Iterable[MaterialRecord]) -> int:
-    """Stream material records; returns how many were sent. Ends with a 'mat.end' marker."""
+def send_records(channel, records: Iterable[MaterialRecord], *, timeout: float = SETUP_TIMEOUT_S) -> int:
+    """Stream material records; returns how many were sent. Ends with the end marker and waits for the
+    receiver's receipt (`await_receipt`)."""
     count = 0
     for record in records:
         send_record(channel, record)
         count += 1
     finish_records(channel, count)
+    await_receipt(channel, count, timeout=timeout)
     return count
 
 
@@ -65,6 +67,15 @@ def send_record(channel, record: MaterialRecord) -> None:
 
 def finish_records(channel, count: int) -> None:
     channel.send("mat", f"end\t{count}".encode("ascii"))
+
+
+def await_receipt(channel, count: int, *, timeout: float = SETUP_TIMEOUT_S) -> None:
+    """Wait until the receiver confirms it has all `count` records. The sender must not close before:
+    ZeroMQ drops what is still queued when a socket closes, and a receiver busy elsewhere (a user
+    taking in 1.3 GB of masked weights over a slow link) may start reading only minutes later."""
+    raw = channel.recv_bytes("mat.ok", max_len=32, timeout=timeout)
+    if raw != str(count).encode("ascii"):
+        raise ProtocolError(f"the {channel.peer} confirmed {raw[:32]!r} material records, {count} were sent")
 
 
 def abort_records(channel, reason: str) -> None:
@@ -86,6 +97,7 @@ def recv_records(channel, on_record: Callable[[MaterialRecord], None], *, timeou
                 announced = int(fields[1])
                 if announced != expected:
                     raise ProtocolError(f"the helper announced {announced} records but sent {expected}")
+                channel.send("mat.ok", str(expected).encode("ascii"))  # the receipt the sender waits for
                 return expected
             index_text, kind, key, names = fields
             index = int(index_text)

@@ -307,7 +307,7 @@ def test_defaults_full_and_quick():
     assert full.scaling_prompts == [16, 64, 256] and full.scaling_positions == [1, 32, 128]
     assert full.sweep_rtt_ms == [0.2, 1.0, 5.0, 10.0, 20.0, 50.0]
     quick = bench.config_from_args(_args("--quick"))
-    assert quick.max_new_tokens == 8 and quick.sweep_tokens < full.sweep_tokens
+    assert quick.max_new_tokens == 4 and quick.sweep_tokens < full.sweep_tokens
     assert len(quick.scaling_prompts) < len(full.scaling_prompts)
     assert bench.config_from_args(_args("--quick", "--max-new-tokens", "12")).max_new_tokens == 12
 
