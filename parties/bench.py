@@ -1119,7 +1119,7 @@ def run_bench(args) -> int:
             from permllm.model.loading import decoder_weights_from_hf, find_smollm2_gguf, load_hf_decoder
 
             _say("loading the model in this process (plaintext baseline and in-process runs)")
-            hf_model, _ = load_hf_decoder(find_smollm2_gguf())
+            hf_model, _ = load_hf_decoder(find_smollm2_gguf(), tokenizer=False)
             if "plaintext" in cfg.parts:
                 _say("plaintext transformers generate")
                 eos = tokenizer.eos_token_id

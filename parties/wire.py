@@ -5,7 +5,7 @@ streamed offline material. Everything is a framed message (no pickle): JSON trav
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,18 +44,6 @@ def require(message: dict, key: str, kind: type, sender: str, tag: str):
     if not ok:
         raise ProtocolError(f"the {sender}'s {tag!r} message has no valid {key!r} field (got {value!r:.60})")
     return value
-
-
-def send_records(channel, records: Iterable[MaterialRecord], *, timeout: float = SETUP_TIMEOUT_S) -> int:
-    """Stream material records; returns how many were sent. Ends with the end marker and waits for the
-    receiver's receipt (`await_receipt`)."""
-    count = 0
-    for record in records:
-        send_record(channel, record)
-        count += 1
-    finish_records(channel, count)
-    await_receipt(channel, count, timeout=timeout)
-    return count
 
 
 def send_record(channel, record: MaterialRecord) -> None:
