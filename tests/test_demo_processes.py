@@ -70,6 +70,9 @@ def test_ctrl_c_stops_the_demo_and_every_party(tmp_path):
         [sys.executable, "-m", "parties.cli", "demo", "--network", "none", "--max-new-tokens", "4", "--insecure"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
         start_new_session=True,
+        # as at a terminal: a suite started in the background (`cmd &` in a script) inherits SIGINT ignored,
+        # and Python then never raises KeyboardInterrupt in the demo
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_demo_processes_alive()) < 3:

@@ -398,8 +398,12 @@ def test_helper_receives_exactly_the_public_plans_and_two_seeds(roles_session):
     assert [(m.sender, m.tag, m.dtype.name) for m in received] == [
         ("owner", "owner-plan", "uint8"), ("owner", "seed", "uint8"),
         ("user", "user-plan", "uint8"), ("user", "seed", "uint8"),
+        ("owner", "mat.ok", "uint8"), ("user", "mat.ok", "uint8"),
     ]
-    owner_plan, owner_seed, user_plan, user_seed = (m.payload for m in received)
+    owner_plan, owner_seed, user_plan, user_seed, owner_receipt, user_receipt = (m.payload for m in received)
+    # the receipts carry only the record count, which the helper itself sent
+    calls = roles_session.reports["helper"]["calls"]
+    assert owner_receipt == user_receipt == str(calls).encode("ascii") and calls > 0
     owner_plan, user_plan = json.loads(owner_plan), json.loads(user_plan)
     arch = DecoderArch.from_config(roles_session.weights.config)
     # exactly the public model card: name, architecture and its fingerprint, plus the session id
