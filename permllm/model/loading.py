@@ -279,30 +279,27 @@ def load_hf_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: boo
     return model, (load_decoder_tokenizer(path, gguf_file) if tokenizer else None)
 
 
-def load_decoder_config(path_or_dir, gguf_file: str | None = None):
-    """The transformers config of a Llama-style checkpoint, without its weights; a GGUF file's comes from
-    the metadata cache after its first use."""
+def _public_part(auto_class, kind: str, path_or_dir, gguf_file):
+    """``auto_class.from_pretrained`` of a Llama-style checkpoint without its weights; a GGUF file's part
+    comes from the metadata cache (entry ``kind``) after its first use."""
     path, gguf_file = _split_decoder_path(path_or_dir, gguf_file)
-    tf = _transformers()
     if gguf_file is None:
-        return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return auto_class.from_pretrained(str(path), local_files_only=True)
     return gguf_cache.cached(
-        path / gguf_file, "configs",
-        lambda: tf.AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True),
-        lambda folder: tf.AutoConfig.from_pretrained(folder, local_files_only=True))
+        path / gguf_file, kind,
+        lambda: auto_class.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True),
+        lambda folder: auto_class.from_pretrained(folder, local_files_only=True))
+
+
+def load_decoder_config(path_or_dir, gguf_file: str | None = None):
+    """The transformers config of a Llama-style checkpoint, without its weights (cached for GGUF files)."""
+    return _public_part(_transformers().AutoConfig, "configs", path_or_dir, gguf_file)
 
 
 def load_decoder_tokenizer(path_or_dir, gguf_file: str | None = None):
-    """The tokenizer (and chat template) of a Llama-style checkpoint, without its weights; a GGUF file's
-    comes from the metadata cache after its first use."""
-    path, gguf_file = _split_decoder_path(path_or_dir, gguf_file)
-    tf = _transformers()
-    if gguf_file is None:
-        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return gguf_cache.cached(
-        path / gguf_file, "tokenizers",
-        lambda: tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True),
-        lambda folder: tf.AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    """The tokenizer (and chat template) of a Llama-style checkpoint, without its weights (cached for GGUF
+    files)."""
+    return _public_part(_transformers().AutoTokenizer, "tokenizers", path_or_dir, gguf_file)
 
 
 def decoder_weights_from_hf(model) -> DecoderWeights:
