@@ -74,8 +74,10 @@ SCALING_WINDOW = 3  # decode steps per scaling figure (median over positions k, 
 # ================================================================================== arguments
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="the reduced set: 8 generated tokens, 2 tokens per sweep point, prompts 16/64, "
-                             "positions 1/16, no CURVE comparison (under 10 minutes on 2 cores)")
+                        help=f"the reduced set: {QUICK.max_new_tokens} generated tokens, {QUICK.sweep_tokens} token(s) "
+                             f"per sweep point, prompts {QUICK.scaling_prompts.replace(',', '/')}, positions "
+                             f"{QUICK.scaling_positions.replace(',', '/')}, no CURVE comparison "
+                             "(under 10 minutes on 2 cores)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                         help="write every figure as JSON here")
     parser.add_argument("--plot", default=None, metavar="PATH",

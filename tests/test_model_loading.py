@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -388,3 +389,97 @@ def test_the_config_cache_gives_the_same_config(tmp_path, monkeypatch):
     assert loading.decoder_config_from_hf(cached) == loading.decoder_config_from_hf(direct)
     assert max_positions("smollm2") == direct.max_position_embeddings == 8192
     assert gguf_cache.entry_folder(tmp_path / "missing.gguf", "configs") is None
+
+
+def test_the_weight_cache_gives_the_same_model(tmp_path, monkeypatch):
+    """The owner's GGUF weights, dequantized once by transformers and saved as a plain checkpoint, read
+    back bit for bit: every tensor, the tied lm_head, the generation config and the logits are equal."""
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(gguf_cache.WEIGHT_CACHE_ENV, raising=False)
+    gguf = loading.find_smollm2_gguf()
+    direct, tok = loading.load_hf_decoder(gguf, tokenizer=False)  # transformers' GGUF load, then saved
+    assert tok is None
+    (entry,) = (tmp_path / "checkpoints").iterdir()
+    assert entry.stat().st_mode & 0o777 == 0o700  # the owner's weights: not readable by other accounts
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in entry.iterdir()}
+    again, _ = loading.load_hf_decoder(gguf, tokenizer=False)  # read from the cache
+    want, got = direct.state_dict(), again.state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], want[name]), name
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
+    assert again.generation_config.to_dict() == direct.generation_config.to_dict()
+    ids = torch.tensor([[1, 504, 6376, 314, 4461, 30]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, direct(ids).logits)
+    assert list((tmp_path / "checkpoints").iterdir()) == [entry]  # nothing written the second time
+
+
+class _Entry:
+    """A stand-in for a cached object, saved as one safetensors file (as the weight cache saves)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def save(self, folder):
+        from safetensors.torch import save_file
+
+        save_file({"values": self.values}, os.path.join(folder, "model.safetensors"))
+
+    @classmethod
+    def load(cls, folder):
+        from safetensors.torch import load_file
+
+        return cls(load_file(os.path.join(folder, "model.safetensors"))["values"])
+
+
+def _cache_calls(tmp_path, monkeypatch):
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    builds = []
+
+    def build():
+        builds.append(1)
+        return _Entry(torch.arange(1000, dtype=torch.float32))
+
+    return gguf, builds, lambda **kw: gguf_cache.cached(gguf, "checkpoints", build, _Entry.load,
+                                                         lambda obj, folder: obj.save(folder), **kw)
+
+
+def test_a_cut_short_weight_entry_is_rebuilt(tmp_path, monkeypatch):
+    """A checkpoint entry whose safetensors file was cut short is a cache miss: rebuilt, not an error."""
+    gguf, builds, load = _cache_calls(tmp_path, monkeypatch)
+    load()
+    (entry,) = (tmp_path / "cache" / "checkpoints").iterdir()
+    assert torch.equal(load().values, torch.arange(1000, dtype=torch.float32)) and len(builds) == 1
+    data = (entry / "model.safetensors").read_bytes()
+    (entry / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert torch.equal(load().values, torch.arange(1000, dtype=torch.float32)) and len(builds) == 2
+    assert torch.equal(load().values, torch.arange(1000, dtype=torch.float32)) and len(builds) == 2  # whole again
+
+
+def test_the_weight_cache_can_be_turned_off(tmp_path, monkeypatch):
+    """PERMLLM_WEIGHT_CACHE=0: the weights are built every time and nothing is written to disk."""
+    for value, enabled in (("0", False), ("off", False), ("No", False), ("false", False), ("1", True), ("", True)):
+        monkeypatch.setenv(gguf_cache.WEIGHT_CACHE_ENV, value)
+        assert gguf_cache.weight_cache_enabled() is enabled, value
+    gguf, builds, load = _cache_calls(tmp_path, monkeypatch)
+    load(enabled=False)
+    load(enabled=False)
+    assert len(builds) == 2 and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    """A save that fails half way (a full disk) leaves no half-written folder behind and is not an error."""
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+
+    def failing_save(obj, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    got = gguf_cache.cached(gguf, "checkpoints", lambda: "built", _Entry.load, failing_save)
+    assert got == "built"
+    assert list((tmp_path / "cache" / "checkpoints").iterdir()) == []

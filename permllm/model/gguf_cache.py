@@ -1,11 +1,17 @@
-"""What transformers rebuilds from a GGUF file's metadata, kept after its first use.
+"""What transformers rebuilds from a GGUF file, kept after its first use.
 
-Reading a GGUF file's metadata is slow here (the `gguf` reader walks the 49k-entry vocabulary element
-by element): the tokenizer takes 10-20 s to rebuild and the model config ~10 s, and every party loads
-one or the other in every session. Each is saved once with ``save_pretrained`` under
-``$PERMLLM_CACHE_DIR`` (default ``~/.cache/permllm``) / KIND / NAME-DIGEST and read back in about a
-second. The digest covers the file's resolved path, size and modification time, so a changed file gets
-a new entry. Only public metadata is cached, never weights.
+Reading a GGUF file is slow here: the `gguf` reader walks the 49k-entry vocabulary element by element,
+so the tokenizer takes 10-20 s to rebuild and the model config ~10 s, and transformers' loading of the
+weights (name mapping, dequantization) takes 25-35 s more. Every party loads one of them in every
+session. Each is saved once under ``$PERMLLM_CACHE_DIR`` (default ``~/.cache/permllm``) / KIND /
+NAME-DIGEST and read back in about a second. The digest covers the file's resolved path, size and
+modification time, so a changed file gets a new entry.
+
+Kinds: ``configs`` and ``tokenizers`` (public metadata, read by every party) and ``checkpoints`` (the
+dequantized float32 weights as a plain transformers checkpoint, config.json + model.safetensors; only
+the party that loads the weights, the owner, writes one, on its own disk beside the GGUF file it
+already holds). Entries are folders of mode 0700. ``PERMLLM_WEIGHT_CACHE=0`` turns the
+``checkpoints`` kind off.
 """
 
 from __future__ import annotations
@@ -19,12 +25,20 @@ from pathlib import Path
 from typing import TypeVar
 
 CACHE_ENV = "PERMLLM_CACHE_DIR"
+WEIGHT_CACHE_ENV = "PERMLLM_WEIGHT_CACHE"
+_OFF = ("0", "off", "no", "false")
 
 T = TypeVar("T")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "permllm"))
+
+
+def weight_cache_enabled() -> bool:
+    """False when ``$PERMLLM_WEIGHT_CACHE`` is 0/off/no/false: the weights are then read from the GGUF
+    file every time and never written elsewhere."""
+    return os.environ.get(WEIGHT_CACHE_ENV, "").strip().lower() not in _OFF
 
 
 def entry_folder(gguf: Path, kind: str) -> Path | None:
@@ -37,32 +51,42 @@ def entry_folder(gguf: Path, kind: str) -> Path | None:
     return cache_root() / kind / f"{gguf.stem}-{key}"
 
 
-def cached(gguf: Path, kind: str, build: Callable[[], T], load: Callable[[str], T]) -> T:
-    """``load(folder)`` of the cache entry when there is a whole one, else ``build()``, saved into the cache.
+def _save_pretrained(obj, folder: str) -> None:
+    obj.save_pretrained(folder)
 
-    An entry that fails to load (cut short, edited) is removed and rebuilt. An entry is written into a
-    fresh folder and renamed into place, so a reader never sees a half-written one and of two processes
-    writing at once one wins. A cache that cannot be written is skipped, not an error."""
-    folder = entry_folder(gguf, kind)
+
+def cached(gguf: Path, kind: str, build: Callable[[], T], load: Callable[[str], T],
+           save: Callable[[T, str], None] = _save_pretrained, *, enabled: bool = True) -> T:
+    """``load(folder)`` of the cache entry when there is a whole one, else ``build()``, written into the
+    cache with ``save(obj, folder)`` (default ``obj.save_pretrained``). ``enabled=False``: ``build()``,
+    the cache neither read nor written.
+
+    An entry that fails to load (cut short, edited: whatever ``load`` raises) is removed and rebuilt. An
+    entry is written into a fresh folder and renamed into place, so a reader never sees a half-written
+    one and of two processes writing at once one wins. A cache that cannot be written (no space, read-only
+    disk) is skipped, not an error; what was half written is removed."""
+    folder = entry_folder(gguf, kind) if enabled else None
     if folder is not None and folder.is_dir():
         try:
             return load(str(folder))
-        except (OSError, ValueError):
+        except Exception:  # a damaged entry is only a cache miss
             shutil.rmtree(folder, ignore_errors=True)
     built = build()
     if folder is not None:
-        _save(built, folder)
+        _write(built, folder, save)
     return built
 
 
-def _save(obj, folder: Path) -> None:
+def _write(obj, folder: Path, save) -> None:
+    tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
-        obj.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process was first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))  # mode 0700
+        save(obj, str(tmp))
+        os.rename(tmp, folder)  # fails when another process was first: its entry stays
+        tmp = None
+    except Exception:  # noqa: BLE001 - a cache that cannot be written is skipped
         pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -263,20 +263,40 @@ def _split_decoder_path(path_or_dir, gguf_file):
 
 def load_hf_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: bool = True):
     """Load a Llama-style checkpoint with transformers (float32, eval mode) -> ``(hf_model, tokenizer)``,
-    the tokenizer None when ``tokenizer=False``. The config and tokenizer of a GGUF file come from the
-    metadata cache (`permllm.model.gguf_cache`) after their first use.
+    the tokenizer None when ``tokenizer=False``. A GGUF file's config, tokenizer and dequantized weights
+    come from `permllm.model.gguf_cache` after their first use (the weights unless
+    ``PERMLLM_WEIGHT_CACHE=0``).
 
     ``path_or_dir`` is a folder (plain HF checkpoint, or the folder of ``gguf_file``) or a ``.gguf`` path.
     """
     path, gguf_file = _split_decoder_path(path_or_dir, gguf_file)
     tf = _transformers()
-    kwargs = {"local_files_only": True}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-        kwargs["config"] = load_decoder_config(path, gguf_file)
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+
+    def from_checkpoint(folder, **kwargs):
+        return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True, **kwargs)
+
+    if gguf_file is None:
+        model = from_checkpoint(str(path))
+    else:
+        model = gguf_cache.cached(
+            path / gguf_file, "checkpoints",
+            lambda: from_checkpoint(str(path), gguf_file=gguf_file, config=load_decoder_config(path, gguf_file)),
+            from_checkpoint, _save_checkpoint, enabled=gguf_cache.weight_cache_enabled())
     model.eval()
     return model, (load_decoder_tokenizer(path, gguf_file) if tokenizer else None)
+
+
+def _save_checkpoint(model, folder: str) -> None:
+    """A GGUF-loaded model as a plain transformers checkpoint (transformers refuses ``save_pretrained`` of
+    a GGUF-quantized model): its config, generation config and float32 tensors in ``model.safetensors``;
+    a tied lm_head is left out, as transformers ties it again on loading."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
 def _public_part(auto_class, kind: str, path_or_dir, gguf_file):
