@@ -472,9 +472,7 @@ def test_the_weight_cache_can_be_turned_off(tmp_path, monkeypatch):
 
 def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
     """A save that fails half way (a full disk) leaves no half-written folder behind and is not an error."""
-    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
+    gguf, _, _ = _cache_calls(tmp_path, monkeypatch)
 
     def failing_save(obj, folder):
         (Path(folder) / "model.safetensors").write_bytes(b"half")

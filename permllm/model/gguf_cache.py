@@ -10,8 +10,8 @@ modification time, so a changed file gets a new entry.
 Kinds: ``configs`` and ``tokenizers`` (public metadata, read by every party) and ``checkpoints`` (the
 dequantized float32 weights as a plain transformers checkpoint, config.json + model.safetensors; only
 a process that loads the weights writes one: the owner, on its own disk beside the GGUF file it
-already holds, or a driver that plays the owner in-process). Entries are folders of mode 0700. ``PERMLLM_WEIGHT_CACHE=0`` turns the
-``checkpoints`` kind off.
+already holds, or a driver that plays the owner in-process). Entries are folders of mode 0700.
+``PERMLLM_WEIGHT_CACHE=0`` turns the ``checkpoints`` kind off.
 """
 
 from __future__ import annotations
