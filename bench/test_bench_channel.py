@@ -33,8 +33,11 @@ def _zmq_pair(curve: bool = False):
         server_public, server_secret = zmq.curve_keypair()
         client_public, client_secret = zmq.curve_keypair()
         server_options = {"curve_server": True, "curve_secret_key": server_secret}
-        client_options = {"curve_server_key": server_public, "curve_public_key": client_public,
-                          "curve_secret_key": client_secret}
+        client_options = {
+            "curve_server_key": server_public,
+            "curve_public_key": client_public,
+            "curve_secret_key": client_secret,
+        }
     server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=30.0, **server_options)
     client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=30.0, **client_options)
     client.send("warmup", b"x")  # establish the connection (and the CURVE handshake) outside the measurement

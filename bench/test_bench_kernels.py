@@ -29,8 +29,11 @@ KERNELS = {
     ("scatter", "numpy"): scatter_rows_numpy,
 }
 KEYSTREAM_BYTES = 64 << 20
-MATMUL_SHAPES = {"1x576@576x1536": (1, 576, 1536), "48x576@576x1536": (48, 576, 1536),
-                 "1x576@576x49152": (1, 576, 49152)}
+MATMUL_SHAPES = {
+    "1x576@576x1536": (1, 576, 1536),
+    "48x576@576x1536": (48, 576, 1536),
+    "1x576@576x49152": (1, 576, 49152),
+}
 
 
 def median_seconds(benchmark) -> float:

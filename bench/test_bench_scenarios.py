@@ -80,13 +80,32 @@ def test_session_under_profile(benchmark, profile):
     if profile == "none":
         _no_delay["s"] = s["decode_s_per_token"]
     if "s" in _no_delay:
-        s["floor_s_per_token"] = bench.floor_seconds(_no_delay["s"], s["flights_per_token"], s["rtt_ms"],
-                                                     s["online_bytes_per_token"], s["mbit_s"])
+        s["floor_s_per_token"] = bench.floor_seconds(
+            _no_delay["s"], s["flights_per_token"], s["rtt_ms"], s["online_bytes_per_token"], s["mbit_s"]
+        )
         s["ratio"] = bench.ratio(s["decode_s_per_token"], s["floor_s_per_token"])
-    _record(benchmark, s, ("rtt_ms", "mbit_s", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90",
-                           "floor_s_per_token", "ratio", "flights_per_token", "online_bytes_per_token",
-                           "online_bytes_per_token_up", "online_bytes_per_token_down", "offline_s", "offline_bytes",
-                           "prepare_s", "prepare_bytes", "generated_tokens"))
+    _record(
+        benchmark,
+        s,
+        (
+            "rtt_ms",
+            "mbit_s",
+            "ttft_s",
+            "decode_s_per_token",
+            "decode_s_per_token_p90",
+            "floor_s_per_token",
+            "ratio",
+            "flights_per_token",
+            "online_bytes_per_token",
+            "online_bytes_per_token_up",
+            "online_bytes_per_token_down",
+            "offline_s",
+            "offline_bytes",
+            "prepare_s",
+            "prepare_bytes",
+            "generated_tokens",
+        ),
+    )
     for role, mb in s["peak_rss_mb"].items():
         benchmark.extra_info[f"peak_rss_mb_{role}"] = mb
     assert s["generated_tokens"] == TOKENS
@@ -116,10 +135,14 @@ def test_decode_scaling(benchmark, inprocess, tokenizer):
     benchmark.group = "in-process"
 
     def scaling():
-        rows = bench.scaling_rows(inprocess.run(bench.prompt_of_length(tokenizer, 16), 32 + bench.SCALING_WINDOW,
-                                                desc="scaling 16"), 16, [1, 32])
-        rows += bench.scaling_rows(inprocess.run(bench.prompt_of_length(tokenizer, 64), 1 + bench.SCALING_WINDOW,
-                                                 desc="scaling 64"), 64, [1])
+        rows = bench.scaling_rows(
+            inprocess.run(bench.prompt_of_length(tokenizer, 16), 32 + bench.SCALING_WINDOW, desc="scaling 16"),
+            16,
+            [1, 32],
+        )
+        rows += bench.scaling_rows(
+            inprocess.run(bench.prompt_of_length(tokenizer, 64), 1 + bench.SCALING_WINDOW, desc="scaling 64"), 64, [1]
+        )
         return rows
 
     rows = _once(benchmark, scaling)
@@ -134,8 +157,15 @@ def test_decode_scaling(benchmark, inprocess, tokenizer):
 
 def test_rtt_sweep(benchmark, inprocess, tokenizer):
     benchmark.group = "in-process"
-    sweep = _once(benchmark, bench.run_sweep, inprocess, bench.prompt_of_length(tokenizer, 16),
-                  [0.2, 1.0, 5.0, 10.0, 20.0, 50.0], 1000.0, 2)
+    sweep = _once(
+        benchmark,
+        bench.run_sweep,
+        inprocess,
+        bench.prompt_of_length(tokenizer, 16),
+        [0.2, 1.0, 5.0, 10.0, 20.0, 50.0],
+        1000.0,
+        2,
+    )
     summary = bench.complete_summary({"profiles": [], "sweep": sweep})
     for q in summary["sweep"]["points"]:
         name = "none" if q["mbit_s"] is None else f"{q['rtt_ms']:g}ms"

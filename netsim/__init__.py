@@ -1,7 +1,7 @@
 """Network simulator: wraps any permllm Channel and delays its frames by a link profile.
 
-    from netsim import NetSim, parse_profile
-    channel = NetSim(ZmqChannel.connect(addr, peer="owner"), parse_profile("wan"))
+from netsim import NetSim, parse_profile
+channel = NetSim(ZmqChannel.connect(addr, peer="owner"), parse_profile("wan"))
 """
 
 from netsim.clock import Clock, FakeClock, RealClock

@@ -19,7 +19,9 @@ class Profile:
         if not (math.isfinite(self.rtt_s) and self.rtt_s >= 0):
             raise ValueError(f"profile {self.name!r}: rtt must be a finite number of seconds >= 0, got {self.rtt_s!r}")
         if math.isnan(self.bandwidth_bps) or not self.bandwidth_bps > 0:
-            raise ValueError(f"profile {self.name!r}: bandwidth must be > 0 bit/s (inf for unlimited), got {self.bandwidth_bps!r}")
+            raise ValueError(
+                f"profile {self.name!r}: bandwidth must be > 0 bit/s (inf for unlimited), got {self.bandwidth_bps!r}"
+            )
 
     def transmit_ns(self, nbytes: int) -> int:
         """Time to put `nbytes` on the wire at this bandwidth, in ns."""

@@ -48,69 +48,161 @@ SCENARIO_PROMPT = "Explain in two short sentences why the sky is blue during the
 PROFILE_NAMES = ("none", "lan", "wan", "wan-slow")
 PARTS = ("sessions", "curve", "plaintext", "breakdown", "scaling", "sweep")
 CURVE_FIGURES = ("ttft_s", "decode_s_per_token", "prepare_s", "offline_s", "wall_s")
-BREAKDOWN_ORDER = ("embedding", "norm", "qkv", "scores", "softmax", "weighted_values", "out_proj", "mlp",
-                   "final_norm", "lm_head", "selection")
+BREAKDOWN_ORDER = (
+    "embedding",
+    "norm",
+    "qkv",
+    "scores",
+    "softmax",
+    "weighted_values",
+    "out_proj",
+    "mlp",
+    "final_norm",
+    "lm_head",
+    "selection",
+)
 LAYER_PARTS = ("norm", "qkv", "scores", "softmax", "weighted_values", "out_proj", "mlp")
 OUTSIDE_PARTS = ("embedding", "final_norm", "lm_head", "selection")
 PART_LABELS = {
-    "embedding": "embedding", "norm": "RMSNorms (2 per layer)", "qkv": "QKV projection + rescale",
-    "scores": "attention scores QK^T", "softmax": "softmax", "weighted_values": "weighted values + rescale",
-    "out_proj": "output projection", "mlp": "MLP (gate/up, SwiGLU, down)", "final_norm": "final RMSNorm",
-    "lm_head": "lm_head", "selection": "selection (rest of the token)",
+    "embedding": "embedding",
+    "norm": "RMSNorms (2 per layer)",
+    "qkv": "QKV projection + rescale",
+    "scores": "attention scores QK^T",
+    "softmax": "softmax",
+    "weighted_values": "weighted values + rescale",
+    "out_proj": "output projection",
+    "mlp": "MLP (gate/up, SwiGLU, down)",
+    "final_norm": "final RMSNorm",
+    "lm_head": "lm_head",
+    "selection": "selection (rest of the token)",
 }
 RATIO_LIMIT = 1.25
-PROFILE_KEYS = ("name", "rtt_ms", "mbit_s", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90",
-                "floor_s_per_token", "ratio", "flights_per_token", "flights_per_layer", "online_bytes_per_token",
-                "online_bytes_per_token_up", "online_bytes_per_token_down", "offline_s", "offline_bytes",
-                "offline_s_per_token", "offline_bytes_per_token", "prepare_s", "prepare_bytes", "peak_rss_mb")
+PROFILE_KEYS = (
+    "name",
+    "rtt_ms",
+    "mbit_s",
+    "ttft_s",
+    "decode_s_per_token",
+    "decode_s_per_token_p90",
+    "floor_s_per_token",
+    "ratio",
+    "flights_per_token",
+    "flights_per_layer",
+    "online_bytes_per_token",
+    "online_bytes_per_token_up",
+    "online_bytes_per_token_down",
+    "offline_s",
+    "offline_bytes",
+    "offline_s_per_token",
+    "offline_bytes_per_token",
+    "prepare_s",
+    "prepare_bytes",
+    "peak_rss_mb",
+)
 
-FULL = SimpleNamespace(max_new_tokens=32, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=4,
-                       scaling_prompts="16,64,256", scaling_positions="1,32,128", breakdown_tokens=8, skip=())
-QUICK = SimpleNamespace(max_new_tokens=4, sweep_rtt="0.2,1,5,10,20,50", sweep_tokens=1,
-                        scaling_prompts="16,64", scaling_positions="1,8", breakdown_tokens=4, skip=("curve",))
+FULL = SimpleNamespace(
+    max_new_tokens=32,
+    sweep_rtt="0.2,1,5,10,20,50",
+    sweep_tokens=4,
+    scaling_prompts="16,64,256",
+    scaling_positions="1,32,128",
+    breakdown_tokens=8,
+    skip=(),
+)
+QUICK = SimpleNamespace(
+    max_new_tokens=4,
+    sweep_rtt="0.2,1,5,10,20,50",
+    sweep_tokens=1,
+    scaling_prompts="16,64",
+    scaling_positions="1,8",
+    breakdown_tokens=4,
+    skip=("curve",),
+)
 SCALING_WINDOW = 3  # decode steps per scaling figure (median over positions k, k+1, k+2)
 
 
 # ================================================================================== arguments
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the reduced set: {QUICK.max_new_tokens} generated tokens, {QUICK.sweep_tokens} token(s) "
-                             f"per sweep point, prompts {QUICK.scaling_prompts.replace(',', '/')}, positions "
-                             f"{QUICK.scaling_positions.replace(',', '/')}, no CURVE comparison "
-                             "(under 10 minutes on 2 cores)")
-    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                        help="write every figure as JSON here")
-    parser.add_argument("--plot", default=None, metavar="PATH",
-                        help="write a PNG of decode s/token against RTT (with the floor) here")
-    parser.add_argument("--markdown", dest="markdown_path", default=None, metavar="PATH",
-                        help="write the results page (date, machine, command, the table, the plot) here, "
-                             "e.g. bench/RESULTS.md")
-    parser.add_argument("--profiles", default=",".join(PROFILE_NAMES),
-                        help="comma-separated network profiles for the three-process sessions: names "
-                             "(none, lan, wan, wan-slow) or RTT_ms:Mbit_s; 'none' is always run "
-                             f"(it is the floor's no-delay term). Default {','.join(PROFILE_NAMES)}")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"generated tokens per session (default {FULL.max_new_tokens}, quick "
-                             f"{QUICK.max_new_tokens}; at least 3)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"the reduced set: {QUICK.max_new_tokens} generated tokens, {QUICK.sweep_tokens} token(s) "
+        f"per sweep point, prompts {QUICK.scaling_prompts.replace(',', '/')}, positions "
+        f"{QUICK.scaling_positions.replace(',', '/')}, no CURVE comparison "
+        "(under 10 minutes on 2 cores)",
+    )
+    parser.add_argument(
+        "--json", dest="json_path", default=None, metavar="PATH", help="write every figure as JSON here"
+    )
+    parser.add_argument(
+        "--plot", default=None, metavar="PATH", help="write a PNG of decode s/token against RTT (with the floor) here"
+    )
+    parser.add_argument(
+        "--markdown",
+        dest="markdown_path",
+        default=None,
+        metavar="PATH",
+        help="write the results page (date, machine, command, the table, the plot) here, e.g. bench/RESULTS.md",
+    )
+    parser.add_argument(
+        "--profiles",
+        default=",".join(PROFILE_NAMES),
+        help="comma-separated network profiles for the three-process sessions: names "
+        "(none, lan, wan, wan-slow) or RTT_ms:Mbit_s; 'none' is always run "
+        f"(it is the floor's no-delay term). Default {','.join(PROFILE_NAMES)}",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"generated tokens per session (default {FULL.max_new_tokens}, quick {QUICK.max_new_tokens}; at least 3)",
+    )
     parser.add_argument("--prompt", default=None, help="the chat prompt (default: a fixed ~48-token one)")
-    parser.add_argument("--sweep-rtt", default=None, metavar="MS,MS,...",
-                        help=f"RTTs of the in-process sweep in ms (default {FULL.sweep_rtt})")
-    parser.add_argument("--sweep-mbit", type=float, default=1000.0,
-                        help="bandwidth of the sweep in Mbit/s (default 1000)")
-    parser.add_argument("--sweep-tokens", type=int, default=None,
-                        help=f"decode steps per sweep point (default {FULL.sweep_tokens}, quick {QUICK.sweep_tokens})")
-    parser.add_argument("--scaling-prompts", default=None, metavar="N,N,...",
-                        help=f"prompt lengths of the scaling runs (default {FULL.scaling_prompts}, quick "
-                             f"{QUICK.scaling_prompts})")
-    parser.add_argument("--scaling-positions", default=None, metavar="K,K,...",
-                        help=f"generated positions of the scaling runs (default {FULL.scaling_positions}, "
-                             f"quick {QUICK.scaling_positions})")
-    parser.add_argument("--skip", default="", metavar="PART,...",
-                        help=f"parts to leave out: {', '.join(PARTS)} (skipping sessions skips curve too)")
-    parser.add_argument("--session-timeout", type=float, default=1800.0,
-                        help="wall-clock limit of one three-process session in seconds (default 1800)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="run the sessions without CURVE encryption (default: encrypted, as the demo)")
+    parser.add_argument(
+        "--sweep-rtt",
+        default=None,
+        metavar="MS,MS,...",
+        help=f"RTTs of the in-process sweep in ms (default {FULL.sweep_rtt})",
+    )
+    parser.add_argument(
+        "--sweep-mbit", type=float, default=1000.0, help="bandwidth of the sweep in Mbit/s (default 1000)"
+    )
+    parser.add_argument(
+        "--sweep-tokens",
+        type=int,
+        default=None,
+        help=f"decode steps per sweep point (default {FULL.sweep_tokens}, quick {QUICK.sweep_tokens})",
+    )
+    parser.add_argument(
+        "--scaling-prompts",
+        default=None,
+        metavar="N,N,...",
+        help=f"prompt lengths of the scaling runs (default {FULL.scaling_prompts}, quick {QUICK.scaling_prompts})",
+    )
+    parser.add_argument(
+        "--scaling-positions",
+        default=None,
+        metavar="K,K,...",
+        help=f"generated positions of the scaling runs (default {FULL.scaling_positions}, "
+        f"quick {QUICK.scaling_positions})",
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        metavar="PART,...",
+        help=f"parts to leave out: {', '.join(PARTS)} (skipping sessions skips curve too)",
+    )
+    parser.add_argument(
+        "--session-timeout",
+        type=float,
+        default=1800.0,
+        help="wall-clock limit of one three-process session in seconds (default 1800)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run the sessions without CURVE encryption (default: encrypted, as the demo)",
+    )
 
 
 @dataclass
@@ -228,10 +320,12 @@ def config_from_args(args) -> BenchConfig:
     sweep_tokens = preset.sweep_tokens if sweep_tokens is None else sweep_tokens
     if not 1 <= sweep_tokens <= 64:
         raise ConfigError(f"--sweep-tokens must be between 1 and 64, got {sweep_tokens}")
-    prompts = _number_list(getattr(args, "scaling_prompts", None) or preset.scaling_prompts, "--scaling-prompts",
-                           int, 1, 1024)
-    positions = _number_list(getattr(args, "scaling_positions", None) or preset.scaling_positions,
-                             "--scaling-positions", int, 1, 1024)
+    prompts = _number_list(
+        getattr(args, "scaling_prompts", None) or preset.scaling_prompts, "--scaling-prompts", int, 1, 1024
+    )
+    positions = _number_list(
+        getattr(args, "scaling_positions", None) or preset.scaling_positions, "--scaling-positions", int, 1, 1024
+    )
     timeout = float(getattr(args, "session_timeout", 1800.0) or 0)
     if not timeout > 0:
         raise ConfigError("--session-timeout must be positive")
@@ -244,13 +338,22 @@ def config_from_args(args) -> BenchConfig:
         except ImportError:
             raise ConfigError("--plot needs matplotlib (pip install matplotlib)") from None
     return BenchConfig(
-        quick=bool(getattr(args, "quick", False)), profiles=profiles, max_new_tokens=max_new, prompt=prompt,
-        sweep_rtt_ms=sorted(sweep_rtt), sweep_mbit_s=sweep_mbit, sweep_tokens=sweep_tokens,
-        scaling_prompts=sorted(prompts), scaling_positions=sorted(positions),
-        breakdown_tokens=preset.breakdown_tokens, parts=parts,
-        json_path=_output_path(getattr(args, "json_path", None), "--json", ".json"), plot_path=plot,
+        quick=bool(getattr(args, "quick", False)),
+        profiles=profiles,
+        max_new_tokens=max_new,
+        prompt=prompt,
+        sweep_rtt_ms=sorted(sweep_rtt),
+        sweep_mbit_s=sweep_mbit,
+        sweep_tokens=sweep_tokens,
+        scaling_prompts=sorted(prompts),
+        scaling_positions=sorted(positions),
+        breakdown_tokens=preset.breakdown_tokens,
+        parts=parts,
+        json_path=_output_path(getattr(args, "json_path", None), "--json", ".json"),
+        plot_path=plot,
         markdown_path=_output_path(getattr(args, "markdown_path", None), "--markdown", ".md"),
-        session_timeout=timeout, insecure=bool(getattr(args, "insecure", False)),
+        session_timeout=timeout,
+        insecure=bool(getattr(args, "insecure", False)),
     )
 
 
@@ -291,14 +394,30 @@ PERMLLM_FORMULA = (
 )
 
 
-def permllm_cost(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, cache_len: int,
-                 *, bytes_per_element: int = 4, he_bytes: int = 0) -> dict:
+def permllm_cost(
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    vocab: int,
+    cache_len: int,
+    *,
+    bytes_per_element: int = 4,
+    he_bytes: int = 0,
+) -> dict:
     """PermLLM's online cost of one generated token for a model shape (see PERMLLM_FORMULA).
 
     cache_len: the KV cache length L after appending the new position. he_bytes: the BFV query and
     answer of the token choice (same scheme as ours; pass our measured size, 0 to leave it out)."""
-    for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads), ("intermediate", intermediate),
-                    ("vocab", vocab), ("cache_len", cache_len), ("bytes_per_element", bytes_per_element)):
+    for name, v in (
+        ("hidden", hidden),
+        ("layers", layers),
+        ("heads", heads),
+        ("intermediate", intermediate),
+        ("vocab", vocab),
+        ("cache_len", cache_len),
+        ("bytes_per_element", bytes_per_element),
+    ):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if hidden % heads:
@@ -309,10 +428,15 @@ def permllm_cost(hidden: int, layers: int, heads: int, intermediate: int, vocab:
     elements = layers * per_layer + outside
     flights_outside = 1 + 3 + 1 + 2 + 2
     return {
-        "flights_per_layer": 18, "flights_per_token": 18 * layers + flights_outside,
-        "elements_per_layer": per_layer, "elements_outside_layers": outside,
-        "bytes_per_token": bytes_per_element * elements + he_bytes, "he_bytes": he_bytes,
-        "cache_len": L, "bytes_per_element": bytes_per_element, "formula": PERMLLM_FORMULA,
+        "flights_per_layer": 18,
+        "flights_per_token": 18 * layers + flights_outside,
+        "elements_per_layer": per_layer,
+        "elements_outside_layers": outside,
+        "bytes_per_token": bytes_per_element * elements + he_bytes,
+        "he_bytes": he_bytes,
+        "cache_len": L,
+        "bytes_per_element": bytes_per_element,
+        "formula": PERMLLM_FORMULA,
     }
 
 
@@ -339,13 +463,20 @@ def complete_summary(summary: dict) -> dict:
         outside = summary.get("model", {}).get("outside_flights_default")
     for p in profiles:
         p["floor_s_per_token"] = None
-        if no_delay is not None and p.get("flights_per_token") is not None and p.get("online_bytes_per_token") is not None:
-            p["floor_s_per_token"] = floor_seconds(no_delay, p["flights_per_token"], p["rtt_ms"],
-                                                   p["online_bytes_per_token"], p["mbit_s"])
+        if (
+            no_delay is not None
+            and p.get("flights_per_token") is not None
+            and p.get("online_bytes_per_token") is not None
+        ):
+            p["floor_s_per_token"] = floor_seconds(
+                no_delay, p["flights_per_token"], p["rtt_ms"], p["online_bytes_per_token"], p["mbit_s"]
+            )
         p["ratio"] = ratio(p.get("decode_s_per_token"), p["floor_s_per_token"])
         p["within_limit"] = None if p["ratio"] is None else p["ratio"] <= RATIO_LIMIT
         fpt = p.get("flights_per_token")
-        p["flights_per_layer"] = (fpt - outside) / layers if fpt is not None and layers and outside is not None else None
+        p["flights_per_layer"] = (
+            (fpt - outside) / layers if fpt is not None and layers and outside is not None else None
+        )
         gen = p.get("generated_tokens") or 0
         p["offline_s_per_token"] = p["offline_s"] / gen if gen and p.get("offline_s") is not None else None
         p["offline_bytes_per_token"] = p["offline_bytes"] / gen if gen and p.get("offline_bytes") is not None else None
@@ -355,8 +486,9 @@ def complete_summary(summary: dict) -> dict:
         for q in sweep["points"]:
             q["floor_s_per_token"] = None
             if base and base.get("decode_s_per_token") is not None and q.get("flights") is not None:
-                q["floor_s_per_token"] = floor_seconds(base["decode_s_per_token"], q["flights"], q["rtt_ms"],
-                                                       q["bytes"], q["mbit_s"])
+                q["floor_s_per_token"] = floor_seconds(
+                    base["decode_s_per_token"], q["flights"], q["rtt_ms"], q["bytes"], q["mbit_s"]
+                )
             q["ratio"] = ratio(q.get("decode_s_per_token"), q["floor_s_per_token"])
     return summary
 
@@ -367,9 +499,13 @@ def curve_cost(encrypted: dict, plain: dict) -> dict:
     for key in CURVE_FIGURES:
         on, off = encrypted.get(key), plain.get(key)
         added[key] = None if on is None or off is None else on - off
-    return {"profile": encrypted.get("name"), "encrypted": {k: encrypted.get(k) for k in CURVE_FIGURES},
-            "plain": {k: plain.get(k) for k in CURVE_FIGURES}, "added": added,
-            "same_tokens": encrypted.get("token_ids") == plain.get("token_ids")}
+    return {
+        "profile": encrypted.get("name"),
+        "encrypted": {k: encrypted.get(k) for k in CURVE_FIGURES},
+        "plain": {k: plain.get(k) for k in CURVE_FIGURES},
+        "added": added,
+        "same_tokens": encrypted.get("token_ids") == plain.get("token_ids"),
+    }
 
 
 # ================================================================================== formatting
@@ -410,8 +546,10 @@ def fmt_ratio(x) -> str:
 
 def _grid(header: list[str], rows: list[list[str]], title: str | None = None) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(
+        str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+        for i, (c, w) in enumerate(zip(cells, widths))
+    )
     out = [] if title is None else [title]
     out += [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
     return "\n".join(out)
@@ -426,10 +564,12 @@ def format_table(summary: dict) -> str:
     blocks = []
     sc = summary.get("scenario", {})
     m = summary.get("machine", {})
-    blocks.append(f"permllm bench ({'quick' if summary.get('quick') else 'full'}): {sc.get('model', MODEL_LABEL)}, "
-                  f"{sc.get('prompt_tokens', '?')}-token chat prompt, {sc.get('max_new_tokens', '?')} generated "
-                  f"tokens, greedy; {m.get('cores', '?')} cores ({m.get('cpu_model', '?')}), load average "
-                  f"{m.get('loadavg_start', '?')} -> {m.get('loadavg_end', '?')}")
+    blocks.append(
+        f"permllm bench ({'quick' if summary.get('quick') else 'full'}): {sc.get('model', MODEL_LABEL)}, "
+        f"{sc.get('prompt_tokens', '?')}-token chat prompt, {sc.get('max_new_tokens', '?')} generated "
+        f"tokens, greedy; {m.get('cores', '?')} cores ({m.get('cpu_model', '?')}), load average "
+        f"{m.get('loadavg_start', '?')} -> {m.get('loadavg_end', '?')}"
+    )
     profiles = summary.get("profiles") or []
     plain = summary.get("plaintext") or {}
     if profiles:
@@ -450,67 +590,152 @@ def format_table(summary: dict) -> str:
             row("online bytes/token (total)", lambda p: fmt_bytes(p.get("online_bytes_per_token"))),
             row("  user -> owner", lambda p: fmt_bytes(p.get("online_bytes_per_token_up"))),
             row("  owner -> user", lambda p: fmt_bytes(p.get("online_bytes_per_token_down"))),
-            row("prefill flights / bytes", lambda p: f"{fmt_num(p.get('prefill_flights'))} / {fmt_bytes(p.get('prefill_bytes'))}"),
-            row("offline s / bytes (session)", lambda p: f"{fmt_s(p.get('offline_s'))} / {fmt_bytes(p.get('offline_bytes'))}"),
-            row("offline per generated token (incl. prefill)", lambda p: f"{fmt_s(p.get('offline_s_per_token'))} / {fmt_bytes(p.get('offline_bytes_per_token'))}"),
-            row("preparation (W-U at user) s / bytes", lambda p: f"{fmt_s(p.get('prepare_s'))} / {fmt_bytes(p.get('prepare_bytes'))}"),
+            row(
+                "prefill flights / bytes",
+                lambda p: f"{fmt_num(p.get('prefill_flights'))} / {fmt_bytes(p.get('prefill_bytes'))}",
+            ),
+            row(
+                "offline s / bytes (session)",
+                lambda p: f"{fmt_s(p.get('offline_s'))} / {fmt_bytes(p.get('offline_bytes'))}",
+            ),
+            row(
+                "offline per generated token (incl. prefill)",
+                lambda p: f"{fmt_s(p.get('offline_s_per_token'))} / {fmt_bytes(p.get('offline_bytes_per_token'))}",
+            ),
+            row(
+                "preparation (W-U at user) s / bytes",
+                lambda p: f"{fmt_s(p.get('prepare_s'))} / {fmt_bytes(p.get('prepare_bytes'))}",
+            ),
             row("model load (owner)", lambda p: fmt_s(p.get("model_load_s"))),
-            row("peak RSS owner/user/helper MB", lambda p: "/".join(f"{(p.get('peak_rss_mb') or {}).get(r, 0):.0f}"
-                                                                    for r in ("owner", "user", "helper"))),
+            row(
+                "peak RSS owner/user/helper MB",
+                lambda p: "/".join(
+                    f"{(p.get('peak_rss_mb') or {}).get(r, 0):.0f}" for r in ("owner", "user", "helper")
+                ),
+            ),
             row("session wall time", lambda p: fmt_s(p.get("wall_s"))),
-            row("load average before -> after", lambda p: f"{p.get('loadavg_before', '?').split('/')[0]} -> "
-                                                         f"{p.get('loadavg_after', '?').split('/')[0]}"),
+            row(
+                "load average before -> after",
+                lambda p: (
+                    f"{p.get('loadavg_before', '?').split('/')[0]} -> {p.get('loadavg_after', '?').split('/')[0]}"
+                ),
+            ),
             row("plaintext transformers s/token", lambda p: fmt_s(plain.get("s_per_token"))),
         ]
         blocks.append(_grid(header, rows))
-        blocks.append("floor = no-delay decode latency (the 'none' session) + flights x RTT/2 + online bytes "
-                      "(both directions) / bandwidth; '!' marks measured > 1.25 x floor")
+        blocks.append(
+            "floor = no-delay decode latency (the 'none' session) + flights x RTT/2 + online bytes "
+            "(both directions) / bandwidth; '!' marks measured > 1.25 x floor"
+        )
         bad = [p["name"] for p in profiles if p.get("ratio") is not None and p["ratio"] > RATIO_LIMIT]
         if bad:
             blocks.append(f"NOTE: {', '.join(bad)} above 1.25 x floor; see the breakdown and bench/RESULTS.md")
     cv = summary.get("curve")
     if cv:
-        labels = {"ttft_s": "time to first token", "decode_s_per_token": "decode s/token (median)",
-                  "prepare_s": "preparation (W-U at user)", "offline_s": "offline (helper's material)",
-                  "wall_s": "session wall time"}
-        rows = [[labels[k], fmt_s(cv["encrypted"].get(k)), fmt_s(cv["plain"].get(k)), fmt_signed_s(cv["added"].get(k))]
-                for k in CURVE_FIGURES]
-        blocks.append(_grid(["CURVE", "on", "off", "added by CURVE"], rows,
-                            title=f"cost of CURVE encryption (three processes, profile {cv.get('profile')}); "
-                                  f"same tokens with and without: {cv.get('same_tokens')}"))
+        labels = {
+            "ttft_s": "time to first token",
+            "decode_s_per_token": "decode s/token (median)",
+            "prepare_s": "preparation (W-U at user)",
+            "offline_s": "offline (helper's material)",
+            "wall_s": "session wall time",
+        }
+        rows = [
+            [labels[k], fmt_s(cv["encrypted"].get(k)), fmt_s(cv["plain"].get(k)), fmt_signed_s(cv["added"].get(k))]
+            for k in CURVE_FIGURES
+        ]
+        blocks.append(
+            _grid(
+                ["CURVE", "on", "off", "added by CURVE"],
+                rows,
+                title=f"cost of CURVE encryption (three processes, profile {cv.get('profile')}); "
+                f"same tokens with and without: {cv.get('same_tokens')}",
+            )
+        )
     if plain:
-        blocks.append(f"plaintext: transformers greedy generate, same prompt, {plain.get('threads')} thread(s): "
-                      f"{fmt_s(plain.get('s_per_token'))} per token, first token {fmt_s(plain.get('ttft_s'))}; "
-                      f"same tokens as the private run: {plain.get('matches_private', '-')}")
+        blocks.append(
+            f"plaintext: transformers greedy generate, same prompt, {plain.get('threads')} thread(s): "
+            f"{fmt_s(plain.get('s_per_token'))} per token, first token {fmt_s(plain.get('ttft_s'))}; "
+            f"same tokens as the private run: {plain.get('matches_private', '-')}"
+        )
     bd = summary.get("breakdown")
     if bd and bd.get("parts"):
         total = bd.get("step_s") or 0
-        rows = [[PART_LABELS.get(r["part"], r["part"]), fmt_s(r["seconds"]),
-                 f"{100 * r['seconds'] / total:.0f}%" if total else "-", fmt_num(r["flights"]),
-                 fmt_bytes(r["bytes_user_to_owner"]), fmt_bytes(r["bytes_owner_to_user"])] for r in bd["parts"]]
-        rows.append(["total (one decode step)", fmt_s(total), "100%", fmt_num(bd.get("flights")),
-                     fmt_bytes(bd.get("bytes_user_to_owner")), fmt_bytes(bd.get("bytes_owner_to_user"))])
-        blocks.append(_grid(["part", "seconds", "share", "flights", "user->owner", "owner->user"], rows,
-                            title=f"breakdown of one decode step ({bd.get('mode')}; user's view, median of "
-                                  f"{bd.get('steps')} steps at cache length ~{bd.get('cache_length')}):"))
+        rows = [
+            [
+                PART_LABELS.get(r["part"], r["part"]),
+                fmt_s(r["seconds"]),
+                f"{100 * r['seconds'] / total:.0f}%" if total else "-",
+                fmt_num(r["flights"]),
+                fmt_bytes(r["bytes_user_to_owner"]),
+                fmt_bytes(r["bytes_owner_to_user"]),
+            ]
+            for r in bd["parts"]
+        ]
+        rows.append(
+            [
+                "total (one decode step)",
+                fmt_s(total),
+                "100%",
+                fmt_num(bd.get("flights")),
+                fmt_bytes(bd.get("bytes_user_to_owner")),
+                fmt_bytes(bd.get("bytes_owner_to_user")),
+            ]
+        )
+        blocks.append(
+            _grid(
+                ["part", "seconds", "share", "flights", "user->owner", "owner->user"],
+                rows,
+                title=f"breakdown of one decode step ({bd.get('mode')}; user's view, median of "
+                f"{bd.get('steps')} steps at cache length ~{bd.get('cache_length')}):",
+            )
+        )
         off = bd.get("offline_per_token") or {}
         if off:
-            blocks.append(f"offline (helper's dealing) per decode token: {fmt_s(off.get('seconds'))}, "
-                          f"{fmt_bytes(off.get('bytes'))} of material")
+            blocks.append(
+                f"offline (helper's dealing) per decode token: {fmt_s(off.get('seconds'))}, "
+                f"{fmt_bytes(off.get('bytes'))} of material"
+            )
     sca = summary.get("scaling")
     if sca and sca.get("rows"):
-        rows = [[fmt_num(r["prompt_tokens"]), fmt_num(r["position"]), fmt_num(r["cache_length"]),
-                 fmt_s(r["decode_s_per_token"]), fmt_num(r["flights"]), fmt_bytes(r["bytes"]),
-                 fmt_bytes(r.get("offline_bytes"))] for r in sca["rows"]]
-        blocks.append(_grid(["prompt", "position", "cache", "decode s/token", "flights", "online bytes",
-                             "offline bytes"], rows, title=f"scaling with the KV cache ({sca.get('mode')}):"))
+        rows = [
+            [
+                fmt_num(r["prompt_tokens"]),
+                fmt_num(r["position"]),
+                fmt_num(r["cache_length"]),
+                fmt_s(r["decode_s_per_token"]),
+                fmt_num(r["flights"]),
+                fmt_bytes(r["bytes"]),
+                fmt_bytes(r.get("offline_bytes")),
+            ]
+            for r in sca["rows"]
+        ]
+        blocks.append(
+            _grid(
+                ["prompt", "position", "cache", "decode s/token", "flights", "online bytes", "offline bytes"],
+                rows,
+                title=f"scaling with the KV cache ({sca.get('mode')}):",
+            )
+        )
     sw = summary.get("sweep")
     if sw and sw.get("points"):
-        rows = [[f"{q['rtt_ms']:g}" if q["mbit_s"] is not None else "none", fmt_s(q["decode_s_per_token"]),
-                 fmt_s(q.get("floor_s_per_token")), fmt_ratio(q.get("ratio")), fmt_num(q["flights"]),
-                 fmt_bytes(q["bytes"])] for q in sw["points"]]
-        blocks.append(_grid(["RTT ms", "decode s/token", "floor", "ratio", "flights", "bytes"], rows,
-                            title=f"RTT sweep ({sw.get('mode')}):"))
+        rows = [
+            [
+                f"{q['rtt_ms']:g}" if q["mbit_s"] is not None else "none",
+                fmt_s(q["decode_s_per_token"]),
+                fmt_s(q.get("floor_s_per_token")),
+                fmt_ratio(q.get("ratio")),
+                fmt_num(q["flights"]),
+                fmt_bytes(q["bytes"]),
+            ]
+            for q in sw["points"]
+        ]
+        blocks.append(
+            _grid(
+                ["RTT ms", "decode s/token", "floor", "ratio", "flights", "bytes"],
+                rows,
+                title=f"RTT sweep ({sw.get('mode')}):",
+            )
+        )
     pl = summary.get("permllm")
     if pl:
         ours = pl.get("ours", {})
@@ -520,9 +745,14 @@ def format_table(summary: dict) -> str:
             ["online bytes per token", fmt_bytes(pl["bytes_per_token"]), fmt_bytes(ours.get("bytes_per_token"))],
             ["share encoding", f"float32 ({pl['bytes_per_element']} B)", "Z_2^64 (8 B)"],
         ]
-        blocks.append(_grid(["per generated token", "PermLLM (published protocol)", "permllm (measured)"], rows,
-                            title=f"PermLLM's protocol for the same shape (cache length {pl['cache_len']}, BFV "
-                                  f"{fmt_bytes(pl['he_bytes'])} included):"))
+        blocks.append(
+            _grid(
+                ["per generated token", "PermLLM (published protocol)", "permllm (measured)"],
+                rows,
+                title=f"PermLLM's protocol for the same shape (cache length {pl['cache_len']}, BFV "
+                f"{fmt_bytes(pl['he_bytes'])} included):",
+            )
+        )
     return "\n\n".join(blocks)
 
 
@@ -543,7 +773,7 @@ def results_markdown(summary: dict, path: str, plot_path: str | None, json_path:
         f"{'quick' if summary.get('quick') else 'full'} run, {summary.get('wall_s', 0) / 60:.0f} minutes in all.",
         "",
         f"Scenario: {sc.get('model', MODEL_LABEL)}, a {sc.get('prompt_tokens', '?')}-token chat prompt "
-        f"(\"{sc.get('prompt', '')}\"), {sc.get('max_new_tokens', '?')} generated tokens, greedy; owner, user and "
+        f'("{sc.get("prompt", "")}"), {sc.get("max_new_tokens", "?")} generated tokens, greedy; owner, user and '
         "helper as three processes over ZeroMQ (CURVE on unless the command says --insecure) under netsim.",
         "",
         "Regenerate (this page, the JSON and the plot):",
@@ -562,9 +792,11 @@ def results_markdown(summary: dict, path: str, plot_path: str | None, json_path:
     if profiles:
         within = [p["name"] for p in profiles if p["ratio"] <= RATIO_LIMIT]
         above = [f"{p['name']} ({p['ratio']:.2f})" for p in profiles if p["ratio"] > RATIO_LIMIT]
-        lines += [f"Within {RATIO_LIMIT} x floor: {', '.join(within) or 'none'}."
-                  + (f" Above: {', '.join(above)}; the breakdown below shows where the time goes." if above else ""),
-                  ""]
+        lines += [
+            f"Within {RATIO_LIMIT} x floor: {', '.join(within) or 'none'}."
+            + (f" Above: {', '.join(above)}; the breakdown below shows where the time goes." if above else ""),
+            "",
+        ]
     if plot_path:
         lines += [f"![decode seconds per token against RTT, with the floor]({link(plot_path)})", ""]
     if json_path:
@@ -589,8 +821,13 @@ def machine_info() -> dict:
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    return {"cores": os.cpu_count(), "cpu_model": cpu or platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch_version, "platform": platform.platform()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu or platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "platform": platform.platform(),
+    }
 
 
 def _loadavg() -> str:
@@ -611,15 +848,28 @@ def _say(msg: str) -> None:
 
 
 # ================================================================================== three-process sessions
-def run_session(network: str, prompt: str, max_new_tokens: int, *, timeout: float = 1800.0,
-                insecure: bool = False, threads: int = 1) -> dict:
+def run_session(
+    network: str, prompt: str, max_new_tokens: int, *, timeout: float = 1800.0, insecure: bool = False, threads: int = 1
+) -> dict:
     """One demo session (owner, helper, user as processes over ZeroMQ, the launcher's commands) under
     `network`; returns the launcher's merged summary plus profile figures and the session's wall time."""
     from parties.launcher import ROLES, _role_commands, _stop, free_ports, merge_reports
 
-    args = SimpleNamespace(network=network, timeout=300.0, setup_timeout=900.0, threads=threads,
-                           insecure=insecure, max_new_tokens=max_new_tokens, model=MODEL, prompt=prompt,
-                           temperature=None, top_k=None, top_p=None, seed=None, sample=False)
+    args = SimpleNamespace(
+        network=network,
+        timeout=300.0,
+        setup_timeout=900.0,
+        threads=threads,
+        insecure=insecure,
+        max_new_tokens=max_new_tokens,
+        model=MODEL,
+        prompt=prompt,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        seed=None,
+        sample=False,
+    )
     with tempfile.TemporaryDirectory(prefix="permllm-bench-") as tmp:
         reports = Path(tmp)
         commands = _role_commands(args, free_ports(3), reports)
@@ -701,16 +951,28 @@ def plaintext_seconds_per_token(hf_model, prompt_ids: list[int], max_new_tokens:
     stamp = Stamp()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.no_grad():
-        hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
-                          pad_token_id=eos_id)  # warm-up
+        hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=eos_id
+        )  # warm-up
         start = time.perf_counter()
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos_id,
-                                logits_processor=LogitsProcessorList([stamp]))
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=eos_id,
+            logits_processor=LogitsProcessorList([stamp]),
+        )
     steps = [b - a for a, b in zip(stamp.times, stamp.times[1:])]
-    return {"s_per_token": _median(steps), "s_per_token_p90": _p90(steps),
-            "ttft_s": stamp.times[0] - start if stamp.times else None, "tokens": len(stamp.times),
-            "token_ids": out[0, len(prompt_ids):].tolist(), "threads": torch.get_num_threads()}
+    return {
+        "s_per_token": _median(steps),
+        "s_per_token_p90": _p90(steps),
+        "ttft_s": stamp.times[0] - start if stamp.times else None,
+        "tokens": len(stamp.times),
+        "token_ids": out[0, len(prompt_ids) :].tolist(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ================================================================================== in-process runs
@@ -728,8 +990,9 @@ class PartRecorder:
     def end(self, part, ctx):
         ch = ctx.channel
         p, t0, d0, s0, r0 = self._open
-        self.events.append((p, t0, time.perf_counter(), d0, ch.clock.depth, s0, ch.stats.bytes_sent, r0,
-                            ch.stats.bytes_received))
+        self.events.append(
+            (p, t0, time.perf_counter(), d0, ch.clock.depth, s0, ch.stats.bytes_sent, r0, ch.stats.bytes_received)
+        )
 
     def forwards(self) -> list[list[tuple]]:
         """Events split per forward call (each starts with 'embedding'); the norm right before lm_head is
@@ -810,9 +1073,9 @@ class InProcessBench:
     per-token figure. Each run gets a fresh user seed and its own dealt material."""
 
     def __init__(self, weights):
-        from permllm.he import IndexLookupClient, IndexLookupServer
-        from permllm.model.decoder_weights import DecoderArch, owner_weights, user_weight
         from parties.inprocess import Seeds
+        from permllm.he import IndexLookupClient, IndexLookupServer
+        from protocols.model.decoder_weights import DecoderArch, owner_weights, user_weight
 
         self.arch = DecoderArch.from_config(weights.config)
         self.owner_seed = Seeds.fresh().owner
@@ -824,12 +1087,20 @@ class InProcessBench:
         self.client = IndexLookupClient(self.arch.vocab)
         self.server = IndexLookupServer(self.client.public_context())
 
-    def run(self, prompt_ids: list[int], max_new_tokens: int, *, parts: bool = False, wrap_channel=None,
-            on_token=None, desc: str = "in-process") -> InProcessRun:
-        from permllm.model.decoder_weights import helper_weights
-        from permllm.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
-        from permllm.model.secure_decoder import SecureDecoder
+    def run(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        *,
+        parts: bool = False,
+        wrap_channel=None,
+        on_token=None,
+        desc: str = "in-process",
+    ) -> InProcessRun:
         from parties.inprocess import Seeds, deal, run_pair
+        from protocols.model.decoder_weights import helper_weights
+        from protocols.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
+        from protocols.model.secure_decoder import SecureDecoder
 
         arch, positions, prompt_len = self.arch, len(prompt_ids) + max_new_tokens, len(prompt_ids)
         seeds = Seeds(self.owner_seed, Seeds.fresh().user)
@@ -867,17 +1138,32 @@ class InProcessBench:
             return generate(ctx, owner_dec, prompt_len=prompt_len, max_new_tokens=max_new_tokens, lookup=self.server)
 
         def user(ctx):
-            return generate(ctx, user_dec, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                            prompt_ids=list(prompt_ids), choose=choose, lookup=self.client, on_token=token_seen,
-                            trace=trace)
+            return generate(
+                ctx,
+                user_dec,
+                prompt_len=prompt_len,
+                max_new_tokens=max_new_tokens,
+                prompt_ids=list(prompt_ids),
+                choose=choose,
+                lookup=self.client,
+                on_token=token_seen,
+                trace=trace,
+            )
 
         t1 = time.perf_counter()
         try:
             pair = run_pair(owner, user, owner_mat, user_mat, wrap_channel=wrap_channel, timeout=3600.0)
         finally:
             bar.close()
-        return InProcessRun(tokens=pair.user, trace=trace, user_parts=user_parts, owner_parts=owner_parts,
-                            dealing=dealing, deal_s=deal_s, wall_s=time.perf_counter() - t1)
+        return InProcessRun(
+            tokens=pair.user,
+            trace=trace,
+            user_parts=user_parts,
+            owner_parts=owner_parts,
+            dealing=dealing,
+            deal_s=deal_s,
+            wall_s=time.perf_counter() - t1,
+        )
 
 
 def bfv_token_bytes(vocab: int) -> int:
@@ -905,8 +1191,18 @@ def breakdown_from_run(run: InProcessRun, layers: int, prompt_tokens: int) -> di
         step_f = depths[s] - depths[s - 1]
         up = bytes_marks[s][0] - bytes_marks[s - 1][0]
         down = bytes_marks[s][1] - bytes_marks[s - 1][1]
-        acc = {p: {"seconds": 0.0, "flights": 0, "bytes_user_to_owner": 0, "bytes_owner_to_user": 0, "calls": 0,
-                   "owner_seconds": 0.0, "owner_flights": 0} for p in BREAKDOWN_ORDER}
+        acc = {
+            p: {
+                "seconds": 0.0,
+                "flights": 0,
+                "bytes_user_to_owner": 0,
+                "bytes_owner_to_user": 0,
+                "calls": 0,
+                "owner_seconds": 0.0,
+                "owner_flights": 0,
+            }
+            for p in BREAKDOWN_ORDER
+        }
         for e in user_fw[s]:
             a = acc[e[0]]
             a["seconds"] += e[2] - e[1]
@@ -929,23 +1225,30 @@ def breakdown_from_run(run: InProcessRun, layers: int, prompt_tokens: int) -> di
     parts = []
     for p in BREAKDOWN_ORDER:
         vals = [st[4][p] for st in per_step]
-        parts.append({"part": p, "label": PART_LABELS[p],
-                      **{k: _median([v[k] for v in vals]) for k in vals[0]}})
+        parts.append({"part": p, "label": PART_LABELS[p], **{k: _median([v[k] for v in vals]) for k in vals[0]}})
     in_layer = sum(r["flights"] for r in parts if r["part"] in LAYER_PARTS)
     outside = sum(r["flights"] for r in parts if r["part"] in OUTSIDE_PARTS)
-    dealing = run.dealing[1:len(run.trace.token_times)]
+    dealing = run.dealing[1 : len(run.trace.token_times)]
     return {
         "mode": "in-process owner+user threads, in-memory channel, no delay",
-        "steps": len(per_step), "prompt_tokens": prompt_tokens,
+        "steps": len(per_step),
+        "prompt_tokens": prompt_tokens,
         "cache_length": prompt_tokens + (len(per_step) + 1) // 2,
-        "step_s": _median([st[0] for st in per_step]), "flights": _median([st[1] for st in per_step]),
+        "step_s": _median([st[0] for st in per_step]),
+        "flights": _median([st[1] for st in per_step]),
         "bytes_user_to_owner": _median([st[2] for st in per_step]),
         "bytes_owner_to_user": _median([st[3] for st in per_step]),
-        "parts": parts, "layer_flights": in_layer, "flights_per_layer": in_layer / layers,
+        "parts": parts,
+        "layer_flights": in_layer,
+        "flights_per_layer": in_layer / layers,
         "outside_flights": outside,
-        "offline_per_token": {"seconds": _median([d["seconds"] for d in dealing]),
-                              "bytes": _median([d["bytes"] for d in dealing]),
-                              "calls": _median([d["calls"] for d in dealing])} if dealing else None,
+        "offline_per_token": {
+            "seconds": _median([d["seconds"] for d in dealing]),
+            "bytes": _median([d["bytes"] for d in dealing]),
+            "calls": _median([d["calls"] for d in dealing]),
+        }
+        if dealing
+        else None,
         "step_seconds_all": [st[0] for st in per_step],
     }
 
@@ -959,11 +1262,19 @@ def scaling_rows(run: InProcessRun, prompt_tokens: int, positions: list[int]) ->
         if not window or window[0] >= len(times):
             continue
         deal = run.dealing[k] if k < len(run.dealing) else None
-        rows.append({"prompt_tokens": prompt_tokens, "position": k, "cache_length": prompt_tokens + k,
-                     "decode_s_per_token": _median([times[i] for i in window]), "steps": len(window),
-                     "flights": depths[k - 1], "bytes": nbytes[k - 1],
-                     "offline_bytes": deal["bytes"] if deal else None,
-                     "offline_s": deal["seconds"] if deal else None})
+        rows.append(
+            {
+                "prompt_tokens": prompt_tokens,
+                "position": k,
+                "cache_length": prompt_tokens + k,
+                "decode_s_per_token": _median([times[i] for i in window]),
+                "steps": len(window),
+                "flights": depths[k - 1],
+                "bytes": nbytes[k - 1],
+                "offline_bytes": deal["bytes"] if deal else None,
+                "offline_s": deal["seconds"] if deal else None,
+            }
+        )
     return rows
 
 
@@ -978,8 +1289,9 @@ def prompt_of_length(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_sweep(bench: InProcessBench, prompt_ids: list[int], rtts_ms: list[float], mbit_s: float,
-              per_point: int) -> dict:
+def run_sweep(
+    bench: InProcessBench, prompt_ids: list[int], rtts_ms: list[float], mbit_s: float, per_point: int
+) -> dict:
     """One in-process session whose link profile changes every `per_point` decode steps."""
     specs = [("none", 0.0, None)] + [(f"{r:g},{mbit_s:g}", r, mbit_s) for r in rtts_ms]
     sims = []
@@ -1000,19 +1312,32 @@ def run_sweep(bench: InProcessBench, prompt_ids: list[int], rtts_ms: list[float]
             for sim in sims:
                 sim.switch(specs[point][0])
 
-    run = bench.run(prompt_ids, 1 + per_point * len(specs), wrap_channel=wrap, on_token=on_token,
-                    desc="RTT sweep (in-process)")
+    run = bench.run(
+        prompt_ids, 1 + per_point * len(specs), wrap_channel=wrap, on_token=on_token, desc="RTT sweep (in-process)"
+    )
     times, depths, nbytes = run.steps("time"), run.steps("depth"), run.steps("bytes")
     points = []
     for i, (spec, rtt, mbit) in enumerate(specs):
         idx = list(range(i * per_point, min((i + 1) * per_point, len(times))))
-        points.append({"spec": spec, "rtt_ms": rtt, "mbit_s": mbit,
-                       "decode_s_per_token": _median([times[j] for j in idx]),
-                       "steps_s": [times[j] for j in idx],
-                       "flights": _median([depths[j] for j in idx]), "bytes": _median([nbytes[j] for j in idx])})
-    return {"mode": f"in-process owner+user threads over netsim-wrapped in-memory channels, {mbit_s:g} Mbit/s, "
-                    f"{per_point} decode step(s) per point, prompt {len(prompt_ids)} tokens",
-            "mbit_s": mbit_s, "tokens_per_point": per_point, "prompt_tokens": len(prompt_ids), "points": points}
+        points.append(
+            {
+                "spec": spec,
+                "rtt_ms": rtt,
+                "mbit_s": mbit,
+                "decode_s_per_token": _median([times[j] for j in idx]),
+                "steps_s": [times[j] for j in idx],
+                "flights": _median([depths[j] for j in idx]),
+                "bytes": _median([nbytes[j] for j in idx]),
+            }
+        )
+    return {
+        "mode": f"in-process owner+user threads over netsim-wrapped in-memory channels, {mbit_s:g} Mbit/s, "
+        f"{per_point} decode step(s) per point, prompt {len(prompt_ids)} tokens",
+        "mbit_s": mbit_s,
+        "tokens_per_point": per_point,
+        "prompt_tokens": len(prompt_ids),
+        "points": points,
+    }
 
 
 # ================================================================================== plot
@@ -1029,29 +1354,49 @@ def write_plot(summary: dict, path: str) -> None:
     x = [q["rtt_ms"] for q in pts]
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
     ax.plot(x, [q["decode_s_per_token"] for q in pts], "o-", color="C0", label="measured (in-process, netsim)")
-    ax.plot(x, [q["floor_s_per_token"] for q in pts], "s--", color="C1",
-            label="floor = no-delay + flights x RTT/2 + bytes/bandwidth")
+    ax.plot(
+        x,
+        [q["floor_s_per_token"] for q in pts],
+        "s--",
+        color="C1",
+        label="floor = no-delay + flights x RTT/2 + bytes/bandwidth",
+    )
     if base:
         ax.axhline(base["decode_s_per_token"], color="grey", lw=0.8, ls=":", label="no delay (in-process)")
     labelled = False
     for p in summary.get("profiles") or []:
         if p["name"] != "none" and p.get("decode_s_per_token") is not None and p["rtt_ms"] > 0:
-            ax.plot([p["rtt_ms"]], [p["decode_s_per_token"]], "^", color="C2", ms=8,
-                    label=None if labelled else "three-process session (ZeroMQ, netsim profile)")
+            ax.plot(
+                [p["rtt_ms"]],
+                [p["decode_s_per_token"]],
+                "^",
+                color="C2",
+                ms=8,
+                label=None if labelled else "three-process session (ZeroMQ, netsim profile)",
+            )
             labelled = True
             left = bool(x) and p["rtt_ms"] <= min(x)
-            ax.annotate(f"{p['name']} ({_mbit(p)})", (p["rtt_ms"], p["decode_s_per_token"]),
-                        textcoords="offset points", xytext=(8, -14) if left else (-8, 4),
-                        ha="left" if left else "right", fontsize=8, color="C2")
+            ax.annotate(
+                f"{p['name']} ({_mbit(p)})",
+                (p["rtt_ms"], p["decode_s_per_token"]),
+                textcoords="offset points",
+                xytext=(8, -14) if left else (-8, 4),
+                ha="left" if left else "right",
+                fontsize=8,
+                color="C2",
+            )
     ax.set_xscale("log")
     ax.set_xticks(x, [f"{v:g}" for v in x])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("round-trip time (ms), log scale")
     ax.set_ylabel("decode seconds per token (median)")
     sc = summary.get("scenario", {})
-    ax.set_title(f"{sc.get('model', MODEL_LABEL)} private decode latency vs RTT\n"
-                 f"sweep: in-process owner+user over netsim ({sw['mbit_s']:g} Mbit/s), "
-                 f"{sw['tokens_per_point']} step(s) per point, {sw['prompt_tokens']}-token prompt", fontsize=9)
+    ax.set_title(
+        f"{sc.get('model', MODEL_LABEL)} private decode latency vs RTT\n"
+        f"sweep: in-process owner+user over netsim ({sw['mbit_s']:g} Mbit/s), "
+        f"{sw['tokens_per_point']} step(s) per point, {sw['prompt_tokens']}-token prompt",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -1061,9 +1406,16 @@ def write_plot(summary: dict, path: str) -> None:
 
 # ================================================================================== driver
 def _model_shape(arch) -> dict:
-    return {"hidden": arch.hidden, "layers": arch.layers, "heads": arch.heads, "kv_heads": arch.kv_heads,
-            "head_dim": arch.head_dim, "intermediate": arch.intermediate, "vocab": arch.vocab,
-            "outside_flights_default": 6}
+    return {
+        "hidden": arch.hidden,
+        "layers": arch.layers,
+        "heads": arch.heads,
+        "kv_heads": arch.kv_heads,
+        "head_dim": arch.head_dim,
+        "intermediate": arch.intermediate,
+        "vocab": arch.vocab,
+        "outside_flights_default": 6,
+    }
 
 
 def _command_line() -> str:
@@ -1079,11 +1431,12 @@ def run_bench(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary: dict = {
-        "schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": _command_line(), "quick": cfg.quick,
+        "schema": SCHEMA,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "quick": cfg.quick,
         "machine": {**machine_info(), "loadavg_start": _loadavg()},
-        "scenario": {"model": MODEL_LABEL, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens,
-                     "greedy": True},
+        "scenario": {"model": MODEL_LABEL, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens, "greedy": True},
         "profiles": [],
     }
     from parties.models import load_tokenizer
@@ -1093,22 +1446,25 @@ def run_bench(args) -> int:
     prompt_ids = chat_token_ids(tokenizer, cfg.prompt)
     summary["scenario"]["prompt_tokens"] = len(prompt_ids)
     stages = [p for p in cfg.parts]
-    overall = _progress(len(stages) + (len(cfg.profiles) - 1 if "sessions" in cfg.parts else 0), "permllm bench",
-                        unit="stage")
+    overall = _progress(
+        len(stages) + (len(cfg.profiles) - 1 if "sessions" in cfg.parts else 0), "permllm bench", unit="stage"
+    )
     try:
         if "sessions" in cfg.parts:
             for spec in cfg.profiles:
                 _say(f"three-process session under '{spec}' ({cfg.max_new_tokens} tokens)")
-                s = run_session(spec, cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout,
-                                insecure=cfg.insecure)
+                s = run_session(
+                    spec, cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout, insecure=cfg.insecure
+                )
                 s["name"] = spec
                 summary["profiles"].append(s)
                 overall.update(1)
         if "curve" in cfg.parts:
             state = "on" if cfg.insecure else "off"
             _say(f"the 'none' session again with CURVE {state} ({cfg.max_new_tokens} tokens)")
-            other = run_session("none", cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout,
-                                insecure=not cfg.insecure)
+            other = run_session(
+                "none", cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout, insecure=not cfg.insecure
+            )
             other["name"] = "none"
             none = summary["profiles"][0]
             summary["curve"] = curve_cost(other, none) if cfg.insecure else curve_cost(none, other)
@@ -1151,43 +1507,68 @@ def run_bench(args) -> int:
                 rows = []
                 first, *others = cfg.scaling_prompts
                 longest = max(cfg.scaling_positions)
-                run = bench.run(prompt_of_length(tokenizer, first), longest + SCALING_WINDOW,
-                                desc=f"scaling prompt {first} (in-process)")
+                run = bench.run(
+                    prompt_of_length(tokenizer, first),
+                    longest + SCALING_WINDOW,
+                    desc=f"scaling prompt {first} (in-process)",
+                )
                 rows += scaling_rows(run, first, cfg.scaling_positions)
                 for n in others:
-                    run = bench.run(prompt_of_length(tokenizer, n), 1 + SCALING_WINDOW,
-                                    desc=f"scaling prompt {n} (in-process)")
+                    run = bench.run(
+                        prompt_of_length(tokenizer, n), 1 + SCALING_WINDOW, desc=f"scaling prompt {n} (in-process)"
+                    )
                     rows += scaling_rows(run, n, [1])
-                summary["scaling"] = {"mode": "in-process owner+user threads, no delay; median of "
-                                              f"{SCALING_WINDOW} steps from each position", "rows": rows}
+                summary["scaling"] = {
+                    "mode": "in-process owner+user threads, no delay; median of "
+                    f"{SCALING_WINDOW} steps from each position",
+                    "rows": rows,
+                }
                 overall.update(1)
             if "sweep" in cfg.parts:
                 _say(f"RTT sweep {cfg.sweep_rtt_ms} ms (in-process, netsim-wrapped in-memory channels)")
-                summary["sweep"] = run_sweep(bench, prompt_of_length(tokenizer, 16), cfg.sweep_rtt_ms,
-                                             cfg.sweep_mbit_s, cfg.sweep_tokens)
+                summary["sweep"] = run_sweep(
+                    bench, prompt_of_length(tokenizer, 16), cfg.sweep_rtt_ms, cfg.sweep_mbit_s, cfg.sweep_tokens
+                )
                 overall.update(1)
             summary["inprocess_prepare_s"] = bench.prepare_s
             del bench
         else:
-            summary["model"] = {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64,
-                                "intermediate": 1536, "vocab": 49152, "outside_flights_default": 6}
+            summary["model"] = {
+                "hidden": 576,
+                "layers": 30,
+                "heads": 9,
+                "kv_heads": 3,
+                "head_dim": 64,
+                "intermediate": 1536,
+                "vocab": 49152,
+                "outside_flights_default": 6,
+            }
     finally:
         overall.close()
 
     complete_summary(summary)
     shape = summary["model"]
     he_bytes = bfv_token_bytes(shape["vocab"])
-    ref = next((p for p in summary["profiles"] if p["name"] == "wan"), None) or \
-        (summary["profiles"][0] if summary["profiles"] else None)
+    ref = next((p for p in summary["profiles"] if p["name"] == "wan"), None) or (
+        summary["profiles"][0] if summary["profiles"] else None
+    )
     cache_len = len(prompt_ids) + max(1, cfg.max_new_tokens // 2)
-    pl = permllm_cost(shape["hidden"], shape["layers"], shape["heads"], shape["intermediate"], shape["vocab"],
-                      cache_len, he_bytes=he_bytes)
+    pl = permllm_cost(
+        shape["hidden"],
+        shape["layers"],
+        shape["heads"],
+        shape["intermediate"],
+        shape["vocab"],
+        cache_len,
+        he_bytes=he_bytes,
+    )
     bd = summary.get("breakdown") or {}
     pl["ours"] = {
         "flights_per_layer": (ref or {}).get("flights_per_layer") or bd.get("flights_per_layer"),
         "flights_per_token": (ref or {}).get("flights_per_token") or bd.get("flights"),
         "bytes_per_token": (ref or {}).get("online_bytes_per_token")
-        or ((bd.get("bytes_user_to_owner") or 0) + (bd.get("bytes_owner_to_user") or 0)) or None,
+        or ((bd.get("bytes_user_to_owner") or 0) + (bd.get("bytes_owner_to_user") or 0))
+        or None,
     }
     summary["permllm"] = pl
     summary["machine"]["loadavg_end"] = _loadavg()

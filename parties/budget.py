@@ -63,11 +63,15 @@ class QueryBudget:
             ledger = self._load()
             used = ledger.setdefault(key, {"sessions": 0, "positions": 0})
             if self.max_sessions is not None and used["sessions"] + 1 > self.max_sessions:
-                raise ProtocolError(f"query budget exhausted: this user key has run {used['sessions']} of its "
-                                    f"{self.max_sessions} sessions")
+                raise ProtocolError(
+                    f"query budget exhausted: this user key has run {used['sessions']} of its "
+                    f"{self.max_sessions} sessions"
+                )
             if self.max_positions is not None and used["positions"] + positions > self.max_positions:
-                raise ProtocolError(f"query budget exhausted: this user key has used {used['positions']} of its "
-                                    f"{self.max_positions} positions and asks for {positions} more")
+                raise ProtocolError(
+                    f"query budget exhausted: this user key has used {used['positions']} of its "
+                    f"{self.max_positions} positions and asks for {positions} more"
+                )
             used["sessions"] += 1
             used["positions"] += positions
             self._store(ledger)
@@ -107,12 +111,15 @@ class QueryBudget:
                 if not all(type(entry.get(k)) is int and entry[k] >= 0 for k in ("sessions", "positions")):
                     raise ValueError("an entry is not {sessions, positions} counts")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"the query budget ledger {self.path} is unreadable ({exc}); "
-                              "fix or remove it (removing it forgets every charge)") from None
+            raise ConfigError(
+                f"the query budget ledger {self.path} is unreadable ({exc}); "
+                "fix or remove it (removing it forgets every charge)"
+            ) from None
         return keys
 
     def _store(self, keys: dict) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"version": LEDGER_VERSION, "keys": keys}, indent=1, sort_keys=True),
-                       encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"version": LEDGER_VERSION, "keys": keys}, indent=1, sort_keys=True), encoding="utf-8"
+        )
         os.replace(tmp, self.path)

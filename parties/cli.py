@@ -1,11 +1,11 @@
 """The `permllm` command: the demo launcher and the three roles run by hand.
 
-    permllm demo                      owner, user and helper as three processes on this machine
-    permllm bench                     token-latency benchmarks under simulated networks
-    permllm keygen --out keys         CURVE key pairs for the three roles
-    permllm owner --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
-    permllm user  --keys keys --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
-    permllm helper --keys keys --owner tcp://OWNER:5556 --user tcp://USER:5557
+permllm demo                      owner, user and helper as three processes on this machine
+permllm bench                     token-latency benchmarks under simulated networks
+permllm keygen --out keys         CURVE key pairs for the three roles
+permllm owner --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
+permllm user  --keys keys --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt "..."
+permllm helper --keys keys --owner tcp://OWNER:5556 --user tcp://USER:5557
 """
 
 from __future__ import annotations
@@ -35,11 +35,18 @@ real network and is meant for one machine: it needs the parties' clocks to agree
 
 
 def _add_security(p):
-    p.add_argument("--keys", default=None, metavar="DIR",
-                   help="folder with this role's CURVE secret key ROLE.key and the peers' public keys PEER.pub "
-                        "(from `permllm keygen`); required unless --insecure")
-    p.add_argument("--insecure", action="store_true",
-                   help="no encryption or authentication of the channels (local experiments only)")
+    p.add_argument(
+        "--keys",
+        default=None,
+        metavar="DIR",
+        help="folder with this role's CURVE secret key ROLE.key and the peers' public keys PEER.pub "
+        "(from `permllm keygen`); required unless --insecure",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no encryption or authentication of the channels (local experiments only)",
+    )
 
 
 def _network(spec: str) -> str:
@@ -53,15 +60,31 @@ def _network(spec: str) -> str:
 
 
 def _add_network(p, default):
-    p.add_argument("--network", default=default, type=_network,
-                   help="simulated link: lan, wan (10 ms, 1 Gbit/s), wan-slow (50 ms, 100 Mbit/s), none, "
-                        f"or RTT_ms,Mbit_s (default {default})")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds to wait for the other party during the online phase (default 60)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="compute threads of this process (default: torch's; the demo uses 1 per role)")
-    p.add_argument("--setup-timeout", type=float, default=900.0,
-                   help="seconds to wait for the others during set-up: model load, preparation, dealing (default 900)")
+    p.add_argument(
+        "--network",
+        default=default,
+        type=_network,
+        help="simulated link: lan, wan (10 ms, 1 Gbit/s), wan-slow (50 ms, 100 Mbit/s), none, "
+        f"or RTT_ms,Mbit_s (default {default})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the other party during the online phase (default 60)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads of this process (default: torch's; the demo uses 1 per role)",
+    )
+    p.add_argument(
+        "--setup-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for the others during set-up: model load, preparation, dealing (default 900)",
+    )
 
 
 def _model_spec(spec: str) -> str:
@@ -74,8 +97,10 @@ def _model_spec(spec: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-MODEL_HELP = ("smollm2 (default), minilm (a sentence-embedding encoder), or the path of a Llama-style "
-              "checkpoint: a .gguf file or a folder with config.json and the tokenizer files")
+MODEL_HELP = (
+    "smollm2 (default), minilm (a sentence-embedding encoder), or the path of a Llama-style "
+    "checkpoint: a .gguf file or a folder with config.json and the tokenizer files"
+)
 
 
 def _add_generation(p):
@@ -83,7 +108,9 @@ def _add_generation(p):
     p.add_argument("--max-new-tokens", type=int, default=48, help="token budget (default 48)")
     p.add_argument("--model", default="smollm2", type=_model_spec, help=MODEL_HELP)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; default 0.7)")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (implies --sample; default 0.7)"
+    )
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens when sampling")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass when sampling")
     p.add_argument("--seed", type=int, default=None, help="seed of the user's sampling (masks stay cryptographic)")
@@ -93,48 +120,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="permllm", description="Private two-party LLM inference (PermLLM-style).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run owner, user and helper as three local processes",
-                          description="Starts owner, user and helper as separate processes talking ZeroMQ over "
-                                      "loopback, asks the model a question privately and prints a summary.")
+    demo = sub.add_parser(
+        "demo",
+        help="run owner, user and helper as three local processes",
+        description="Starts owner, user and helper as separate processes talking ZeroMQ over "
+        "loopback, asks the model a question privately and prints a summary.",
+    )
     _add_generation(demo)
     _add_network(demo, "wan")
     demo.add_argument("--json", dest="json_path", default=None, help="also write the summary as JSON here")
-    demo.add_argument("--insecure", action="store_true",
-                      help="run without CURVE (by default the demo makes fresh keys for the three roles)")
+    demo.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without CURVE (by default the demo makes fresh keys for the three roles)",
+    )
 
-    keygen = sub.add_parser("keygen", help="write a CURVE key pair for one role",
-                            description="Writes NAME.key (secret, mode 0600) and NAME.pub into --out. Give each role "
-                                        "its own .key and the .pub files of its peers, in one folder per role.")
+    keygen = sub.add_parser(
+        "keygen",
+        help="write a CURVE key pair for one role",
+        description="Writes NAME.key (secret, mode 0600) and NAME.pub into --out. Give each role "
+        "its own .key and the .pub files of its peers, in one folder per role.",
+    )
     keygen.add_argument("--out", required=True, help="folder to write the keys into")
-    keygen.add_argument("--name", action="append", default=None,
-                        help="role name (repeatable; default: owner, user and helper)")
+    keygen.add_argument(
+        "--name", action="append", default=None, help="role name (repeatable; default: owner, user and helper)"
+    )
 
-    bench = sub.add_parser("bench", help="token-latency benchmarks under simulated networks",
-                           description="Runs the benchmark scenarios and prints the table (see bench/RESULTS.md).")
+    bench = sub.add_parser(
+        "bench",
+        help="token-latency benchmarks under simulated networks",
+        description="Runs the benchmark scenarios and prints the table (see bench/RESULTS.md).",
+    )
     from parties import bench as bench_module
 
     bench_module.add_arguments(bench)
 
-    owner = sub.add_parser("owner", help="the model owner (holds the weights)", epilog=TWO_MACHINE_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    owner = sub.add_parser(
+        "owner",
+        help="the model owner (holds the weights)",
+        epilog=TWO_MACHINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     owner.add_argument("--model", default="smollm2", type=_model_spec, help=MODEL_HELP)
     owner.add_argument("--listen-user", required=True, help="ZeroMQ address to bind for the user")
     owner.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
     _add_network(owner, "none")
     _add_security(owner)
-    owner.add_argument("--budget-file", default=None, metavar="PATH",
-                       help="query budget ledger (JSON, kept across sessions): sessions and positions run per user "
-                            "key; needs --max-sessions-per-key and/or --max-positions-per-key")
-    owner.add_argument("--max-sessions-per-key", type=int, default=None, metavar="N",
-                       help="refuse a user key after N sessions (counted in --budget-file)")
-    owner.add_argument("--max-positions-per-key", type=int, default=None, metavar="N",
-                       help="refuse a session that would take a user key past N positions in all (prompt tokens "
-                            "plus generated tokens, counted in --budget-file)")
+    owner.add_argument(
+        "--budget-file",
+        default=None,
+        metavar="PATH",
+        help="query budget ledger (JSON, kept across sessions): sessions and positions run per user "
+        "key; needs --max-sessions-per-key and/or --max-positions-per-key",
+    )
+    owner.add_argument(
+        "--max-sessions-per-key",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse a user key after N sessions (counted in --budget-file)",
+    )
+    owner.add_argument(
+        "--max-positions-per-key",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse a session that would take a user key past N positions in all (prompt tokens "
+        "plus generated tokens, counted in --budget-file)",
+    )
     owner.add_argument("--report", default=None, help="write this role's report (JSON) here")
     owner.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
-    user = sub.add_parser("user", help="the user (holds the prompt, sees the answer)", epilog=TWO_MACHINE_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    user = sub.add_parser(
+        "user",
+        help="the user (holds the prompt, sees the answer)",
+        epilog=TWO_MACHINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_generation(user)
     user.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the user")
     user.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
@@ -143,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--report", default=None, help="write this role's report (JSON) here")
     user.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
-    helper = sub.add_parser("helper", help="the offline helper (deals correlated randomness)", epilog=TWO_MACHINE_HELP,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    helper = sub.add_parser(
+        "helper",
+        help="the offline helper (deals correlated randomness)",
+        epilog=TWO_MACHINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     helper.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the helper")
     helper.add_argument("--user", required=True, help="the user's ZeroMQ address for the helper")
     _add_network(helper, "none")
@@ -156,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_from_args(args):
     from permllm.errors import ConfigError
-    from permllm.model.generation import SamplingConfig
+    from protocols.model.generation import SamplingConfig
 
     sampling = args.sample or args.temperature is not None or args.top_k is not None or args.top_p is not None
     if not sampling:
@@ -185,15 +251,18 @@ def _channel(addr, peer, bind, args, clock, curve):
 
 def _curve(args, role: str, peers: tuple[str, ...]):
     """This role's CURVE setup from --keys, or None (with a loud warning) under --insecure."""
-    from permllm.errors import ConfigError
     from parties.security import INSECURE_WARNING, Curve
+    from permllm.errors import ConfigError
 
     if args.insecure:
         print(f"permllm {role}: {INSECURE_WARNING}", file=sys.stderr, flush=True)
         return None
     if args.keys is None:
-        raise ConfigError(f"give --keys DIR (with {role}.key and " + ", ".join(f"{p}.pub" for p in peers)
-                          + "; see `permllm keygen`) or --insecure")
+        raise ConfigError(
+            f"give --keys DIR (with {role}.key and "
+            + ", ".join(f"{p}.pub" for p in peers)
+            + "; see `permllm keygen`) or --insecure"
+        )
     keys = os.path.abspath(args.keys)
     return Curve(os.path.join(keys, f"{role}.key"), {p: os.path.join(keys, f"{p}.pub") for p in peers})
 
@@ -285,11 +354,20 @@ def _run_role_with(args, clock, curve) -> int:
         from parties.roles import run_owner
 
         budget, user_key = _query_budget(args), _user_key(curve)
-        channels = {"user": _channel(args.listen_user, "user", True, args, clock, curve),
-                    "helper": _channel(args.listen_helper, "helper", True, args, clock, curve)}
+        channels = {
+            "user": _channel(args.listen_user, "user", True, args, clock, curve),
+            "helper": _channel(args.listen_helper, "helper", True, args, clock, curve),
+        }
         try:
-            report = run_owner(channels, args.model, progress=not args.quiet, log=_log(args, "owner"),
-                               setup_timeout=args.setup_timeout, budget=budget, user_key=user_key)
+            report = run_owner(
+                channels,
+                args.model,
+                progress=not args.quiet,
+                log=_log(args, "owner"),
+                setup_timeout=args.setup_timeout,
+                budget=budget,
+                user_key=user_key,
+            )
         finally:
             for ch in channels.values():
                 ch.close()
@@ -298,11 +376,14 @@ def _run_role_with(args, clock, curve) -> int:
 
         # the helper only works during set-up: its sends may wait while the others are still preparing
         args.timeout = max(args.timeout, args.setup_timeout)
-        channels = {"owner": _channel(args.owner, "owner", False, args, clock, curve),
-                    "user": _channel(args.user, "user", False, args, clock, curve)}
+        channels = {
+            "owner": _channel(args.owner, "owner", False, args, clock, curve),
+            "user": _channel(args.user, "user", False, args, clock, curve),
+        }
         try:
-            report = run_helper(channels, progress=not args.quiet, log=_log(args, "helper"),
-                                setup_timeout=args.setup_timeout)
+            report = run_helper(
+                channels, progress=not args.quiet, log=_log(args, "helper"), setup_timeout=args.setup_timeout
+            )
         finally:
             for ch in channels.values():
                 ch.close()
@@ -319,11 +400,19 @@ def _run_role_with(args, clock, curve) -> int:
             raise ConfigError("--max-new-tokens must be at least 1")
         tokenizer = load_tokenizer(args.model)
         request = UserRequest(args.model, prompt, args.max_new_tokens, sampling)
-        channels = {"owner": _channel(args.owner, "owner", False, args, clock, curve),
-                    "helper": _channel(args.listen_helper, "helper", True, args, clock, curve)}
+        channels = {
+            "owner": _channel(args.owner, "owner", False, args, clock, curve),
+            "helper": _channel(args.listen_helper, "helper", True, args, clock, curve),
+        }
         try:
-            report = run_user(channels, request, tokenizer, progress=not args.quiet, log=_log(args, "user"),
-                              setup_timeout=args.setup_timeout)
+            report = run_user(
+                channels,
+                request,
+                tokenizer,
+                progress=not args.quiet,
+                log=_log(args, "user"),
+                setup_timeout=args.setup_timeout,
+            )
         finally:
             for ch in channels.values():
                 ch.close()

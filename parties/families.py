@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from permllm.errors import ConfigError, ProtocolError
 
@@ -47,25 +48,45 @@ class Family:
         except ProtocolError as exc:
             raise ProtocolError(f"the {sender} sent a bad architecture: {exc}") from None
         if elements > MAX_LINEAR_ELEMENTS:
-            raise ProtocolError(f"the {sender} sent an architecture of {elements} linear-weight elements "
-                                f"(at most {MAX_LINEAR_ELEMENTS} accepted)")
+            raise ProtocolError(
+                f"the {sender} sent an architecture of {elements} linear-weight elements "
+                f"(at most {MAX_LINEAR_ELEMENTS} accepted)"
+            )
         return arch
 
 
 def family(model: str) -> Family:
     """The family of a model by its public name (`smollm2`, `minilm`, or `llama:NAME` for a checkpoint)."""
     if model == "smollm2" or model.startswith("llama:") and len(model) > len("llama:"):
-        from permllm.model import decoder_weights as dw
-        from permllm.model.secure_decoder import SecureDecoder
+        from protocols.model import decoder_weights as dw
+        from protocols.model.secure_decoder import SecureDecoder
 
-        return Family(model, True, dw.DecoderArch.from_config, arch_reader(dw.DecoderArch), dw.linear_shapes,
-                      dw.owner_weights, dw.user_weight, dw.helper_weights, SecureDecoder)
+        return Family(
+            model,
+            True,
+            dw.DecoderArch.from_config,
+            arch_reader(dw.DecoderArch),
+            dw.linear_shapes,
+            dw.owner_weights,
+            dw.user_weight,
+            dw.helper_weights,
+            SecureDecoder,
+        )
     if model == "minilm":
-        from permllm.model import encoder_weights as ew
-        from permllm.model.secure_encoder import SecureEncoder
+        from protocols.model import encoder_weights as ew
+        from protocols.model.secure_encoder import SecureEncoder
 
-        return Family("minilm", False, ew.EncoderArch.from_config, arch_reader(ew.EncoderArch), ew.linear_shapes,
-                      ew.owner_weights, ew.user_weight, ew.helper_weights, SecureEncoder)
+        return Family(
+            "minilm",
+            False,
+            ew.EncoderArch.from_config,
+            arch_reader(ew.EncoderArch),
+            ew.linear_shapes,
+            ew.owner_weights,
+            ew.user_weight,
+            ew.helper_weights,
+            SecureEncoder,
+        )
     raise ConfigError(f"unknown model {model!r}; choose smollm2, minilm or llama:NAME (a Llama-style checkpoint)")
 
 
@@ -100,7 +121,7 @@ def run_session(fam: Family, ctx, driver, plan, **user_side) -> Any:
 
     user_side (user only): prompt_ids, eos_ids, choose, on_token, trace; lookup for either role."""
     if fam.generates:
-        from permllm.model.generation import generate
+        from protocols.model.generation import generate
 
         return generate(ctx, driver, prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, **user_side)
     return driver.embed(ctx, user_side.get("prompt_ids"), plan.prompt_tokens)

@@ -41,19 +41,19 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
 from parties.inprocess import Seeds, deal, private_generate_inprocess, run_pair
 from permllm.fixed import decode
-from permllm.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
 from permllm.model.reference import DecoderReference
-from permllm.model.secure_decoder import SecureDecoder
 from permllm.prg import fresh_seed
 from protocols.basic import reveal_to
 from protocols.context import Role
+from protocols.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
+from protocols.model.secure_decoder import SecureDecoder
 
 PLAINTEXT_REFERENCE = (
     "float64 DecoderReference (its greedy tokens equal transformers' generate(do_sample=False): "
@@ -88,9 +88,15 @@ class TransformersReference:
     def generate_greedy(self, ids, n: int, stop_at_eos: bool = True) -> list[int]:
         prompt = torch.tensor([list(ids)])
         eos = self.eos_token_id if stop_at_eos else None
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
-        return [int(t) for t in out[0, prompt.shape[1]:]]
+        out = self.model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0,
+        )
+        return [int(t) for t in out[0, prompt.shape[1] :]]
 
 
 SESSION_TIMEOUT_S = 3600.0
@@ -181,8 +187,9 @@ class TeacherForcedResult:
         ]
 
 
-def _forced_session(ctx, decoder: SecureDecoder, prompt_ids: list[int] | None, feed: list[int] | None,
-                    prompt_len: int, steps: int) -> list[torch.Tensor]:
+def _forced_session(
+    ctx, decoder: SecureDecoder, prompt_ids: list[int] | None, feed: list[int] | None, prompt_len: int, steps: int
+) -> list[torch.Tensor]:
     """Prefill, then `steps` single-token decodes; after each forward pass the logits are opened to the
     user. The user passes the token ids; the owner and the dealer's dry run pass None."""
     logits_seen = []
@@ -198,9 +205,15 @@ def _forced_session(ctx, decoder: SecureDecoder, prompt_ids: list[int] | None, f
     return logits_seen  # empty on the owner's side and in the dry run
 
 
-def secure_forced_logits(weights, prompt_ids: Sequence[int], feed: Sequence[int], *,
-                         prepared: PreparedWeights | None = None, seeds: Seeds | None = None,
-                         timeout: float = SESSION_TIMEOUT_S) -> list[torch.Tensor]:
+def secure_forced_logits(
+    weights,
+    prompt_ids: Sequence[int],
+    feed: Sequence[int],
+    *,
+    prepared: PreparedWeights | None = None,
+    seeds: Seeds | None = None,
+    timeout: float = SESSION_TIMEOUT_S,
+) -> list[torch.Tensor]:
     """One secure session (owner, user, in-process dealer): the logits (vocab,) float64 the user sees
     after the prefill of `prompt_ids` and after each token of `feed`: 1 + len(feed) vectors."""
     prepared = _prepared_for(weights, prepared)
@@ -211,20 +224,28 @@ def secure_forced_logits(weights, prompt_ids: Sequence[int], feed: Sequence[int]
     positions, steps = len(prompt) + len(feed), len(feed)
 
     def session(party_weights, ids, tokens):
-        return lambda ctx: _forced_session(ctx, SecureDecoder(arch, party_weights, positions), ids, tokens,
-                                           len(prompt), steps)
+        return lambda ctx: _forced_session(
+            ctx, SecureDecoder(arch, party_weights, positions), ids, tokens, len(prompt), steps
+        )
 
     owner_mat, user_mat = deal(session(helper_weights(arch), None, None), seeds, weight_mask=prepared.mask)
-    run = run_pair(session(prepared.owner, None, None), session(prepared.user, prompt, feed),
-                   owner_mat, user_mat, timeout=timeout)
+    run = run_pair(
+        session(prepared.owner, None, None), session(prepared.user, prompt, feed), owner_mat, user_mat, timeout=timeout
+    )
     if owner_mat.remaining or user_mat.remaining:
         raise RuntimeError("the session left dealt material unused: dry run and online run diverged")
     return run.user
 
 
-def teacher_forced(weights, prompt_ids: Sequence[int], forced_ids: Sequence[int], *,
-                   prepared: PreparedWeights | None = None, seeds: Seeds | None = None,
-                   reference: DecoderReference | None = None) -> TeacherForcedResult:
+def teacher_forced(
+    weights,
+    prompt_ids: Sequence[int],
+    forced_ids: Sequence[int],
+    *,
+    prepared: PreparedWeights | None = None,
+    seeds: Seeds | None = None,
+    reference: DecoderReference | None = None,
+) -> TeacherForcedResult:
     """Secure vs float64 reference logits at each of the len(forced_ids) positions that predict a
     forced token (the prefill's last position, then after each of forced_ids[:-1])."""
     forced = [int(t) for t in forced_ids]
@@ -253,13 +274,20 @@ def teacher_forced(weights, prompt_ids: Sequence[int], forced_ids: Sequence[int]
 # ----------------------------------------------------------------------------------------------
 
 
-def _private_generate(prepared: PreparedWeights, prompt_ids: list[int], max_new_tokens: int, *,
-                      eos_ids=frozenset(), seeds: Seeds | None = None, on_token=None,
-                      timeout: float = SESSION_TIMEOUT_S) -> list[int]:
+def _private_generate(
+    prepared: PreparedWeights,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    eos_ids=frozenset(),
+    seeds: Seeds | None = None,
+    on_token=None,
+    timeout: float = SESSION_TIMEOUT_S,
+) -> list[int]:
     """`parties.inprocess.private_generate_inprocess` with greedy choice, on weights prepared once:
     the same dry run, HE index lookup and owner/user roles, minus the per-call weight preparation."""
     from permllm.he import IndexLookupClient, IndexLookupServer
-    from permllm.model.generation import SamplingConfig, generate, token_chooser
+    from protocols.model.generation import SamplingConfig, generate, token_chooser
 
     seeds = seeds or Seeds.fresh()
     arch = prepared.arch
@@ -275,15 +303,30 @@ def _private_generate(prepared: PreparedWeights, prompt_ids: list[int], max_new_
         return generate(ctx, SecureDecoder(arch, prepared.owner, positions), lookup=server, **budget)
 
     def user(ctx):
-        return generate(ctx, SecureDecoder(arch, prepared.user, positions), prompt_ids=list(prompt_ids),
-                        eos_ids=frozenset(eos_ids), choose=choose, lookup=client, on_token=on_token, **budget)
+        return generate(
+            ctx,
+            SecureDecoder(arch, prepared.user, positions),
+            prompt_ids=list(prompt_ids),
+            eos_ids=frozenset(eos_ids),
+            choose=choose,
+            lookup=client,
+            on_token=on_token,
+            **budget,
+        )
 
     return run_pair(owner, user, owner_mat, user_mat, timeout=timeout).user
 
 
-def greedy_agreement(weights, prompt_ids: Sequence[int], n: int, *, prepared: PreparedWeights | None = None,
-                     seeds: Seeds | None = None, reference: DecoderReference | None = None,
-                     on_token: Callable[[int], None] | None = None) -> tuple[list[int], list[int]]:
+def greedy_agreement(
+    weights,
+    prompt_ids: Sequence[int],
+    n: int,
+    *,
+    prepared: PreparedWeights | None = None,
+    seeds: Seeds | None = None,
+    reference: DecoderReference | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[list[int], list[int]]:
     """(secure_ids, plain_ids): up to n greedy tokens from the private protocol and from the float64
     reference, both stopping after eos (included). Without `prepared` the secure side is exactly
     `private_generate_inprocess`."""
@@ -291,11 +334,13 @@ def greedy_agreement(weights, prompt_ids: Sequence[int], n: int, *, prepared: Pr
     eos = weights.config.eos_token_id
     eos_ids = frozenset() if eos is None else frozenset({int(eos)})
     if prepared is None:
-        secure = private_generate_inprocess(weights, prompt, n, seeds=seeds, eos_ids=eos_ids, on_token=on_token,
-                                            timeout=SESSION_TIMEOUT_S).tokens
+        secure = private_generate_inprocess(
+            weights, prompt, n, seeds=seeds, eos_ids=eos_ids, on_token=on_token, timeout=SESSION_TIMEOUT_S
+        ).tokens
     else:
-        secure = _private_generate(_prepared_for(weights, prepared), prompt, n, eos_ids=eos_ids, seeds=seeds,
-                                   on_token=on_token)
+        secure = _private_generate(
+            _prepared_for(weights, prepared), prompt, n, eos_ids=eos_ids, seeds=seeds, on_token=on_token
+        )
     plain = (reference or DecoderReference(weights)).generate_greedy(prompt, n, stop_at_eos=eos is not None)
     return list(secure), plain
 
@@ -313,9 +358,18 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def fidelity_report(weights, tokenizer, prompts: Sequence[str], n_tokens: int, *,
-                    teacher_forced_tokens: int | None = None, prepared: PreparedWeights | None = None,
-                    progress: bool = True, prompt_indices: Sequence[int] | None = None, reference=None) -> dict:
+def fidelity_report(
+    weights,
+    tokenizer,
+    prompts: Sequence[str],
+    n_tokens: int,
+    *,
+    teacher_forced_tokens: int | None = None,
+    prepared: PreparedWeights | None = None,
+    progress: bool = True,
+    prompt_indices: Sequence[int] | None = None,
+    reference=None,
+) -> dict:
     """Greedy and teacher-forced fidelity over `prompts` (chat-templated with `chat_token_ids`).
 
     Per prompt: the secure and plaintext greedy continuations (n_tokens, eos-stopped) and, on the
@@ -355,15 +409,28 @@ def fidelity_report(weights, tokenizer, prompts: Sequence[str], n_tokens: int, *
         forced = plain[:tf_tokens]
         if forced:
             tf = teacher_forced(weights, ids, forced, prepared=prepared, reference=reference)
-            row.update(tf_positions=tf.positions, tf_agreements=tf.agreements, tf_max_abs_error=tf.max_abs_error,
-                       tf_max_rel_error=tf.max_rel_error, tf_min_margin=min(tf.margins),
-                       tf_disagreements=tf.disagreements(), tf_s=tf.wall_s)
+            row.update(
+                tf_positions=tf.positions,
+                tf_agreements=tf.agreements,
+                tf_max_abs_error=tf.max_abs_error,
+                tf_max_rel_error=tf.max_rel_error,
+                tf_min_margin=min(tf.margins),
+                tf_disagreements=tf.disagreements(),
+                tf_s=tf.wall_s,
+            )
         rows.append(row)
         done = sum(r["identical"] for r in rows)
-        bar.set_postfix(identical=f"{done}/{len(rows)}", tf_err=f"{max(r.get('tf_max_abs_error', 0) for r in rows):.2e}")
+        bar.set_postfix(
+            identical=f"{done}/{len(rows)}", tf_err=f"{max(r.get('tf_max_abs_error', 0) for r in rows):.2e}"
+        )
     bar.close()
-    summary = summarize(rows, n_tokens=n_tokens, teacher_forced_tokens=tf_tokens,
-                        wall_s=time.perf_counter() - start, prepare_s=prepare_s)
+    summary = summarize(
+        rows,
+        n_tokens=n_tokens,
+        teacher_forced_tokens=tf_tokens,
+        wall_s=time.perf_counter() - start,
+        prepare_s=prepare_s,
+    )
     summary["plaintext_reference"] = getattr(reference, "description", PLAINTEXT_REFERENCE)
     return {"rows": rows, "summary": summary}
 
@@ -398,8 +465,10 @@ def format_table(report: dict) -> str:
     """A readable table, one line per prompt (len: prompt tokens; out: secure tokens generated; div: first
     differing token; s/tok: secure greedy wall time per token, dealing and prefill included), then the
     summary."""
-    lines = [f"{'#':>3} {'len':>4} {'out':>4} {'greedy':>6} {'div':>4} {'tf top-1':>9} {'max |err|':>10} "
-             f"{'rel err':>9} {'s/tok':>6}  prompt"]
+    lines = [
+        f"{'#':>3} {'len':>4} {'out':>4} {'greedy':>6} {'div':>4} {'tf top-1':>9} {'max |err|':>10} "
+        f"{'rel err':>9} {'s/tok':>6}  prompt"
+    ]
     for r in report["rows"]:
         greedy = "same" if r["identical"] else "DIFF"
         div = "-" if r["first_divergence"] is None else str(r["first_divergence"])
@@ -407,9 +476,11 @@ def format_table(report: dict) -> str:
         err = f"{r['tf_max_abs_error']:.3e}" if "tf_positions" in r else "-"
         rel = f"{r['tf_max_rel_error']:.2e}" if "tf_positions" in r else "-"
         text = r["prompt"].replace("\n", " ")
-        lines.append(f"{r['index']:>3} {r['prompt_tokens']:>4} {len(r['secure_ids']):>4} {greedy:>6} {div:>4} {tf:>9} "
-                     f"{err:>10} {rel:>9} "
-                     f"{r['secure_s_per_token']:>6.2f}  {text[:48] + ('...' if len(text) > 48 else '')}")
+        lines.append(
+            f"{r['index']:>3} {r['prompt_tokens']:>4} {len(r['secure_ids']):>4} {greedy:>6} {div:>4} {tf:>9} "
+            f"{err:>10} {rel:>9} "
+            f"{r['secure_s_per_token']:>6.2f}  {text[:48] + ('...' if len(text) > 48 else '')}"
+        )
     s = report["summary"]
     lines += [
         "",
@@ -445,13 +516,19 @@ def _select(spec: str, count: int) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parties.fidelity",
-                                     description="Secure vs plaintext generation of SmolLM2-135M-Instruct.")
-    parser.add_argument("--prompts", default="all",
-                        help="'all' (FIDELITY_PROMPTS), N (the first N) or indices like '0,5,24-27'")
+    parser = argparse.ArgumentParser(
+        prog="python -m parties.fidelity", description="Secure vs plaintext generation of SmolLM2-135M-Instruct."
+    )
+    parser.add_argument(
+        "--prompts", default="all", help="'all' (FIDELITY_PROMPTS), N (the first N) or indices like '0,5,24-27'"
+    )
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (eos-stopped)")
-    parser.add_argument("--teacher-forced-tokens", type=int, default=None,
-                        help="teacher-forced positions per prompt (default: --tokens; 0 skips)")
+    parser.add_argument(
+        "--teacher-forced-tokens",
+        type=int,
+        default=None,
+        help="teacher-forced positions per prompt (default: --tokens; 0 skips)",
+    )
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -464,9 +541,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_model, tokenizer = load_hf_decoder(find_smollm2_gguf())
     weights = decoder_weights_from_hf(hf_model)
     reference = TransformersReference(hf_model, weights.config.eos_token_id)
-    report = fidelity_report(weights, tokenizer, [FIDELITY_PROMPTS[i] for i in indices], args.tokens,
-                             teacher_forced_tokens=args.teacher_forced_tokens, progress=not args.no_progress,
-                             prompt_indices=indices, reference=reference)
+    report = fidelity_report(
+        weights,
+        tokenizer,
+        [FIDELITY_PROMPTS[i] for i in indices],
+        args.tokens,
+        teacher_forced_tokens=args.teacher_forced_tokens,
+        progress=not args.no_progress,
+        prompt_indices=indices,
+        reference=reference,
+    )
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

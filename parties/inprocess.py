@@ -7,8 +7,9 @@ launcher (`parties.launcher`) runs the same role code over ZeroMQ instead.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,11 +42,13 @@ class Seeds:
     user: bytes
 
     @staticmethod
-    def fresh() -> "Seeds":
+    def fresh() -> Seeds:
         return Seeds(fresh_seed(), fresh_seed())
 
 
-def deal(dry_run: Callable[[DealerContext], Any], seeds: Seeds, weight_mask=None) -> tuple[QueuedMaterial, QueuedMaterial]:
+def deal(
+    dry_run: Callable[[DealerContext], Any], seeds: Seeds, weight_mask=None
+) -> tuple[QueuedMaterial, QueuedMaterial]:
     """Run the helper's dry run and hand each party its queued material."""
     dealer = Dealer(seeds.owner, seeds.user)
     dry_run(DealerContext(dealer, weight_mask or _no_weights))
@@ -147,9 +150,9 @@ def private_generate_inprocess(
     The same code paths as the three-process demo, minus ZeroMQ: weights are folded, encoded and
     masked, the dealer runs its dry run for the whole budget, then owner and user run in two threads."""
     from permllm.he import IndexLookupClient, IndexLookupServer
-    from permllm.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
-    from permllm.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
-    from permllm.model.secure_decoder import SecureDecoder
+    from protocols.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
+    from protocols.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
+    from protocols.model.secure_decoder import SecureDecoder
 
     seeds = seeds or Seeds.fresh()
     arch = DecoderArch.from_config(weights.config)
@@ -171,13 +174,27 @@ def private_generate_inprocess(
     trace = GenerationTrace()
 
     def owner(ctx):
-        return generate(ctx, SecureDecoder(arch, owner_w, positions), prompt_len=len(prompt_ids),
-                        max_new_tokens=max_new_tokens, lookup=server)
+        return generate(
+            ctx,
+            SecureDecoder(arch, owner_w, positions),
+            prompt_len=len(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            lookup=server,
+        )
 
     def user(ctx):
-        return generate(ctx, SecureDecoder(arch, user_w, positions), prompt_len=len(prompt_ids),
-                        max_new_tokens=max_new_tokens, prompt_ids=list(prompt_ids), eos_ids=frozenset(eos_ids),
-                        choose=choose, lookup=client, on_token=on_token, trace=trace)
+        return generate(
+            ctx,
+            SecureDecoder(arch, user_w, positions),
+            prompt_len=len(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            prompt_ids=list(prompt_ids),
+            eos_ids=frozenset(eos_ids),
+            choose=choose,
+            lookup=client,
+            on_token=on_token,
+            trace=trace,
+        )
 
     run = run_pair(owner, user, owner_mat, user_mat, wrap_channel=wrap_channel, timeout=timeout)
     return LocalGeneration(tokens=run.user, run=run, user_trace=trace, dealt_calls=dealt_calls)
@@ -212,8 +229,8 @@ def private_embed_inprocess(
     one after another in the same session. The same code paths as a three-party run, minus the
     network: weights are folded, encoded and masked, the dealer runs its dry run for all sentences,
     then owner and user run in two threads (`parties.inprocess.run_pair`)."""
-    from permllm.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
-    from permllm.model.secure_encoder import SecureEncoder
+    from protocols.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
+    from protocols.model.secure_encoder import SecureEncoder
 
     batch = len(token_ids) > 0 and not isinstance(token_ids[0], (int, np.integer))
     sentences = [list(map(int, s)) for s in token_ids] if batch else [list(map(int, token_ids))]
@@ -229,11 +246,19 @@ def private_embed_inprocess(
     def session(ctx, encoder: SecureEncoder, with_tokens: bool):
         return [encoder.embed(ctx, s if with_tokens else None, len(s), normalize=normalize) for s in sentences]
 
-    owner_mat, user_mat = deal(lambda ctx: session(ctx, SecureEncoder(arch, helper_weights(arch), max_tokens), False),
-                               seeds, weight_mask=masks.__getitem__)
+    owner_mat, user_mat = deal(
+        lambda ctx: session(ctx, SecureEncoder(arch, helper_weights(arch), max_tokens), False),
+        seeds,
+        weight_mask=masks.__getitem__,
+    )
     dealt_calls = owner_mat.remaining
-    run = run_pair(lambda ctx: session(ctx, SecureEncoder(arch, owner_w, max_tokens), False),
-                   lambda ctx: session(ctx, SecureEncoder(arch, user_w, max_tokens), True),
-                   owner_mat, user_mat, wrap_channel=wrap_channel, timeout=timeout)
+    run = run_pair(
+        lambda ctx: session(ctx, SecureEncoder(arch, owner_w, max_tokens), False),
+        lambda ctx: session(ctx, SecureEncoder(arch, user_w, max_tokens), True),
+        owner_mat,
+        user_mat,
+        wrap_channel=wrap_channel,
+        timeout=timeout,
+    )
     embedding = np.stack(run.user) if batch else run.user[0]
     return LocalEmbedding(embedding=embedding, run=run, dealt_calls=dealt_calls)

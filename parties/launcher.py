@@ -63,8 +63,16 @@ def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
     # three roles share this machine's cores: one compute thread each avoids oversubscription
     threads = args.threads if args.threads is not None else 1
-    common = ["--network", args.network, "--timeout", str(args.timeout), "--setup-timeout", str(args.setup_timeout),
-              "--threads", str(threads)]
+    common = [
+        "--network",
+        args.network,
+        "--timeout",
+        str(args.timeout),
+        "--setup-timeout",
+        str(args.setup_timeout),
+        "--threads",
+        str(threads),
+    ]
     if getattr(args, "insecure", False):
         common.append("--insecure")
     else:
@@ -78,9 +86,23 @@ def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         from permllm.model.prompts import MINILM_SENTENCES
 
         args.prompt = MINILM_SENTENCES[0]
-    user = base + ["user", "--owner", owner_user, "--listen-helper", user_helper,
-                   "--max-new-tokens", str(args.max_new_tokens), "--model", args.model,
-                   "--report", str(reports / "user.json")] + common
+    user = (
+        base
+        + [
+            "user",
+            "--owner",
+            owner_user,
+            "--listen-helper",
+            user_helper,
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--model",
+            args.model,
+            "--report",
+            str(reports / "user.json"),
+        ]
+        + common
+    )
     if args.prompt is not None:
         user += ["--prompt", args.prompt]
     for flag in ("temperature", "top_k", "top_p", "seed"):
@@ -90,10 +112,31 @@ def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     if args.sample:
         user.append("--sample")
     return {
-        "owner": base + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper, "--model", args.model,
-                         "--report", str(reports / "owner.json")] + common,
-        "helper": base + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet",
-                          "--report", str(reports / "helper.json")] + common,
+        "owner": base
+        + [
+            "owner",
+            "--listen-user",
+            owner_user,
+            "--listen-helper",
+            owner_helper,
+            "--model",
+            args.model,
+            "--report",
+            str(reports / "owner.json"),
+        ]
+        + common,
+        "helper": base
+        + [
+            "helper",
+            "--owner",
+            owner_helper,
+            "--user",
+            user_helper,
+            "--quiet",
+            "--report",
+            str(reports / "helper.json"),
+        ]
+        + common,
         "user": user,
     }
 
@@ -118,8 +161,12 @@ def run_demo(args) -> int:
         commands = _role_commands(args, free_ports(3), reports)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         security = "no encryption (--insecure)" if args.insecure else "CURVE-encrypted and authenticated"
-        print(f"permllm demo: owner, helper and user as three processes over ZeroMQ on loopback, "
-              f"network '{args.network}', {security}", file=sys.stderr, flush=True)
+        print(
+            f"permllm demo: owner, helper and user as three processes over ZeroMQ on loopback, "
+            f"network '{args.network}', {security}",
+            file=sys.stderr,
+            flush=True,
+        )
         processes: dict[str, subprocess.Popen] = {}
         try:
             for role in ROLES:
@@ -133,11 +180,13 @@ def run_demo(args) -> int:
             _stop(processes)
         if failed:
             role, code = failed
-            print(f"permllm demo: the {role} exited with status {code}; the other parties were stopped",
-                  file=sys.stderr)
+            print(
+                f"permllm demo: the {role} exited with status {code}; the other parties were stopped", file=sys.stderr
+            )
             return 1
-        summary = merge_reports({role: json.loads((reports / f"{role}.json").read_text()) for role in ROLES},
-                                network=args.network)
+        summary = merge_reports(
+            {role: json.loads((reports / f"{role}.json").read_text()) for role in ROLES}, network=args.network
+        )
     print(format_summary(summary))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(summary, indent=2))
@@ -174,9 +223,17 @@ def merge_reports(reports: dict, network: str) -> dict:
         "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
     }
     if "embedding" in user:
-        return {**common, "model": "minilm", "embedding": user["embedding"], "text": "", "token_ids": [],
-                "generated_tokens": 0, "online_s": user["online_s"], "online_bytes": user["online_bytes"],
-                "online_flights": user["online_flights"]}
+        return {
+            **common,
+            "model": "minilm",
+            "embedding": user["embedding"],
+            "text": "",
+            "token_ids": [],
+            "generated_tokens": 0,
+            "online_s": user["online_s"],
+            "online_bytes": user["online_bytes"],
+            "online_flights": user["online_flights"],
+        }
     return {
         "network": network,
         "text": user["text"],
@@ -223,13 +280,19 @@ def format_summary(s: dict) -> str:
     if "embedding" in s:
         rows = [
             ("sentence tokens", s["prompt_tokens"]),
-            ("online time / bytes / flights", f"{_fmt_s(s['online_s'])} / {_fmt_bytes(s['online_bytes'])} / "
-                                              f"{s['online_flights']}"),
+            (
+                "online time / bytes / flights",
+                f"{_fmt_s(s['online_s'])} / {_fmt_bytes(s['online_bytes'])} / {s['online_flights']}",
+            ),
             ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
-            ("preparation (masked weights): time / bytes",
-             f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}"),
-            ("peak RSS owner / user / helper",
-             " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper"))),
+            (
+                "preparation (masked weights): time / bytes",
+                f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}",
+            ),
+            (
+                "peak RSS owner / user / helper",
+                " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper")),
+            ),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join([f"--- summary (network {s['network']}) ---"] + [f"{k:<{width}}  {v}" for k, v in rows])
@@ -243,8 +306,10 @@ def format_summary(s: dict) -> str:
         ("prefill: flights / bytes", f"{s['prefill_flights']} / {_fmt_bytes(s['prefill_bytes'])}"),
         ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
         ("preparation (masked weights): time / bytes", f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}"),
-        ("peak RSS owner / user / helper",
-         " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper"))),
+        (
+            "peak RSS owner / user / helper",
+            " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper")),
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"--- summary (network {s['network']}) ---"] + [f"{k:<{width}}  {v}" for k, v in rows]

@@ -27,8 +27,10 @@ def check_model_spec(spec: str) -> str:
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").is_file():
         return spec
-    raise ConfigError(f"unknown model {spec!r}: give one of {', '.join(MODELS)}, a .gguf file or a folder "
-                      "with config.json (a Llama-style checkpoint)")
+    raise ConfigError(
+        f"unknown model {spec!r}: give one of {', '.join(MODELS)}, a .gguf file or a folder "
+        "with config.json (a Llama-style checkpoint)"
+    )
 
 
 def model_name(spec: str) -> str:

@@ -20,14 +20,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from permllm.errors import ChannelTimeout, ConfigError, PermLLMError, ProtocolError
-from permllm.fixed import ACT_BITS, WEIGHT_BITS
-from permllm.prg import fresh_seed
 from parties.families import MAX_ARCH_DIMENSION, family, run_session
 from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
 from parties.models import PROTOCOL_VERSION, fingerprint, model_name
-from parties.wire import (SETUP_TIMEOUT_S, abort_records, await_receipt, finish_records, recv_json, recv_records,
-                          require, send_json, send_record)
+from parties.wire import (
+    SETUP_TIMEOUT_S,
+    abort_records,
+    await_receipt,
+    finish_records,
+    recv_json,
+    recv_records,
+    require,
+    send_json,
+    send_record,
+)
+from permllm.errors import ChannelTimeout, ConfigError, PermLLMError, ProtocolError
+from permllm.fixed import ACT_BITS, WEIGHT_BITS
+from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
 
@@ -37,7 +46,9 @@ SEED_TAG = "seed"
 def _progress(total, desc, enabled, unit="it"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True
+    )
 
 
 @dataclass
@@ -50,9 +61,15 @@ class Plan:
     session: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def hello(self) -> dict:
-        return {"protocol": PROTOCOL_VERSION, "model": self.model, "prompt_tokens": self.prompt_tokens,
-                "max_new_tokens": self.max_new_tokens, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS,
-                "session": self.session}
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "max_new_tokens": self.max_new_tokens,
+            "act_bits": ACT_BITS,
+            "weight_bits": WEIGHT_BITS,
+            "session": self.session,
+        }
 
 
 def check_hello(hello: dict, model: str, max_positions: int, generates: bool = True) -> Plan:
@@ -63,8 +80,12 @@ def check_hello(hello: dict, model: str, max_positions: int, generates: bool = T
         if hello.get(key) != want:
             raise ProtocolError(f"{key} mismatch: the user has {hello.get(key)!r}, the owner {want!r}")
     prompt, budget = hello.get("prompt_tokens"), hello.get("max_new_tokens")
-    if (not isinstance(prompt, int) or not isinstance(budget, int) or prompt < 1
-            or (budget < 1 if generates else budget != 0)):
+    if (
+        not isinstance(prompt, int)
+        or not isinstance(budget, int)
+        or prompt < 1
+        or (budget < 1 if generates else budget != 0)
+    ):
         raise ProtocolError(f"bad plan: prompt_tokens={prompt!r}, max_new_tokens={budget!r}")
     if prompt + budget > max_positions:
         raise ProtocolError(f"prompt ({prompt}) plus budget ({budget}) exceeds the model's {max_positions} positions")
@@ -76,13 +97,23 @@ def _first_answer(receive, peer: str):
     try:
         return receive()
     except ChannelTimeout as exc:
-        raise ChannelTimeout(f"{exc}. The {peer} is not running, not reachable at that address, or refused "
-                             f"this role's CURVE key (check --keys on both sides)") from None
+        raise ChannelTimeout(
+            f"{exc}. The {peer} is not running, not reachable at that address, or refused "
+            f"this role's CURVE key (check --keys on both sides)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ owner
-def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S,
-              budget=None, user_key: str = "") -> dict:
+def run_owner(
+    channels,
+    model: str,
+    *,
+    progress: bool = True,
+    log=print,
+    setup_timeout: float = SETUP_TIMEOUT_S,
+    budget=None,
+    user_key: str = "",
+) -> dict:
     """channels: dict with 'user' and 'helper' Channels; model: a model spec (`parties.models`: a bundled
     name or a checkpoint path). Returns the owner's report.
 
@@ -116,17 +147,37 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
         except PermLLMError:
             pass
         raise
-    send_json(user, "welcome", {"protocol": PROTOCOL_VERSION, "model": model, "arch": arch_dict,
-                                "fingerprint": card, "session": plan.session, "max_positions": max_positions,
-                                "eos_token_id": getattr(weights.config, "eos_token_id", None)})
+    send_json(
+        user,
+        "welcome",
+        {
+            "protocol": PROTOCOL_VERSION,
+            "model": model,
+            "arch": arch_dict,
+            "fingerprint": card,
+            "session": plan.session,
+            "max_positions": max_positions,
+            "eos_token_id": getattr(weights.config, "eos_token_id", None),
+        },
+    )
     server = None
     if fam.generates:
         server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=setup_timeout))
 
     seed = fresh_seed()
-    send_json(helper, "owner-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session, "arch": arch_dict,
-                                     "fingerprint": card, "model": model, "prompt_tokens": plan.prompt_tokens,
-                                     "max_new_tokens": plan.max_new_tokens})
+    send_json(
+        helper,
+        "owner-plan",
+        {
+            "protocol": PROTOCOL_VERSION,
+            "session": plan.session,
+            "arch": arch_dict,
+            "fingerprint": card,
+            "model": model,
+            "prompt_tokens": plan.prompt_tokens,
+            "max_new_tokens": plan.max_new_tokens,
+        },
+    )
     helper.send(SEED_TAG, seed)
 
     with phases.timed("prepare"):
@@ -156,19 +207,23 @@ def run_owner(channels, model: str, *, progress: bool = True, log=print, setup_t
         # a decoder's last chosen token is never fed back; an encoder runs its prompt once
         budget.settle(reservation, driver.position + 1 if fam.generates else plan.prompt_tokens)
     return {
-        "role": "owner", "phases_s": phases.seconds, "prepare_bytes": prepare_bytes, "offline_bytes": offline_bytes,
+        "role": "owner",
+        "phases_s": phases.seconds,
+        "prepare_bytes": prepare_bytes,
+        "offline_bytes": offline_bytes,
         "online_bytes_sent": user.stats.bytes_sent - online_before[0],
         "online_bytes_received": user.stats.bytes_received - online_before[1],
-        "material_left": material.remaining, "peak_rss_mb": peak_rss_mb(),
+        "material_left": material.remaining,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 # ------------------------------------------------------------------------------------------ helper
 def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
     """channels: dict with 'owner' and 'user' Channels. Deals, streams, returns the helper's report."""
-    from permllm.model.decoder_weights import weight_mask
     from protocols.context import DealerContext
     from protocols.material import Dealer
+    from protocols.model.decoder_weights import weight_mask
 
     owner, user = channels["owner"], channels["user"]
     phases = Phases()
@@ -204,15 +259,22 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
     log(f"helper: dealing material for a {prompt}-token prompt and {budget} new tokens")
     with phases.timed("offline"):
         dealer = Dealer(owner_seed, user_seed, sink=sink)
-        run_session(fam, DealerContext(dealer, mask_of), fam.driver(arch, fam.helper_weights(arch), prompt + budget), plan)
+        run_session(
+            fam, DealerContext(dealer, mask_of), fam.driver(arch, fam.helper_weights(arch), prompt + budget), plan
+        )
         dealer.flush()
         finish_records(owner, dealer.calls)
         finish_records(user, dealer.calls)
         await_receipt(owner, dealer.calls, timeout=setup_timeout)
         await_receipt(user, dealer.calls, timeout=setup_timeout)
     bar.close()
-    return {"role": "helper", "phases_s": phases.seconds, "calls": dealer.calls,
-            "offline_bytes": owner.stats.bytes_sent + user.stats.bytes_sent, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "role": "helper",
+        "phases_s": phases.seconds,
+        "calls": dealer.calls,
+        "offline_bytes": owner.stats.bytes_sent + user.stats.bytes_sent,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 PLAN_FIELDS = {"protocol": int, "session": str, "fingerprint": str, "prompt_tokens": int, "max_new_tokens": int}
@@ -227,14 +289,15 @@ def _check_plans(owner_plan: dict, user_plan: dict):
         if mine != theirs:
             raise ProtocolError(f"{key} mismatch between the owner ({mine!r}) and the user ({theirs!r})")
     if owner_plan["protocol"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol mismatch: the parties speak {owner_plan['protocol']}, the helper {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"protocol mismatch: the parties speak {owner_plan['protocol']}, the helper {PROTOCOL_VERSION}"
+        )
     fam = family(require(owner_plan, "model", str, "owner", "owner-plan"))
     arch = fam.received_arch(owner_plan.get("arch"), "owner")
     if fingerprint(fam.name, arch.to_dict()) != owner_plan["fingerprint"]:
         raise ProtocolError("the owner's model fingerprint does not match its architecture")
     prompt, budget = owner_plan["prompt_tokens"], owner_plan["max_new_tokens"]
-    if (prompt < 1 or (budget < 1 if fam.generates else budget != 0)
-            or prompt + budget > MAX_ARCH_DIMENSION):
+    if prompt < 1 or (budget < 1 if fam.generates else budget != 0) or prompt + budget > MAX_ARCH_DIMENSION:
         raise ProtocolError(f"bad plan: prompt_tokens={prompt}, max_new_tokens={budget}")
     return fam, arch, Plan(fam.name, prompt, budget, owner_plan["session"])
 
@@ -267,8 +330,10 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_positions: i
         raise ConfigError("--max-new-tokens must be at least 1")
     ids = chat_token_ids(tokenizer, prompt)
     if max_positions is not None and len(ids) + max_new_tokens > max_positions:
-        raise ConfigError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the "
-                          f"model's {max_positions} positions")
+        raise ConfigError(
+            f"the prompt ({len(ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the "
+            f"model's {max_positions} positions"
+        )
     return ids
 
 
@@ -290,17 +355,27 @@ def _check_welcome(welcome: dict, plan: Plan, fam):
         raise ProtocolError("the owner's model fingerprint does not match its architecture")
     max_positions = require(welcome, "max_positions", int, "owner", "welcome")
     if plan.prompt_tokens + plan.max_new_tokens > max_positions:
-        raise ConfigError(f"the prompt ({plan.prompt_tokens} tokens) plus the budget ({plan.max_new_tokens}) exceeds "
-                          f"the model's {max_positions} positions")
+        raise ConfigError(
+            f"the prompt ({plan.prompt_tokens} tokens) plus the budget ({plan.max_new_tokens}) exceeds "
+            f"the model's {max_positions} positions"
+        )
     return arch
 
 
-def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True, log=print, out=sys.stdout,
-             setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
+def run_user(
+    channels,
+    request: UserRequest,
+    tokenizer,
+    *,
+    progress: bool = True,
+    log=print,
+    out=sys.stdout,
+    setup_timeout: float = SETUP_TIMEOUT_S,
+) -> dict:
     """channels: dict with 'owner' and 'helper' Channels. Streams the answer (or prints the embedding);
     returns the user's report."""
     from permllm.he import IndexLookupClient
-    from permllm.model.generation import GenerationTrace, SamplingConfig, token_chooser
+    from protocols.model.generation import GenerationTrace, SamplingConfig, token_chooser
 
     name = model_name(request.model)
     fam = family(name)
@@ -321,9 +396,17 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
         owner.send("he.context", client.public_context())
 
     seed = fresh_seed()
-    send_json(helper, "user-plan", {"protocol": PROTOCOL_VERSION, "session": plan.session,
-                                    "fingerprint": welcome["fingerprint"], "prompt_tokens": plan.prompt_tokens,
-                                    "max_new_tokens": plan.max_new_tokens})
+    send_json(
+        helper,
+        "user-plan",
+        {
+            "protocol": PROTOCOL_VERSION,
+            "session": plan.session,
+            "fingerprint": welcome["fingerprint"],
+            "prompt_tokens": plan.prompt_tokens,
+            "max_new_tokens": plan.max_new_tokens,
+        },
+    )
     helper.send(SEED_TAG, seed)
 
     shapes = fam.linear_shapes(arch)
@@ -352,20 +435,34 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
     ctx = PartyContext(Role.USER, owner, material)
     driver = fam.driver(arch, weights, plan.prompt_tokens + plan.max_new_tokens)
     online_start = (owner.stats.bytes_sent, owner.stats.bytes_received, owner.clock.depth)
-    report = {"role": "user", "prompt_tokens": plan.prompt_tokens, "prepare_bytes": prepare_bytes,
-              "offline_bytes": offline_bytes}
+    report = {
+        "role": "user",
+        "prompt_tokens": plan.prompt_tokens,
+        "prepare_bytes": prepare_bytes,
+        "offline_bytes": offline_bytes,
+    }
     if not fam.generates:
         with phases.timed("online"):
             embedding = run_session(fam, ctx, driver, plan, prompt_ids=prompt_ids)
-        out.write("embedding (" + str(len(embedding)) + " dims, L2-normalised): "
-                  + " ".join(f"{v:+.4f}" for v in embedding[:8]) + " ...\n")
+        out.write(
+            "embedding ("
+            + str(len(embedding))
+            + " dims, L2-normalised): "
+            + " ".join(f"{v:+.4f}" for v in embedding[:8])
+            + " ...\n"
+        )
         out.flush()
-        report.update({
-            "embedding": [float(v) for v in embedding], "text": "", "token_ids": [], "generated_tokens": 0,
-            "online_s": phases.seconds["online"],
-            "online_bytes": owner.stats.bytes_sent + owner.stats.bytes_received - online_start[0] - online_start[1],
-            "online_flights": owner.clock.depth - online_start[2],
-        })
+        report.update(
+            {
+                "embedding": [float(v) for v in embedding],
+                "text": "",
+                "token_ids": [],
+                "generated_tokens": 0,
+                "online_s": phases.seconds["online"],
+                "online_bytes": owner.stats.bytes_sent + owner.stats.bytes_received - online_start[0] - online_start[1],
+                "online_flights": owner.clock.depth - online_start[2],
+            }
+        )
     else:
         eos = {i for i in (tokenizer.eos_token_id, welcome.get("eos_token_id")) if isinstance(i, int)}
         trace = GenerationTrace()
@@ -375,29 +472,42 @@ def run_user(channels, request: UserRequest, tokenizer, *, progress: bool = True
         def stream(token):
             tokens.append(token)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-            out.write(text[len(printed[0]):])
+            out.write(text[len(printed[0]) :])
             out.flush()
             printed[0] = text
 
         choose = token_chooser(request.sampling or SamplingConfig())
         with phases.timed("online"):
-            run_session(fam, ctx, driver, plan, prompt_ids=prompt_ids, eos_ids=frozenset(eos), choose=choose,
-                        lookup=client, on_token=stream, trace=trace)
+            run_session(
+                fam,
+                ctx,
+                driver,
+                plan,
+                prompt_ids=prompt_ids,
+                eos_ids=frozenset(eos),
+                choose=choose,
+                lookup=client,
+                on_token=stream,
+                trace=trace,
+            )
         out.write("\n")
         out.flush()
         byte_marks = [s + r for s, r in trace.token_bytes]
-        report.update({
-            "generated_tokens": len(tokens), "token_ids": tokens,
-            "text": tokenizer.decode(tokens, skip_special_tokens=True),
-            "ttft_s": trace.token_times[0] - trace.start if trace.token_times else None,
-            "decode_s_per_token": median_step(trace.token_times),
-            "decode_s_per_token_p90": percentile_step(trace.token_times, 0.9),
-            "online_bytes_per_token": median_step(byte_marks),
-            "online_bytes_per_token_up": median_step([s for s, _ in trace.token_bytes]),
-            "online_bytes_per_token_down": median_step([r for _, r in trace.token_bytes]),
-            "prefill_bytes": byte_marks[0] - online_start[0] - online_start[1] if byte_marks else None,
-            "flights_per_token": median_step(trace.token_depths),
-            "prefill_flights": trace.token_depths[0] - trace.start_depth if trace.token_depths else None,
-        })
+        report.update(
+            {
+                "generated_tokens": len(tokens),
+                "token_ids": tokens,
+                "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                "ttft_s": trace.token_times[0] - trace.start if trace.token_times else None,
+                "decode_s_per_token": median_step(trace.token_times),
+                "decode_s_per_token_p90": percentile_step(trace.token_times, 0.9),
+                "online_bytes_per_token": median_step(byte_marks),
+                "online_bytes_per_token_up": median_step([s for s, _ in trace.token_bytes]),
+                "online_bytes_per_token_down": median_step([r for _, r in trace.token_bytes]),
+                "prefill_bytes": byte_marks[0] - online_start[0] - online_start[1] if byte_marks else None,
+                "flights_per_token": median_step(trace.token_depths),
+                "prefill_flights": trace.token_depths[0] - trace.start_depth if trace.token_depths else None,
+            }
+        )
     report.update({"phases_s": phases.seconds, "material_left": material.remaining, "peak_rss_mb": peak_rss_mb()})
     return report

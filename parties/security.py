@@ -100,8 +100,12 @@ class Curve:
             # socket (this channel's) authenticates against this peer's key only
             self.context.setsockopt(zmq.ZAP_DOMAIN, peer.encode())
             return {"context": self.context, "curve_server": True, "curve_secret_key": self.secret}
-        return {"context": self.context, "curve_server_key": self.peers[peer], "curve_public_key": self.public,
-                "curve_secret_key": self.secret}
+        return {
+            "context": self.context,
+            "curve_server_key": self.peers[peer],
+            "curve_public_key": self.public,
+            "curve_secret_key": self.secret,
+        }
 
     def close(self) -> None:
         self._auth.stop()

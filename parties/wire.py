@@ -5,7 +5,7 @@ streamed offline material. Everything is a framed message (no pickle): JSON trav
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tenseal as ts
@@ -165,9 +165,7 @@ class IndexLookupClient:
             raise ConfigError(f"vocab_size must be in [1, {MAX_VOCAB_SIZE}], got {vocab_size}")
         n = _check_int("poly_modulus_degree", poly_modulus_degree)
         if n not in SUPPORTED_POLY_MODULUS_DEGREES:
-            raise ConfigError(
-                f"poly_modulus_degree must be one of {SUPPORTED_POLY_MODULUS_DEGREES}, got {n}"
-            )
+            raise ConfigError(f"poly_modulus_degree must be one of {SUPPORTED_POLY_MODULUS_DEGREES}, got {n}")
         self.vocab_size = vocab_size
         self.poly_modulus_degree = n
         self.seed = seed
@@ -256,9 +254,7 @@ class IndexLookupServer:
         if not isinstance(public_context, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"public context must be bytes, got {type(public_context).__name__}")
         if not 0 < len(public_context) <= max_context_bytes:
-            raise ProtocolError(
-                f"public context has {len(public_context)} bytes, accepted 1..{max_context_bytes}"
-            )
+            raise ProtocolError(f"public context has {len(public_context)} bytes, accepted 1..{max_context_bytes}")
         try:
             ctx = ts.context_from(bytes(public_context))
         except Exception as exc:
@@ -331,9 +327,7 @@ class IndexLookupServer:
             if not isinstance(chunk, (bytes, bytearray, memoryview)):
                 raise ProtocolError(f"query chunk {i} must be bytes, got {type(chunk).__name__}")
             if not 0 < len(chunk) <= self.max_chunk_bytes:
-                raise ProtocolError(
-                    f"query chunk {i} has {len(chunk)} bytes, accepted 1..{self.max_chunk_bytes}"
-                )
+                raise ProtocolError(f"query chunk {i} has {len(chunk)} bytes, accepted 1..{self.max_chunk_bytes}")
         vectors = []
         for i, chunk in enumerate(query):
             try:

@@ -204,7 +204,6 @@ else:  # pragma: no cover - exercised only on installs without numba
     scatter_rows = scatter_rows_numpy
 
 
-
 # --------------------------------------------------------------------------------------------------
 # permutation helpers
 # --------------------------------------------------------------------------------------------------

@@ -289,7 +289,9 @@ class Prg:
         # 1. sigma: shuffle segment ids within each group of equal length.
         by_length = np.argsort(seg_lengths, kind="stable")
         sorted_lengths = seg_lengths[by_length]
-        group_starts = np.flatnonzero(np.r_[True, sorted_lengths[1:] != sorted_lengths[:-1]]) if n_segments else by_length
+        group_starts = (
+            np.flatnonzero(np.r_[True, sorted_lengths[1:] != sorted_lengths[:-1]]) if n_segments else by_length
+        )
         group_sizes = np.diff(np.r_[group_starts, n_segments]).astype(np.int64)
         shuffled_ids = by_length.astype(np.int64)
         self._shuffle_in_place(shuffled_ids, group_starts.astype(np.int64), group_sizes)

@@ -55,9 +55,7 @@ def _validate(logits, temperature, top_k, top_p, generator) -> np.ndarray:
         if not (0.0 < float(top_p) <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
     if generator is not None and not isinstance(generator, np.random.Generator):
-        raise ConfigError(
-            f"generator must be a numpy.random.Generator or None, got {type(generator).__name__}"
-        )
+        raise ConfigError(f"generator must be a numpy.random.Generator or None, got {type(generator).__name__}")
     return z
 
 

@@ -34,18 +34,18 @@ class Shared:
     user_share: torch.Tensor | None = None
 
     @staticmethod
-    def of(local: torch.Tensor, bits: int, *, dealt: bool = False) -> "Shared":
+    def of(local: torch.Tensor, bits: int, *, dealt: bool = False) -> Shared:
         return Shared(local, bits, tuple(local.shape), dealt)
 
     @staticmethod
-    def placeholder(shape, bits: int, user_share: torch.Tensor | None = None) -> "Shared":
+    def placeholder(shape, bits: int, user_share: torch.Tensor | None = None) -> Shared:
         return Shared(None, bits, tuple(shape), user_share is not None, user_share)
 
     @property
     def is_placeholder(self) -> bool:
         return self.local is None
 
-    def map(self, fn, shape=None, bits: int | None = None) -> "Shared":
+    def map(self, fn, shape=None, bits: int | None = None) -> Shared:
         """Apply a local linear map to the share (fn must be linear over the ring).
 
         Any local map voids `dealt`: the helper no longer knows the mapped share unless it applies
@@ -57,7 +57,7 @@ class Shared:
         out = fn(self.local)
         return Shared(out, new_bits, tuple(out.shape))
 
-    def __add__(self, other: "Shared") -> "Shared":
+    def __add__(self, other: Shared) -> Shared:
         if self.bits != other.bits:
             raise ValueError(f"cannot add shares at scales {self.bits} and {other.bits}")
         if self.shape != other.shape:
@@ -66,7 +66,7 @@ class Shared:
             return Shared(None, self.bits, self.shape)
         return Shared(self.local + other.local, self.bits, self.shape)
 
-    def reshape(self, *shape) -> "Shared":
+    def reshape(self, *shape) -> Shared:
         """A reshaped view. Keeps `dealt`: the helper reshapes the dealt share the same way."""
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         new_shape = _resolve(self.shape, shape)
@@ -74,7 +74,7 @@ class Shared:
         user_share = None if self.user_share is None else self.user_share.reshape(new_shape)
         return Shared(local, self.bits, new_shape, self.dealt, user_share)
 
-    def with_bits(self, bits: int) -> "Shared":
+    def with_bits(self, bits: int) -> Shared:
         return replace(self, bits=bits)
 
 

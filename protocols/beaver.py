@@ -73,7 +73,7 @@ def product(ctx, x: Shared, y_new: Shared, cache: GrowingOperand) -> Shared:
     mine = torch.cat([(x.local - a).reshape(-1), (y_new.local - b_new).reshape(-1)])
     opened = mine + ctx.exchange(f"prod.{cache.name}", mine)
     e_x = opened[: x.local.numel()].reshape(x.shape)
-    cache._append("opened", opened[x.local.numel():].reshape(y_new.shape))
+    cache._append("opened", opened[x.local.numel() :].reshape(y_new.shape))
     cache._append("mask", b_new)
     cache.rows = rows
     z = e_x @ cache._op(cache.mask) + a @ cache._op(cache.opened) + mat.part("C", out_shape)

@@ -9,8 +9,8 @@ instead of computing on shares it deals the material each call will take.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 import numpy as np
 import torch

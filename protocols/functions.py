@@ -10,8 +10,8 @@ Norm gains and biases are not here: the owner folds them into the next linear la
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

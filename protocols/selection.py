@@ -13,7 +13,7 @@ Reference: PermLLM §4.4 (the token choice under a permutation, index recovered 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

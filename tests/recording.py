@@ -76,7 +76,7 @@ class Transcript:
         with self._lock:
             self.messages.append(message)
 
-    def wrap(self, channel: Channel, receiver: str | None = None) -> "RecordingChannel":
+    def wrap(self, channel: Channel, receiver: str | None = None) -> RecordingChannel:
         """Wrap one party's channel; receiver defaults to the other end of an owner/user pair."""
         return RecordingChannel(channel, self, receiver or _OTHER[channel.peer])
 
@@ -93,8 +93,13 @@ class RecordingChannel(Channel):
     """A Channel that passes everything to `inner` and records each received frame."""
 
     def __init__(self, inner: Channel, transcript: Transcript, receiver: str) -> None:
-        super().__init__(inner.peer, clock=inner.clock, stats=inner.stats, timeout=inner.timeout,
-                         max_payload_bytes=inner.max_payload_bytes)
+        super().__init__(
+            inner.peer,
+            clock=inner.clock,
+            stats=inner.stats,
+            timeout=inner.timeout,
+            max_payload_bytes=inner.max_payload_bytes,
+        )
         self._inner = inner
         self._transcript = transcript
         self._receiver = receiver
@@ -109,8 +114,16 @@ class RecordingChannel(Channel):
     def _receive(self, tag: str, timeout: float | None) -> Received:
         message = self._inner._receive(tag, timeout)
         header = message.header
-        self._transcript.add(Message(self._receiver, self.peer, header.tag, np.dtype(header.dtype),
-                                     tuple(header.shape), bytes(message.payload)))
+        self._transcript.add(
+            Message(
+                self._receiver,
+                self.peer,
+                header.tag,
+                np.dtype(header.dtype),
+                tuple(header.shape),
+                bytes(message.payload),
+            )
+        )
         return message
 
     def _send_frame(self, header: bytes, payload: memoryview) -> None:
@@ -224,7 +237,7 @@ def find_subsequences(haystack: np.ndarray, needles) -> list[int]:
     for start in np.flatnonzero(np.isin(haystack, np.fromiter(by_first, dtype=np.int64))):
         for i in by_first[int(haystack[start])]:
             n = needles[i]
-            if i not in found and np.array_equal(haystack[start:start + n.size], n):
+            if i not in found and np.array_equal(haystack[start : start + n.size], n):
                 found.add(i)
     return sorted(found)
 

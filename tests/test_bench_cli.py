@@ -35,8 +35,17 @@ def test_floor_without_delay_is_the_no_delay_latency():
     assert bench.floor_seconds(0.7, 366, 0.0, 8e6, math.inf) == 0.7
 
 
-@pytest.mark.parametrize("bad", [(-1, 366, 10, 1, 1000), (0.5, -1, 10, 1, 1000), (0.5, 366, -1, 1, 1000),
-                                 (0.5, 366, 10, -1, 1000), (0.5, 366, 10, 1, 0), (None, 366, 10, 1, 1000)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (-1, 366, 10, 1, 1000),
+        (0.5, -1, 10, 1, 1000),
+        (0.5, 366, -1, 1, 1000),
+        (0.5, 366, 10, -1, 1000),
+        (0.5, 366, 10, 1, 0),
+        (None, 366, 10, 1, 1000),
+    ],
+)
 def test_floor_rejects_impossible_inputs(bad):
     with pytest.raises(ValueError):
         bench.floor_seconds(*bad)
@@ -91,42 +100,111 @@ def test_permllm_cost_rejects_bad_shapes(kwargs):
 
 # ------------------------------------------------------------------------------ fabricated summary
 def _session(name, rtt_ms, mbit_s, decode):
-    return {"name": name, "network": name, "rtt_ms": rtt_ms, "mbit_s": mbit_s, "ttft_s": 3.0,
-            "decode_s_per_token": decode, "decode_s_per_token_p90": decode * 1.1, "online_bytes_per_token": 8e6,
-            "online_bytes_per_token_up": 5.7e6, "online_bytes_per_token_down": 2.3e6, "flights_per_token": 366,
-            "prefill_flights": 366, "prefill_bytes": 2.4e8, "offline_s": 16.0, "offline_bytes": 4e8,
-            "prepare_s": 15.0, "prepare_bytes": 1.3e9, "model_load_s": 20.0, "generated_tokens": 8,
-            "peak_rss_mb": {"owner": 5400.0, "user": 2000.0, "helper": 1600.0}, "wall_s": 60.0,
-            "token_ids": [1, 2, 3], "text": "x"}
+    return {
+        "name": name,
+        "network": name,
+        "rtt_ms": rtt_ms,
+        "mbit_s": mbit_s,
+        "ttft_s": 3.0,
+        "decode_s_per_token": decode,
+        "decode_s_per_token_p90": decode * 1.1,
+        "online_bytes_per_token": 8e6,
+        "online_bytes_per_token_up": 5.7e6,
+        "online_bytes_per_token_down": 2.3e6,
+        "flights_per_token": 366,
+        "prefill_flights": 366,
+        "prefill_bytes": 2.4e8,
+        "offline_s": 16.0,
+        "offline_bytes": 4e8,
+        "prepare_s": 15.0,
+        "prepare_bytes": 1.3e9,
+        "model_load_s": 20.0,
+        "generated_tokens": 8,
+        "peak_rss_mb": {"owner": 5400.0, "user": 2000.0, "helper": 1600.0},
+        "wall_s": 60.0,
+        "token_ids": [1, 2, 3],
+        "text": "x",
+    }
 
 
 def fabricated_summary():
     return {
-        "schema": bench.SCHEMA, "date": "2025-01-01T00:00:00+00:00", "command": "permllm bench --quick",
-        "quick": True, "machine": {"cores": 2, "cpu_model": "Test CPU", "loadavg_start": "1.0/1.0/1.0",
-                                   "loadavg_end": "1.0/1.0/1.0"},
+        "schema": bench.SCHEMA,
+        "date": "2025-01-01T00:00:00+00:00",
+        "command": "permllm bench --quick",
+        "quick": True,
+        "machine": {"cores": 2, "cpu_model": "Test CPU", "loadavg_start": "1.0/1.0/1.0", "loadavg_end": "1.0/1.0/1.0"},
         "scenario": {"model": "SmolLM2-135M-Instruct", "prompt": "p", "prompt_tokens": 49, "max_new_tokens": 8},
-        "model": {"hidden": 576, "layers": 30, "heads": 9, "intermediate": 1536, "vocab": 49152,
-                  "outside_flights_default": 6},
-        "profiles": [_session("none", 0.0, None, 0.6), _session("lan", 0.2, 10000.0, 0.65),
-                     _session("wan", 10.0, 1000.0, 2.6), _session("wan-slow", 50.0, 100.0, 14.0)],
+        "model": {
+            "hidden": 576,
+            "layers": 30,
+            "heads": 9,
+            "intermediate": 1536,
+            "vocab": 49152,
+            "outside_flights_default": 6,
+        },
+        "profiles": [
+            _session("none", 0.0, None, 0.6),
+            _session("lan", 0.2, 10000.0, 0.65),
+            _session("wan", 10.0, 1000.0, 2.6),
+            _session("wan-slow", 50.0, 100.0, 14.0),
+        ],
         "plaintext": {"s_per_token": 0.05, "ttft_s": 0.3, "threads": 1, "matches_private": True},
         "breakdown": {
-            "mode": "in-process", "steps": 3, "cache_length": 51, "step_s": 0.9, "flights": 366,
-            "bytes_user_to_owner": 5.7e6, "bytes_owner_to_user": 2.3e6, "outside_flights": 6,
+            "mode": "in-process",
+            "steps": 3,
+            "cache_length": 51,
+            "step_s": 0.9,
+            "flights": 366,
+            "bytes_user_to_owner": 5.7e6,
+            "bytes_owner_to_user": 2.3e6,
+            "outside_flights": 6,
             "flights_per_layer": 12.0,
-            "parts": [{"part": p, "seconds": 0.9 / len(bench.BREAKDOWN_ORDER), "flights": 1,
-                       "bytes_user_to_owner": 1000, "bytes_owner_to_user": 500} for p in bench.BREAKDOWN_ORDER],
+            "parts": [
+                {
+                    "part": p,
+                    "seconds": 0.9 / len(bench.BREAKDOWN_ORDER),
+                    "flights": 1,
+                    "bytes_user_to_owner": 1000,
+                    "bytes_owner_to_user": 500,
+                }
+                for p in bench.BREAKDOWN_ORDER
+            ],
             "offline_per_token": {"seconds": 0.3, "bytes": 4.9e6},
         },
-        "scaling": {"mode": "in-process", "rows": [
-            {"prompt_tokens": 16, "position": 1, "cache_length": 17, "decode_s_per_token": 0.8, "flights": 366,
-             "bytes": 7.6e6, "offline_bytes": 4.7e6},
-            {"prompt_tokens": 16, "position": 128, "cache_length": 144, "decode_s_per_token": 1.0, "flights": 366,
-             "bytes": 8.9e6, "offline_bytes": 5.5e6}]},
-        "sweep": {"mode": "in-process", "mbit_s": 1000.0, "tokens_per_point": 2, "prompt_tokens": 16, "points": [
-            {"rtt_ms": 0.0, "mbit_s": None, "decode_s_per_token": 1.0, "flights": 366, "bytes": 7.6e6},
-            {"rtt_ms": 10.0, "mbit_s": 1000.0, "decode_s_per_token": 3.0, "flights": 366, "bytes": 7.6e6}]},
+        "scaling": {
+            "mode": "in-process",
+            "rows": [
+                {
+                    "prompt_tokens": 16,
+                    "position": 1,
+                    "cache_length": 17,
+                    "decode_s_per_token": 0.8,
+                    "flights": 366,
+                    "bytes": 7.6e6,
+                    "offline_bytes": 4.7e6,
+                },
+                {
+                    "prompt_tokens": 16,
+                    "position": 128,
+                    "cache_length": 144,
+                    "decode_s_per_token": 1.0,
+                    "flights": 366,
+                    "bytes": 8.9e6,
+                    "offline_bytes": 5.5e6,
+                },
+            ],
+        },
+        "sweep": {
+            "mode": "in-process",
+            "mbit_s": 1000.0,
+            "tokens_per_point": 2,
+            "prompt_tokens": 16,
+            "points": [
+                {"rtt_ms": 0.0, "mbit_s": None, "decode_s_per_token": 1.0, "flights": 366, "bytes": 7.6e6},
+                {"rtt_ms": 10.0, "mbit_s": 1000.0, "decode_s_per_token": 3.0, "flights": 366, "bytes": 7.6e6},
+            ],
+        },
     }
 
 
@@ -168,8 +246,17 @@ def test_summary_is_json_with_the_promised_keys():
     s["permllm"] = bench.permllm_cost(576, 30, 9, 1536, 49152, 53)
     back = json.loads(json.dumps(s))
     for p in back["profiles"]:
-        for key in ("name", "rtt_ms", "mbit_s", "ttft_s", "decode_s_per_token", "floor_s_per_token", "ratio",
-                    "flights_per_layer", "online_bytes_per_token"):
+        for key in (
+            "name",
+            "rtt_ms",
+            "mbit_s",
+            "ttft_s",
+            "decode_s_per_token",
+            "floor_s_per_token",
+            "ratio",
+            "flights_per_layer",
+            "online_bytes_per_token",
+        ):
             assert key in p
     for key in ("date", "machine", "command", "scenario", "plaintext", "breakdown", "scaling", "sweep", "permllm"):
         assert key in back
@@ -180,11 +267,32 @@ def test_table_shows_every_section_and_flags_ratios_above_the_limit():
     s["permllm"] = bench.permllm_cost(576, 30, 9, 1536, 49152, 53, he_bytes=2_000_000)
     s["permllm"]["ours"] = {"flights_per_layer": 12, "flights_per_token": 366, "bytes_per_token": 8e6}
     table = bench.format_table(s)
-    for text in ("none", "lan", "wan", "wan-slow", "time to first token", "decode s/token (median)",
-                 "floor s/token", "measured / floor", "flights per layer", "user -> owner", "owner -> user",
-                 "offline per generated token", "preparation (W-U at user) s / bytes", "peak RSS", "plaintext transformers",
-                 "breakdown of one decode step", "softmax", "selection", "scaling with the KV cache",
-                 "RTT sweep", "PermLLM", "549", "366", "2 cores (Test CPU)"):
+    for text in (
+        "none",
+        "lan",
+        "wan",
+        "wan-slow",
+        "time to first token",
+        "decode s/token (median)",
+        "floor s/token",
+        "measured / floor",
+        "flights per layer",
+        "user -> owner",
+        "owner -> user",
+        "offline per generated token",
+        "preparation (W-U at user) s / bytes",
+        "peak RSS",
+        "plaintext transformers",
+        "breakdown of one decode step",
+        "softmax",
+        "selection",
+        "scaling with the KV cache",
+        "RTT sweep",
+        "PermLLM",
+        "549",
+        "366",
+        "2 cores (Test CPU)",
+    ):
         assert text in table, text
     assert "NOTE: wan-slow above 1.25 x floor" in table
     wan_line = next(line for line in table.splitlines() if line.startswith("measured / floor"))
@@ -216,8 +324,12 @@ def test_curve_cost_is_the_difference_of_two_sessions_and_is_shown():
 
 def test_results_page_names_date_machine_command_and_embeds_the_plot(tmp_path):
     s = bench.complete_summary(fabricated_summary())
-    page = bench.results_markdown(s, str(tmp_path / "bench" / "RESULTS.md"), str(tmp_path / "bench" / "results" / "p.png"),
-                                  str(tmp_path / "bench" / "results" / "latest.json"))
+    page = bench.results_markdown(
+        s,
+        str(tmp_path / "bench" / "RESULTS.md"),
+        str(tmp_path / "bench" / "results" / "p.png"),
+        str(tmp_path / "bench" / "results" / "latest.json"),
+    )
     assert page.startswith("# permllm token-latency benchmarks")
     assert "Measured 2025-01-01T00:00:00+00:00 on 2 cores (Test CPU)" in page
     assert "```bash\npermllm bench --quick\n```" in page
@@ -260,9 +372,16 @@ def _recorder(forwards):
 
 
 def test_breakdown_attributes_the_rest_of_the_step_to_selection():
-    layer = [("norm", 0.1, 2, 10, 5), ("qkv", 0.05, 2, 4, 4), ("scores", 0.01, 0, 1, 1), ("softmax", 0.02, 2, 3, 1),
-             ("weighted_values", 0.02, 2, 2, 2), ("out_proj", 0.01, 0, 1, 0), ("norm", 0.1, 2, 10, 5),
-             ("mlp", 0.2, 2, 20, 10)]
+    layer = [
+        ("norm", 0.1, 2, 10, 5),
+        ("qkv", 0.05, 2, 4, 4),
+        ("scores", 0.01, 0, 1, 1),
+        ("softmax", 0.02, 2, 3, 1),
+        ("weighted_values", 0.02, 2, 2, 2),
+        ("out_proj", 0.01, 0, 1, 0),
+        ("norm", 0.1, 2, 10, 5),
+        ("mlp", 0.2, 2, 20, 10),
+    ]
     forward = [("embedding", 0.001, 0, 8, 0)] + layer * 2 + [("norm", 0.01, 2, 1, 1), ("lm_head", 0.05, 0, 0, 0)]
     rec = _recorder([forward, forward, forward])
     f_s = sum(p[1] for p in forward)
@@ -272,10 +391,15 @@ def test_breakdown_attributes_the_rest_of_the_step_to_selection():
     times = [0.0, f_s + 0.1, 2 * (f_s + 0.1)]
     depths = [0, f_flights + 4, 2 * (f_flights + 4)]
     marks = [(0, 0), (f_up + 100, f_down + 50), (2 * (f_up + 100), 2 * (f_down + 50))]
-    run = bench.InProcessRun(tokens=[1, 2, 3], trace=_Trace(times, depths, marks), user_parts=rec, owner_parts=rec,
-                             dealing=[{"seconds": 1.0, "bytes": 100, "calls": 5}] + [{"seconds": 0.3, "bytes": 10,
-                                                                                     "calls": 2}] * 2,
-                             deal_s=1.6, wall_s=2.0)
+    run = bench.InProcessRun(
+        tokens=[1, 2, 3],
+        trace=_Trace(times, depths, marks),
+        user_parts=rec,
+        owner_parts=rec,
+        dealing=[{"seconds": 1.0, "bytes": 100, "calls": 5}] + [{"seconds": 0.3, "bytes": 10, "calls": 2}] * 2,
+        deal_s=1.6,
+        wall_s=2.0,
+    )
     bd = bench.breakdown_from_run(run, layers=2, prompt_tokens=10)
     parts = {p["part"]: p for p in bd["parts"]}
     assert [p["part"] for p in bd["parts"]] == list(bench.BREAKDOWN_ORDER)
@@ -291,9 +415,15 @@ def test_breakdown_attributes_the_rest_of_the_step_to_selection():
 
 def test_scaling_rows_take_the_window_from_each_position():
     times = [0.0, 1.0, 2.1, 3.3, 4.6, 6.0]  # steps 1.0, 1.1, 1.2, 1.3, 1.4
-    run = bench.InProcessRun(tokens=[0] * 6, trace=_Trace(times, [0, 1, 2, 3, 4, 5], [(0, 0)] * 6), user_parts=None,
-                             owner_parts=None, dealing=[{"seconds": 1, "bytes": b, "calls": 1} for b in range(6)],
-                             deal_s=0, wall_s=0)
+    run = bench.InProcessRun(
+        tokens=[0] * 6,
+        trace=_Trace(times, [0, 1, 2, 3, 4, 5], [(0, 0)] * 6),
+        user_parts=None,
+        owner_parts=None,
+        dealing=[{"seconds": 1, "bytes": b, "calls": 1} for b in range(6)],
+        deal_s=0,
+        wall_s=0,
+    )
     rows = bench.scaling_rows(run, 16, [1, 4, 9])
     assert [r["position"] for r in rows] == [1, 4]
     assert rows[0]["decode_s_per_token"] == pytest.approx(1.1) and rows[0]["cache_length"] == 17
@@ -327,28 +457,31 @@ def test_skip_and_outputs(tmp_path):
     assert "curve" in bench.config_from_args(_args()).parts
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--profiles", "moon"], "--profiles"),
-    (["--profiles", "wan,wan"], "twice"),
-    (["--profiles", " , "], "at least one"),
-    (["--max-new-tokens", "2"], "--max-new-tokens"),
-    (["--max-new-tokens", "100000"], "--max-new-tokens"),
-    (["--prompt", "   "], "empty"),
-    (["--sweep-rtt", "1,-5"], "--sweep-rtt"),
-    (["--sweep-rtt", "1,abc"], "not a number"),
-    (["--sweep-rtt", "1,1"], "repeated"),
-    (["--sweep-mbit", "0"], "--sweep-mbit"),
-    (["--sweep-tokens", "0"], "--sweep-tokens"),
-    (["--scaling-prompts", "16,0"], "--scaling-prompts"),
-    (["--scaling-positions", "1.5"], "integer"),
-    (["--skip", "everything"], "unknown part"),
-    (["--skip", "sessions,plaintext,breakdown,scaling,sweep"], "nothing to run"),
-    (["--plot", "out.svg"], ".png"),
-    (["--plot", "out.png", "--skip", "sweep"], "sweep"),
-    (["--json", "out.txt"], ".json"),
-    (["--markdown", "out.txt"], ".md"),
-    (["--session-timeout", "0"], "--session-timeout"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--profiles", "moon"], "--profiles"),
+        (["--profiles", "wan,wan"], "twice"),
+        (["--profiles", " , "], "at least one"),
+        (["--max-new-tokens", "2"], "--max-new-tokens"),
+        (["--max-new-tokens", "100000"], "--max-new-tokens"),
+        (["--prompt", "   "], "empty"),
+        (["--sweep-rtt", "1,-5"], "--sweep-rtt"),
+        (["--sweep-rtt", "1,abc"], "not a number"),
+        (["--sweep-rtt", "1,1"], "repeated"),
+        (["--sweep-mbit", "0"], "--sweep-mbit"),
+        (["--sweep-tokens", "0"], "--sweep-tokens"),
+        (["--scaling-prompts", "16,0"], "--scaling-prompts"),
+        (["--scaling-positions", "1.5"], "integer"),
+        (["--skip", "everything"], "unknown part"),
+        (["--skip", "sessions,plaintext,breakdown,scaling,sweep"], "nothing to run"),
+        (["--plot", "out.svg"], ".png"),
+        (["--plot", "out.png", "--skip", "sweep"], "sweep"),
+        (["--json", "out.txt"], ".json"),
+        (["--markdown", "out.txt"], ".md"),
+        (["--session-timeout", "0"], "--session-timeout"),
+    ],
+)
 def test_bad_arguments_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):
         bench.config_from_args(_args(*argv))

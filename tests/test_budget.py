@@ -42,8 +42,15 @@ def test_a_session_that_used_its_whole_plan_keeps_its_charge(tmp_path):
     assert budget.usage("k")["positions"] == 30
 
 
-@pytest.mark.parametrize("content", ["not json", '{"version": 2, "keys": {}}', '{"version": 1, "keys": []}',
-                                     '{"version": 1, "keys": {"k": {"sessions": -1, "positions": 0}}}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        '{"version": 2, "keys": {}}',
+        '{"version": 1, "keys": []}',
+        '{"version": 1, "keys": {"k": {"sessions": -1, "positions": 0}}}',
+    ],
+)
 def test_a_broken_ledger_is_a_clear_error_at_start(tmp_path, content):
     path = tmp_path / "b.json"
     path.write_text(content)
@@ -88,19 +95,24 @@ def test_owner_refuses_a_user_over_its_budget_in_the_handshake(tmp_path):
     assert isinstance(errors.get("owner"), ProtocolError) and "query budget exhausted" in str(errors["owner"])
     assert isinstance(errors.get("user"), ProtocolError), errors
     assert positions == 14
-    assert str(errors["user"]) == ("owner ended the session: query budget exhausted: this user key has used 14 of "
-                                   "its 20 positions and asks for 14 more")
+    assert str(errors["user"]) == (
+        "owner ended the session: query budget exhausted: this user key has used 14 of "
+        "its 20 positions and asks for 14 more"
+    )
     assert isinstance(errors.get("helper"), ProtocolError), errors
     assert "the owner refused the session: query budget exhausted" in str(errors["helper"])
     assert printed == "" and "user" not in reports
     assert budget.usage("user-key-1") == {"sessions": 1, "positions": positions}
 
 
-@pytest.mark.parametrize("options,message", [
-    (["--max-sessions-per-key", "3"], "need --budget-file PATH"),
-    (["--budget-file", "{tmp}/b.json"], "needs --max-sessions-per-key or --max-positions-per-key"),
-    (["--budget-file", "{tmp}/b.json", "--max-positions-per-key", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--max-sessions-per-key", "3"], "need --budget-file PATH"),
+        (["--budget-file", "{tmp}/b.json"], "needs --max-sessions-per-key or --max-positions-per-key"),
+        (["--budget-file", "{tmp}/b.json", "--max-positions-per-key", "0"], "at least 1"),
+    ],
+)
 def test_owner_budget_options_are_checked_before_any_work(tmp_path, options, message):
     import subprocess
     import sys
@@ -110,9 +122,23 @@ def test_owner_budget_options_are_checked_before_any_work(tmp_path, options, mes
 
     a, b = free_ports(2)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "parties.cli", "owner", "--listen-user", f"tcp://127.0.0.1:{a}",
-                           "--listen-helper", f"tcp://127.0.0.1:{b}", "--insecure", "--quiet",
-                           *[o.format(tmp=tmp_path) for o in options]], capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parties.cli",
+            "owner",
+            "--listen-user",
+            f"tcp://127.0.0.1:{a}",
+            "--listen-helper",
+            f"tcp://127.0.0.1:{b}",
+            "--insecure",
+            "--quiet",
+            *[o.format(tmp=tmp_path) for o in options],
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 2 and "permllm owner: error:" in err and message in err, err[-800:]
     assert "Traceback" not in err and time.monotonic() - start < 30

@@ -83,8 +83,11 @@ def test_a_wrong_server_key_times_out_saying_the_handshake_failed(keys):
     server, client = _owner_user_channels(owner, confused, timeout=3)
     try:
         client.send("hello", b"x")
-        with pytest.raises(ChannelTimeout, match=r"waiting for tag 'welcome' from peer 'owner'; its CURVE handshake "
-                                                 r"failed \d+ times \(a wrong public key for the owner"):
+        with pytest.raises(
+            ChannelTimeout,
+            match=r"waiting for tag 'welcome' from peer 'owner'; its CURVE handshake "
+            r"failed \d+ times \(a wrong public key for the owner",
+        ):
             client.recv_bytes("welcome", timeout=2)
     finally:
         for ch in (server, client):
@@ -104,8 +107,19 @@ def test_roles_refuse_to_start_without_keys_or_insecure():
 
 
 def test_insecure_says_so_loudly():
-    proc = _permllm("helper", "--owner", "tcp://127.0.0.1:1", "--user", "tcp://127.0.0.1:2", "--insecure",
-                    "--timeout", "0.5", "--setup-timeout", "0.5", "--quiet")
+    proc = _permllm(
+        "helper",
+        "--owner",
+        "tcp://127.0.0.1:1",
+        "--user",
+        "tcp://127.0.0.1:2",
+        "--insecure",
+        "--timeout",
+        "0.5",
+        "--setup-timeout",
+        "0.5",
+        "--quiet",
+    )
     assert "WARNING: --insecure" in proc.stderr
     assert proc.returncode == 2  # nobody answers: a clear timeout error, no hang
     assert "timed out" in proc.stderr

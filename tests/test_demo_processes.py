@@ -31,19 +31,32 @@ def _demo_processes_alive() -> list[str]:
 
 
 def _masked_weight_bytes() -> int:
-    from permllm.model.decoder_weights import DecoderArch, linear_shapes
+    from protocols.model.decoder_weights import DecoderArch, linear_shapes
 
-    arch = DecoderArch(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
-                       rms_eps=1e-5, rope_theta=100000.0)
-    return sum(header_length(len(f"w.{name}"), 2) + 8 * d_in * d_out
-               for name, (d_in, d_out, _) in linear_shapes(arch).items())
+    arch = DecoderArch(
+        hidden=576,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        head_dim=64,
+        intermediate=1536,
+        vocab=49152,
+        rms_eps=1e-5,
+        rope_theta=100000.0,
+    )
+    return sum(
+        header_length(len(f"w.{name}"), 2) + 8 * d_in * d_out for name, (d_in, d_out, _) in linear_shapes(arch).items()
+    )
 
 
 def test_demo_runs_three_processes_and_answers_like_the_plaintext_model(tmp_path):
     out = tmp_path / "demo.json"
     proc = subprocess.run(
         [sys.executable, "-m", "parties.cli", "demo", "--network", "lan", "--max-new-tokens", "6", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -68,7 +81,10 @@ def test_ctrl_c_stops_the_demo_and_every_party(tmp_path):
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "parties.cli", "demo", "--network", "none", "--max-new-tokens", "4", "--insecure"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
         start_new_session=True,
         # as at a terminal: a suite started in the background (`cmd &` in a script) inherits SIGINT ignored,
         # and Python then never raises KeyboardInterrupt in the demo
@@ -97,7 +113,10 @@ def test_minilm_demo_gives_the_plaintext_sentence_embedding(tmp_path):
     out = tmp_path / "minilm.json"
     proc = subprocess.run(
         [sys.executable, "-m", "parties.cli", "demo", "--model", "minilm", "--network", "none", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -108,7 +127,7 @@ def test_minilm_demo_gives_the_plaintext_sentence_embedding(tmp_path):
     assert summary["prompt_tokens"] == len(ids)
     cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
     assert cosine >= 0.999  # the bound; fixed-point error alone is far below it
-    assert summary["online_flights"] == 4 + 12 * 6  # see permllm/model/secure_encoder.py
+    assert summary["online_flights"] == 4 + 12 * 6  # see protocols/model/secure_encoder.py
     assert _demo_processes_alive() == []
 
 
@@ -123,30 +142,68 @@ def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
     from permllm.model.prompts import chat_token_ids
 
     torch.manual_seed(3)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False, rope_theta=5000.0,
-                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=False,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger logit gaps than the 0.02-std init, so no greedy step is a near tie
         model.lm_head.weight.mul_(40)
     folder = tmp_path / "tiny-llama"
     model.save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(find_smollm2_gguf().parent), gguf_file=SMOLLM2_GGUF,
-                                              local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(find_smollm2_gguf().parent), gguf_file=SMOLLM2_GGUF, local_files_only=True
+    )
     tokenizer.save_pretrained(folder)
     prompt, budget = "Name three colours.", 6
     ids = chat_token_ids(tokenizer, prompt)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False, eos_token_id=2,
-                             pad_token_id=2, output_scores=True, return_dict_in_generate=True)
-    expected = out.sequences[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=budget,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=2,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    expected = out.sequences[0, len(ids) :].tolist()
     margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
     assert min(margins) > 0.05, margins  # the precondition for an exact comparison (fixed-point error ~1e-3)
 
     summary = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "parties.cli", "demo", "--model", str(folder), "--network", "none",
-                           "--prompt", prompt, "--max-new-tokens", str(budget), "--json", str(summary)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parties.cli",
+            "demo",
+            "--model",
+            str(folder),
+            "--network",
+            "none",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            str(budget),
+            "--json",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(summary.read_text())
     assert result["token_ids"] == expected
@@ -157,7 +214,11 @@ def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
 
 
 def test_demo_names_a_model_that_is_not_there(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "parties.cli", "demo", "--model", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "parties.cli", "demo", "--model", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "unknown model" in proc.stderr and "config.json" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

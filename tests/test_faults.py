@@ -46,8 +46,9 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARA
 def _cli(*args: str | bytes, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
     """Run `python -m parties.cli ARGS` (arguments may be bytes); returns (completed, seconds)."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "parties.cli", *args], capture_output=True, cwd=REPO, env=ENV,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "parties.cli", *args], capture_output=True, cwd=REPO, env=ENV, timeout=timeout
+    )
     return proc, time.monotonic() - start
 
 
@@ -139,17 +140,32 @@ class Session:
         base = [sys.executable, "-m", "parties.cli"]
         commands = {
             "owner": base + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper] + common + timeout,
-            "helper": base + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet"] + common
+            "helper": base
+            + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet"]
+            + common
             + helper_timeout,
-            "user": base + ["user", "--owner", owner_user, "--listen-helper", user_helper, "--prompt", prompt,
-                            "--max-new-tokens", str(max_new_tokens)] + common + timeout,
+            "user": base
+            + [
+                "user",
+                "--owner",
+                owner_user,
+                "--listen-helper",
+                user_helper,
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                str(max_new_tokens),
+            ]
+            + common
+            + timeout,
         }
         self.procs: dict[str, subprocess.Popen] = {}
         self.out: dict[str, _Output] = {}
         self.err: dict[str, _Output] = {}
         for role, command in commands.items():
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                                    env=_marked_env(self.marker))
+            proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=_marked_env(self.marker)
+            )
             self.procs[role] = proc
             self.out[role], self.err[role] = _Output(proc.stdout), _Output(proc.stderr)
 
@@ -168,7 +184,7 @@ class Session:
         data = self.err["user"].data
         segments = re.split(rb"[\r\n]", data)
         marks = [i for i, seg in enumerate(segments) if b"receiving offline material" in seg]
-        return bool(marks) and any(seg and not seg.strip() for seg in segments[marks[-1] + 1:])
+        return bool(marks) and any(seg and not seg.strip() for seg in segments[marks[-1] + 1 :])
 
     def user_printed_a_token(self) -> bool:
         return bool(self.out["user"].data.strip())
@@ -184,7 +200,9 @@ class Session:
         return code, time.monotonic() - since
 
     def describe(self) -> str:
-        return "\n".join(f"--- {r} (exit {p.poll()}) stderr tail:\n{self.err[r].text()[-1500:]}" for r, p in self.procs.items())
+        return "\n".join(
+            f"--- {r} (exit {p.poll()}) stderr tail:\n{self.err[r].text()[-1500:]}" for r, p in self.procs.items()
+        )
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -299,8 +317,9 @@ def test_demo_stops_every_role_when_one_fails(monkeypatch, capsys):
     monkeypatch.setenv("PERMLLM_FAULT_TEST", marker)  # run_demo passes its environment on to the roles
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
     failing = [sys.executable, "-c", "import sys; print('user: cannot go on', file=sys.stderr); sys.exit(3)"]
-    monkeypatch.setattr(launcher, "_role_commands",
-                        lambda args, ports, reports: {"owner": sleeper, "helper": sleeper, "user": failing})
+    monkeypatch.setattr(
+        launcher, "_role_commands", lambda args, ports, reports: {"owner": sleeper, "helper": sleeper, "user": failing}
+    )
     args = build_parser().parse_args(["demo", "--network", "none", "--max-new-tokens", "2"])
     start = time.monotonic()
     code = launcher.run_demo(args)
@@ -318,9 +337,14 @@ def test_demo_with_a_role_rejecting_its_options_fails_and_leaves_nothing(tmp_pat
     (busy loading the model) and the helper. A launcher that refused it up front passes too."""
     marker = uuid.uuid4().hex
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "parties.cli", "demo", "--network", "none", "--max-new-tokens", "2",
-                           "--top-p", "2"], capture_output=True, text=True, cwd=REPO, env=_marked_env(marker),
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "parties.cli", "demo", "--network", "none", "--max-new-tokens", "2", "--top-p", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_marked_env(marker),
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "--top-p must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
@@ -342,8 +366,11 @@ DEMO_BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("args,message", DEMO_BAD_INPUT, ids=["zero-tokens", "budget", "empty", "blank", "utf8",
-                                                              "network-name", "network-rtt", "network-bandwidth"])
+@pytest.mark.parametrize(
+    "args,message",
+    DEMO_BAD_INPUT,
+    ids=["zero-tokens", "budget", "empty", "blank", "utf8", "network-name", "network-rtt", "network-bandwidth"],
+)
 def test_demo_rejects_bad_input_before_starting_anything(args, message):
     proc, elapsed = _cli("demo", *args)
     err = proc.stderr.decode(errors="replace")
@@ -356,8 +383,14 @@ def test_demo_rejects_bad_input_before_starting_anything(args, message):
 
 def _until_processes_start(command, marker, limit_s=60) -> tuple[int | None, str, bool]:
     """Run the demo until it exits or announces it started the roles (then stop its whole group)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                            env=_marked_env(marker), start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=_marked_env(marker),
+        start_new_session=True,
+    )
     err = _Output(proc.stderr)
     out = _Output(proc.stdout)
     deadline = time.monotonic() + limit_s
@@ -381,8 +414,10 @@ def test_demo_rejects_a_prompt_longer_than_the_context_before_starting_the_roles
     marker = uuid.uuid4().hex
     prompt = "word " * 9000  # ~9000 tokens > 8192 positions
     start = time.monotonic()
-    code, err, started = _until_processes_start([sys.executable, "-m", "parties.cli", "demo", "--network", "none",
-                                                 "--max-new-tokens", "8", "--prompt", prompt], marker)
+    code, err, started = _until_processes_start(
+        [sys.executable, "-m", "parties.cli", "demo", "--network", "none", "--max-new-tokens", "8", "--prompt", prompt],
+        marker,
+    )
     assert _left_running(marker) == []
     assert not started, "the demo started the three roles for a prompt that cannot fit"
     assert code == 2 and "permllm demo: error:" in err and "exceeds the model's 8192 positions" in err, err[-1500:]
@@ -395,8 +430,19 @@ def test_demo_rejects_a_prompt_longer_than_the_context_before_starting_the_roles
 # ------------------------------------------------------------------------------------------ the roles by hand
 def _user_role(*args: str | bytes, tmp_path) -> tuple[subprocess.CompletedProcess, float]:
     a, b = free_ports(2)
-    return _cli("user", "--owner", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}", "--timeout", "3",
-                "--setup-timeout", "20", *_security_args(tmp_path), *args)
+    return _cli(
+        "user",
+        "--owner",
+        f"tcp://127.0.0.1:{a}",
+        "--listen-helper",
+        f"tcp://127.0.0.1:{b}",
+        "--timeout",
+        "3",
+        "--setup-timeout",
+        "20",
+        *_security_args(tmp_path),
+        *args,
+    )
 
 
 @pytest.mark.processes
@@ -420,9 +466,10 @@ def test_roles_reject_an_absurd_network_with_a_clear_error(tmp_path):
     """Every role checks --network when it parses its arguments, before keys, sockets or the tokenizer."""
     a, b = free_ports(2)
     for role, addresses, spec in (
-            ("helper", ["--owner", f"tcp://127.0.0.1:{a}", "--user", f"tcp://127.0.0.1:{b}"], "foo"),
-            ("user", ["--owner", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "-5,100"),
-            ("owner", ["--listen-user", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "10,0")):
+        ("helper", ["--owner", f"tcp://127.0.0.1:{a}", "--user", f"tcp://127.0.0.1:{b}"], "foo"),
+        ("user", ["--owner", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "-5,100"),
+        ("owner", ["--listen-user", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "10,0"),
+    ):
         proc, elapsed = _cli(role, *addresses, "--quiet", f"--network={spec}", *_security_args(tmp_path))
         err = proc.stderr.decode(errors="replace")
         assert elapsed < 15, elapsed
@@ -431,8 +478,9 @@ def test_roles_reject_an_absurd_network_with_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the helper's stream
-def _helper_process_with_stand_ins(arch, prompt_tokens: int, budget: int, *, helper_args: list[str],
-                                   read_after_s: float) -> dict:
+def _helper_process_with_stand_ins(
+    arch, prompt_tokens: int, budget: int, *, helper_args: list[str], read_after_s: float
+) -> dict:
     """`permllm helper` as a real process (no CURVE), dealing to an owner and a user played by two threads
     of this test over ZeroMQ. The stand-ins send their plans and seeds, then take the streamed material
     only after `read_after_s` seconds, as parties still busy preparing do.
@@ -445,12 +493,30 @@ def _helper_process_with_stand_ins(arch, prompt_tokens: int, budget: int, *, hel
     arch = arch.to_dict()
     card = fingerprint("smollm2", arch)
     ports = free_ports(2)
-    peers = {name: ZmqChannel.bind(f"tcp://127.0.0.1:{port}", peer="helper", timeout=30)
-             for name, port in zip(("owner", "user"), ports)}
+    peers = {
+        name: ZmqChannel.bind(f"tcp://127.0.0.1:{port}", peer="helper", timeout=30)
+        for name, port in zip(("owner", "user"), ports)
+    }
     marker = uuid.uuid4().hex
-    helper = subprocess.Popen([sys.executable, "-m", "parties.cli", "helper", "--owner", f"tcp://127.0.0.1:{ports[0]}",
-                               "--user", f"tcp://127.0.0.1:{ports[1]}", "--insecure", "--quiet", *helper_args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=_marked_env(marker))
+    helper = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "parties.cli",
+            "helper",
+            "--owner",
+            f"tcp://127.0.0.1:{ports[0]}",
+            "--user",
+            f"tcp://127.0.0.1:{ports[1]}",
+            "--insecure",
+            "--quiet",
+            *helper_args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=_marked_env(marker),
+    )
     err = _Output(helper.stderr)
     results: dict[str, object] = {}
 
@@ -458,12 +524,31 @@ def _helper_process_with_stand_ins(arch, prompt_tokens: int, budget: int, *, hel
         ch = peers[name]
         try:
             if name == "owner":
-                send_json(ch, "owner-plan", {"protocol": PROTOCOL_VERSION, "session": "s", "model": "smollm2",
-                                             "arch": arch, "fingerprint": card, "prompt_tokens": prompt_tokens,
-                                             "max_new_tokens": budget})
+                send_json(
+                    ch,
+                    "owner-plan",
+                    {
+                        "protocol": PROTOCOL_VERSION,
+                        "session": "s",
+                        "model": "smollm2",
+                        "arch": arch,
+                        "fingerprint": card,
+                        "prompt_tokens": prompt_tokens,
+                        "max_new_tokens": budget,
+                    },
+                )
             else:
-                send_json(ch, "user-plan", {"protocol": PROTOCOL_VERSION, "session": "s", "fingerprint": card,
-                                            "prompt_tokens": prompt_tokens, "max_new_tokens": budget})
+                send_json(
+                    ch,
+                    "user-plan",
+                    {
+                        "protocol": PROTOCOL_VERSION,
+                        "session": "s",
+                        "fingerprint": card,
+                        "prompt_tokens": prompt_tokens,
+                        "max_new_tokens": budget,
+                    },
+                )
             ch.send(SEED_TAG, bytes([len(name)]) * 16)
             time.sleep(read_after_s)
             results[name] = recv_records(ch, lambda record: None, timeout=10)
@@ -493,12 +578,22 @@ def test_helper_waits_for_busy_parties_within_the_setup_timeout():
     """~46 MB of material (a 256-wide model, a 256-token prompt) with --timeout 1 and --setup-timeout 60:
     the owner and the user start reading only after 4 s; the helper's sends must wait for them (they are
     set-up traffic), not give up after the 1 s online timeout."""
-    from permllm.model.decoder_weights import DecoderArch
+    from protocols.model.decoder_weights import DecoderArch
 
-    arch = DecoderArch(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=1024, vocab=8192,
-                       rms_eps=1e-5, rope_theta=1e4)
-    r = _helper_process_with_stand_ins(arch, 256, 2, helper_args=["--timeout", "1", "--setup-timeout", "60"],
-                                       read_after_s=4.0)
+    arch = DecoderArch(
+        hidden=256,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=64,
+        intermediate=1024,
+        vocab=8192,
+        rms_eps=1e-5,
+        rope_theta=1e4,
+    )
+    r = _helper_process_with_stand_ins(
+        arch, 256, 2, helper_args=["--timeout", "1", "--setup-timeout", "60"], read_after_s=4.0
+    )
     assert r["helper"] == 0, r["stderr"][-1500:]
     assert isinstance(r["owner"], int) and r["owner"] == r["user"] > 0, r
 
@@ -510,7 +605,7 @@ def test_helper_last_records_survive_its_exit():
     set-up timeout, and with the roles' 5 s linger (parties/cli.py _channel) a user busy longer than that
     (taking in the masked weights under `wan`, seen in the bench) did too. The helper now stays until
     each receiver confirms the whole stream (`parties.wire.await_receipt`)."""
-    from permllm.model.decoder_weights import DecoderArch
+    from protocols.model.decoder_weights import DecoderArch
     from tests.tiny_model import tiny_decoder
 
     arch = DecoderArch.from_config(tiny_decoder().config)

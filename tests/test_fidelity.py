@@ -68,10 +68,14 @@ def test_greedy_continuation_identical_reduced(smollm2, kind):
     ids = _ids(tokenizer, GREEDY_CI[kind])
     # the short prompt goes through parties.inprocess.private_generate_inprocess itself (it prepares
     # the weights again); the others reuse the prepared weights in the same session code
-    secure, plain = fidelity.greedy_agreement(weights, ids, GREEDY_CI_TOKENS, reference=ref,
-                                              prepared=None if kind == "short" else prepared)
+    secure, plain = fidelity.greedy_agreement(
+        weights, ids, GREEDY_CI_TOKENS, reference=ref, prepared=None if kind == "short" else prepared
+    )
     assert len(plain) == GREEDY_CI_TOKENS
-    assert secure == plain, f"diverges at {fidelity.first_divergence(secure, plain)}: {tokenizer.decode(secure)!r} vs {tokenizer.decode(plain)!r}"
+    assert secure == plain, (
+        f"diverges at {fidelity.first_divergence(secure, plain)}: "
+        f"{tokenizer.decode(secure)!r} vs {tokenizer.decode(plain)!r}"
+    )
 
 
 def test_teacher_forced_reduced(smollm2):
@@ -112,8 +116,9 @@ class _ToyTokenizer:
 def test_report_on_tiny_model():
     weights = tiny_decoder(seed=3)
     prompts = ["ab", "a longer toy prompt"]
-    report = fidelity.fidelity_report(weights, _ToyTokenizer(), prompts, 4, teacher_forced_tokens=3,
-                                      progress=False, prompt_indices=[7, 9])
+    report = fidelity.fidelity_report(
+        weights, _ToyTokenizer(), prompts, 4, teacher_forced_tokens=3, progress=False, prompt_indices=[7, 9]
+    )
     rows, summary = report["rows"], report["summary"]
     assert [r["index"] for r in rows] == [7, 9]
     for r in rows:
@@ -149,8 +154,9 @@ def test_helpers():
 def test_full_fidelity_report(smollm2):
     weights, tokenizer, prepared, ref = smollm2
     assert len(FIDELITY_PROMPTS) >= 20
-    report = fidelity.fidelity_report(weights, tokenizer, FIDELITY_PROMPTS, FULL_TOKENS, prepared=prepared,
-                                      reference=ref)
+    report = fidelity.fidelity_report(
+        weights, tokenizer, FIDELITY_PROMPTS, FULL_TOKENS, prepared=prepared, reference=ref
+    )
     assert report["summary"]["plaintext_reference"] == fidelity.TRANSFORMERS_REFERENCE
     print("\n" + fidelity.format_table(report))
     if os.environ.get("PERMLLM_FIDELITY_JSON"):

@@ -29,15 +29,18 @@ def test_a_good_hello_gives_the_plan():
     assert (plan.prompt_tokens, plan.max_new_tokens, plan.session) == (10, 5, "abc")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("protocol", 99, "protocol mismatch"),
-    ("model", "minilm", "model mismatch"),
-    ("act_bits", 12, "act_bits mismatch"),
-    ("weight_bits", 20, "weight_bits mismatch"),
-    ("prompt_tokens", 0, "bad plan"),
-    ("max_new_tokens", "7", "bad plan"),
-    ("max_new_tokens", 1000, "exceeds the model's 100 positions"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("protocol", 99, "protocol mismatch"),
+        ("model", "minilm", "model mismatch"),
+        ("act_bits", 12, "act_bits mismatch"),
+        ("weight_bits", 20, "weight_bits mismatch"),
+        ("prompt_tokens", 0, "bad plan"),
+        ("max_new_tokens", "7", "bad plan"),
+        ("max_new_tokens", 1000, "exceeds the model's 100 positions"),
+    ],
+)
 def test_every_mismatch_is_named(field, value, message):
     with pytest.raises(ProtocolError, match=message):
         check_hello(_hello(**{field: value}), "smollm2", max_positions=100)
@@ -50,9 +53,11 @@ def test_error_messages_end_the_session_on_the_other_side():
         recv_json(b, "welcome")
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                           max_leaves=10)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -78,7 +83,7 @@ def test_fuzzed_control_messages_only_raise_protocol_errors(raw):
 
 # ------------------------------------------------------------------------------ the helper's check
 def _arch():
-    from permllm.model.decoder_weights import DecoderArch
+    from protocols.model.decoder_weights import DecoderArch
     from tests.tiny_model import tiny_decoder
 
     return DecoderArch.from_config(tiny_decoder().config).to_dict()
@@ -88,8 +93,13 @@ def _plans(**owner_changes):
     from parties.models import PROTOCOL_VERSION, fingerprint
 
     arch = _arch()
-    common = {"protocol": PROTOCOL_VERSION, "session": "s1", "fingerprint": fingerprint("smollm2", arch),
-              "prompt_tokens": 9, "max_new_tokens": 4}
+    common = {
+        "protocol": PROTOCOL_VERSION,
+        "session": "s1",
+        "fingerprint": fingerprint("smollm2", arch),
+        "prompt_tokens": 9,
+        "max_new_tokens": 4,
+    }
     owner = {**common, "model": "smollm2", "arch": arch, **owner_changes}
     return owner, dict(common)
 
@@ -102,17 +112,20 @@ def test_helper_accepts_matching_plans():
     assert (plan.prompt_tokens, plan.max_new_tokens, plan.session) == (9, 4, "s1")
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"session": "other"}, "session mismatch between the owner .'other'. and the user .'s1'."),
-    ({"prompt_tokens": 10}, "prompt_tokens mismatch"),
-    ({"max_new_tokens": 5}, "max_new_tokens mismatch"),
-    ({"fingerprint": "f" * 32}, "fingerprint mismatch"),
-    ({"prompt_tokens": "9"}, "owner's 'owner-plan' message has no valid 'prompt_tokens'"),
-    ({"model": "gpt9"}, "unknown model 'gpt9'"),
-    ({"arch": {"hidden": 32}}, "the owner sent a bad architecture: .*missing fields"),
-    ({"arch": {**_arch(), "vocab": 1 << 30}}, "field 'vocab' has an invalid value"),
-    ({"arch": {**_arch(), "hidden": 1 << 20, "vocab": 1 << 20}}, "linear-weight elements"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"session": "other"}, "session mismatch between the owner .'other'. and the user .'s1'."),
+        ({"prompt_tokens": 10}, "prompt_tokens mismatch"),
+        ({"max_new_tokens": 5}, "max_new_tokens mismatch"),
+        ({"fingerprint": "f" * 32}, "fingerprint mismatch"),
+        ({"prompt_tokens": "9"}, "owner's 'owner-plan' message has no valid 'prompt_tokens'"),
+        ({"model": "gpt9"}, "unknown model 'gpt9'"),
+        ({"arch": {"hidden": 32}}, "the owner sent a bad architecture: .*missing fields"),
+        ({"arch": {**_arch(), "vocab": 1 << 30}}, "field 'vocab' has an invalid value"),
+        ({"arch": {**_arch(), "hidden": 1 << 20, "vocab": 1 << 20}}, "linear-weight elements"),
+    ],
+)
 def test_helper_names_every_mismatch_between_the_plans(changes, message):
     from parties.roles import _check_plans
 
@@ -133,8 +146,10 @@ def test_a_refused_session_reaches_both_parties_at_once():
     from parties.wire import recv_records
 
     owner_plan, user_plan = _plans(max_new_tokens=6)
-    (to_owner, owner_side), (to_user, user_side) = (MemoryChannel.pair("helper", "owner", timeout=5),
-                                                    MemoryChannel.pair("helper", "user", timeout=5))
+    (to_owner, owner_side), (to_user, user_side) = (
+        MemoryChannel.pair("helper", "owner", timeout=5),
+        MemoryChannel.pair("helper", "user", timeout=5),
+    )
     send_json(owner_side, "owner-plan", owner_plan)
     owner_side.send(SEED_TAG, b"o" * 16)
     send_json(user_side, "user-plan", user_plan)
@@ -143,8 +158,9 @@ def test_a_refused_session_reaches_both_parties_at_once():
         run_helper({"owner": to_owner, "user": to_user}, progress=False, log=lambda *a: None)
     for side in (owner_side, user_side):
         start = time.monotonic()
-        with pytest.raises(ProtocolError, match="helper ended the session: the helper refused the session: "
-                                                "max_new_tokens mismatch"):
+        with pytest.raises(
+            ProtocolError, match="helper ended the session: the helper refused the session: max_new_tokens mismatch"
+        ):
             recv_records(side, lambda record: None, timeout=60)
         assert time.monotonic() - start < 1
 
@@ -156,20 +172,34 @@ def test_user_checks_the_welcome():
 
     arch = _arch()
     plan = Plan("smollm2", prompt_tokens=9, max_new_tokens=4, session="s1")
-    good = {"protocol": PROTOCOL_VERSION, "model": "smollm2", "session": "s1", "arch": arch,
-            "fingerprint": fingerprint("smollm2", arch), "max_positions": 64, "eos_token_id": 2}
+    good = {
+        "protocol": PROTOCOL_VERSION,
+        "model": "smollm2",
+        "session": "s1",
+        "arch": arch,
+        "fingerprint": fingerprint("smollm2", arch),
+        "max_positions": 64,
+        "eos_token_id": 2,
+    }
     assert _check_welcome(good, plan, family("smollm2")).to_dict() == arch
-    for changes, message in [({"protocol": 2}, "protocol mismatch"), ({"session": "s2"}, "session mismatch"),
-                             ({"model": "minilm"}, "model mismatch"), ({"fingerprint": "0" * 32}, "fingerprint"),
-                             ({"arch": [1, 2]}, "not a JSON object"), ({"max_positions": None}, "max_positions"),
-                             ({"max_positions": 12}, "exceeds the model's 12 positions")]:
+    for changes, message in [
+        ({"protocol": 2}, "protocol mismatch"),
+        ({"session": "s2"}, "session mismatch"),
+        ({"model": "minilm"}, "model mismatch"),
+        ({"fingerprint": "0" * 32}, "fingerprint"),
+        ({"arch": [1, 2]}, "not a JSON object"),
+        ({"max_positions": None}, "max_positions"),
+        ({"max_positions": 12}, "exceeds the model's 12 positions"),
+    ]:
         with pytest.raises((ProtocolError, ConfigError), match=message):
             _check_welcome({**good, **changes}, plan, family("smollm2"))
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(sorted(_plans()[0])) | st.text(max_size=6), json_values, max_size=9),
-       st.dictionaries(st.sampled_from(sorted(_plans()[1])) | st.text(max_size=6), json_values, max_size=7))
+@given(
+    st.dictionaries(st.sampled_from(sorted(_plans()[0])) | st.text(max_size=6), json_values, max_size=9),
+    st.dictionaries(st.sampled_from(sorted(_plans()[1])) | st.text(max_size=6), json_values, max_size=7),
+)
 def test_fuzzed_plans_only_raise_named_errors(owner_plan, user_plan):
     from parties.roles import _check_plans
 
@@ -182,16 +212,27 @@ def test_fuzzed_plans_only_raise_named_errors(owner_plan, user_plan):
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(["protocol", "model", "session", "arch", "fingerprint", "max_positions"])
-                       | st.text(max_size=6), json_values, max_size=8))
+@given(
+    st.dictionaries(
+        st.sampled_from(["protocol", "model", "session", "arch", "fingerprint", "max_positions"]) | st.text(max_size=6),
+        json_values,
+        max_size=8,
+    )
+)
 def test_fuzzed_welcomes_only_raise_named_errors(changes):
     from parties.families import family
     from parties.models import PROTOCOL_VERSION, fingerprint
     from parties.roles import _check_welcome
 
     arch = _arch()
-    good = {"protocol": PROTOCOL_VERSION, "model": "smollm2", "session": "s1", "arch": arch,
-            "fingerprint": fingerprint("smollm2", arch), "max_positions": 64}
+    good = {
+        "protocol": PROTOCOL_VERSION,
+        "model": "smollm2",
+        "session": "s1",
+        "arch": arch,
+        "fingerprint": fingerprint("smollm2", arch),
+        "max_positions": 64,
+    }
     for welcome in (changes, {**good, **changes}):
         try:
             _check_welcome(welcome, Plan("smollm2", 9, 4, "s1"), family("smollm2"))

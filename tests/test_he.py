@@ -69,9 +69,7 @@ def test_parameters(client):
     assert client.plain_modulus == 65537
 
 
-@pytest.mark.parametrize(
-    "n, at_least", [(4096, 49152), (8192, 49152), (4096, 10), (4096, 152064), (8192, 1 << 18)]
-)
+@pytest.mark.parametrize("n, at_least", [(4096, 49152), (8192, 49152), (4096, 10), (4096, 152064), (8192, 1 << 18)])
 def test_batching_prime(n, at_least):
     t = batching_prime(n, at_least)
     assert t >= at_least and t % (2 * n) == 1 and _is_prime(t)
@@ -285,9 +283,7 @@ def test_public_context_missing_keys_or_wrong_scheme():
     assert_quick_protocol_error(lambda: IndexLookupServer(no_galois), match="Galois")
     ckks = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=4096, coeff_mod_bit_sizes=[40, 20, 40])
     assert_quick_protocol_error(lambda: IndexLookupServer(ckks.serialize(save_secret_key=False)), match="BFV")
-    tiny = ts.context(
-        ts.SCHEME_TYPE.BFV, poly_modulus_degree=2048, plain_modulus=65537, coeff_mod_bit_sizes=[27, 27]
-    )
+    tiny = ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=2048, plain_modulus=65537, coeff_mod_bit_sizes=[27, 27])
     tiny_pub = tiny.serialize(save_secret_key=False)
     assert_quick_protocol_error(lambda: IndexLookupServer(tiny_pub), match="2048")
 

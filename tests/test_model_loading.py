@@ -15,7 +15,7 @@ import torch
 
 from permllm.errors import ConfigError
 from permllm.model import gguf_cache, loading, prompts, reference
-from permllm.model.weights import DecoderConfig, DecoderWeights, EncoderWeights
+from permllm.model.weights import DecoderConfig, EncoderWeights
 
 # Reference (float64) vs HF (float32) prefill logits: max |diff| <= LOGIT_RTOL * max |HF logit|.
 # Measured: 8.9e-5 absolute at max|logit| ~ 37.6, i.e. ~2.4e-6 relative; the bound leaves ~40x headroom
@@ -111,8 +111,18 @@ def test_bad_paths_and_names(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 TINY = DecoderConfig(
-    hidden_size=8, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=12,
-    rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=11, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    hidden_size=8,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+    intermediate_size=12,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    vocab_size=11,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -122,12 +132,19 @@ def _tiny_state_dict(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
     for l in range(cfg.num_layers):
         p = f"model.layers.{l}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q),
+                p + "mlp.gate_proj.weight": (i, d),
+                p + "mlp.up_proj.weight": (i, d),
+                p + "mlp.down_proj.weight": (d, i),
+            }
+        )
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
@@ -153,7 +170,9 @@ def test_tiny_mapping_errors():
 
     sd = _tiny_state_dict(TINY)
     sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 8)  # as if num_kv_heads were wrong
-    with pytest.raises(ConfigError, match=r"'layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 8\), expected \(8, 8\)"):
+    with pytest.raises(
+        ConfigError, match=r"'layers\.0\.self_attn\.k_proj\.weight' has shape \(16, 8\), expected \(8, 8\)"
+    ):
         loading.decoder_weights_from_state_dict(sd, TINY)
 
     sd = _tiny_state_dict(TINY)
@@ -183,9 +202,17 @@ def test_plain_directory_untied_checkpoint(tmp_path, smollm2):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=49152, tie_word_embeddings=False,
-        rope_theta=5000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=False,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path)
@@ -247,7 +274,7 @@ def test_greedy_generation_matches_hf(smollm2, ref, prompt):
     ids = prompts.chat_token_ids(tok, prompt)
     ours = ref.generate_greedy(ids, 16)
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
     assert ours == theirs
     if prompt == prompts.DEMO_PROMPT:
         assert "Paris" in tok.decode(ours)
@@ -443,8 +470,13 @@ def _cache_calls(tmp_path, monkeypatch):
         builds.append(1)
         return _Entry(torch.arange(1000, dtype=torch.float32))
 
-    return gguf, builds, lambda **kw: gguf_cache.cached(gguf, "checkpoints", build, _Entry.load,
-                                                         lambda obj, folder: obj.save(folder), **kw)
+    return (
+        gguf,
+        builds,
+        lambda **kw: gguf_cache.cached(
+            gguf, "checkpoints", build, _Entry.load, lambda obj, folder: obj.save(folder), **kw
+        ),
+    )
 
 
 def test_a_cut_short_weight_entry_is_rebuilt(tmp_path, monkeypatch):

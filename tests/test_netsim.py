@@ -49,7 +49,9 @@ def test_parse_profile_names_and_numbers():
     assert parse_profile(custom) is custom
 
 
-@pytest.mark.parametrize("spec", ["", "fast", "10", "1,2,3", "a,b", "-1,10", "10,0", "10,-5", "nan,10", "10,nan", "inf,10"])
+@pytest.mark.parametrize(
+    "spec", ["", "fast", "10", "1,2,3", "a,b", "-1,10", "10,0", "10,-5", "nan,10", "10,nan", "inf,10"]
+)
 def test_parse_profile_rejects_garbage(spec):
     with pytest.raises(ValueError, match="profile"):
         parse_profile(spec)

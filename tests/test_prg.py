@@ -332,9 +332,7 @@ def test_segment_permutation_invariants_and_movement():
         assert is_permutation(perm)
         sources = source_segments(perm, lengths)
         rows_moved += any(s is not None and s != k for k, s in enumerate(sources))
-        entries_shuffled += any(
-            np.any(np.diff(perm[lo:hi]) != 1) for lo, hi in segment_bounds(lengths) if hi - lo > 1
-        )
+        entries_shuffled += any(np.any(np.diff(perm[lo:hi]) != 1) for lo, hi in segment_bounds(lengths) if hi - lo > 1)
     assert rows_moved >= 40
     assert entries_shuffled == 50
 

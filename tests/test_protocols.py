@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from parties.inprocess import deal, run_pair
 from permllm.errors import MaterialExhausted, MaterialMismatch
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.sharing import Shared
@@ -18,7 +19,6 @@ from protocols.functions import GELU, SILU, SOFTMAX, SWIGLU, layer_normalize, rm
 from protocols.linear import LinearWeight, linear
 from protocols.permute import permuted_apply
 from protocols.trunc import trunc
-from parties.inprocess import deal, run_pair
 from tests.protocol_helpers import SEEDS, random_ring, run_call, share, wire_bytes
 
 
@@ -42,7 +42,10 @@ def test_linear_is_bit_exact_and_costs_one_activation_sized_flight():
 
     run = run_call(
         lambda ctx, inp: linear(ctx, inp, helper_w if ctx.dealing else weights[ctx.role]),
-        xo, xu, Shared.placeholder((m, d_in), ACT_BITS), weight_mask=mask,
+        xo,
+        xu,
+        Shared.placeholder((m, d_in), ACT_BITS),
+        weight_mask=mask,
     )
     y = run.owner.local + run.user.local
     assert torch.equal(y, x @ w + encode(b, ACT_BITS + WEIGHT_BITS))  # exact mod 2^64
@@ -59,8 +62,9 @@ def test_linear_on_dealt_input_sends_nothing():
     weights = {Role.OWNER: owner_w, Role.USER: user_w}
     dry = Shared.placeholder((m, d_in), ACT_BITS, user_share=xu.local)
 
-    run = run_call(lambda ctx, inp: linear(ctx, inp, helper_w if ctx.dealing else weights[ctx.role]), xo, xu, dry,
-                   weight_mask=mask)
+    run = run_call(
+        lambda ctx, inp: linear(ctx, inp, helper_w if ctx.dealing else weights[ctx.role]), xo, xu, dry, weight_mask=mask
+    )
     assert torch.equal(run.owner.local + run.user.local, x @ w)
     assert run.flights == 0 and run.bytes_total == 0
 
@@ -88,7 +92,7 @@ def test_trunc_rejects_impossible_shifts():
 def _float_reference(fn_name, z, lengths):
     out, start = [], 0
     for n in lengths:
-        seg = z[start:start + n]
+        seg = z[start : start + n]
         if fn_name == "rms":
             out.append(seg / np.sqrt(np.mean(seg * seg) + 1e-5))
         elif fn_name == "ln":
@@ -116,8 +120,9 @@ def test_permuted_nonlinear_matches_float64(name, fn, lengths):
     values = torch.randn(n, 1, generator=g, dtype=torch.float64) * 4
     x = encode(values, LINEAR_BITS)
     xo, xu = share(x, LINEAR_BITS, seed=11)
-    run = run_call(lambda ctx, inp: permuted_apply(ctx, inp, fn, lengths), xo, xu,
-                   Shared.placeholder((n, 1), LINEAR_BITS))
+    run = run_call(
+        lambda ctx, inp: permuted_apply(ctx, inp, fn, lengths), xo, xu, Shared.placeholder((n, 1), LINEAR_BITS)
+    )
     got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
     z = values.numpy()[:, 0]
     if name in ("rms", "ln", "softmax"):
@@ -139,8 +144,9 @@ def test_swiglu_permutes_gate_and_up_jointly():
     g = torch.Generator().manual_seed(4)
     values = torch.randn(n, 2, generator=g, dtype=torch.float64) * 3
     xo, xu = share(encode(values, LINEAR_BITS), LINEAR_BITS, seed=12)
-    run = run_call(lambda ctx, inp: permuted_apply(ctx, inp, SWIGLU, [n]), xo, xu,
-                   Shared.placeholder((n, 2), LINEAR_BITS))
+    run = run_call(
+        lambda ctx, inp: permuted_apply(ctx, inp, SWIGLU, [n]), xo, xu, Shared.placeholder((n, 2), LINEAR_BITS)
+    )
     got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
     gate, up = values.numpy()[:, 0], values.numpy()[:, 1]
     want = gate / (1 + np.exp(-gate)) * up
@@ -170,7 +176,8 @@ def test_appending_product_is_bit_exact_as_the_operand_grows(transpose):
     for x, y in inputs:
         xo, xu = share(x, 16, next(rng))
         yo, yu = share(y, 16, next(rng))
-        owner_in.append((xo, yo)); user_in.append((xu, yu))
+        owner_in.append((xo, yo))
+        user_in.append((xu, yu))
         dry_in.append((Shared.placeholder(x.shape, 16), Shared.placeholder(y.shape, 16)))
     run = run_call(session, owner_in, user_in, dry_in)
 
@@ -231,13 +238,19 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
     g = torch.Generator().manual_seed(9)
     w = encode(torch.randn(vocab, d_out, generator=g, dtype=torch.float64), 32)
     u = random_ring((vocab, d_out), 10)
-    weights = {Role.OWNER: LinearWeight("E", 32, vocab, d_out, local=w, mask=u),
-               Role.USER: LinearWeight("E", 32, vocab, d_out, local=w - u)}
+    weights = {
+        Role.OWNER: LinearWeight("E", 32, vocab, d_out, local=w, mask=u),
+        Role.USER: LinearWeight("E", 32, vocab, d_out, local=w - u),
+    }
     helper_w = LinearWeight("E", 32, vocab, d_out)
     tokens = [3, 0, 10, 3]
     owner_mat, user_mat = deal(lambda ctx: lookup(ctx, None, 4, helper_w), SEEDS, lambda name: u)
-    run = run_pair(lambda ctx: lookup(ctx, None, 4, weights[ctx.role]),
-                   lambda ctx: lookup(ctx, tokens, 4, weights[ctx.role]), owner_mat, user_mat)
+    run = run_pair(
+        lambda ctx: lookup(ctx, None, 4, weights[ctx.role]),
+        lambda ctx: lookup(ctx, tokens, 4, weights[ctx.role]),
+        owner_mat,
+        user_mat,
+    )
     assert torch.equal(run.owner.local + run.user.local, w[tokens])
     assert run.flights == 1
     assert run.bytes_user_to_owner == wire_bytes("lin.E", (4, vocab)) and run.bytes_owner_to_user == 0

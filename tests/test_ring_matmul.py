@@ -18,8 +18,10 @@ def _full_range(shape, seed):
     return torch.randint(INT64_MIN, INT64_MAX, shape, generator=g, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 576, 1536), (3, 7, 5), (4, 9, 513), (5, 64, 1030),
-                                   (9, 33, 1), (0, 4, 3), (2, 0, 3), (48, 96, 600)])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(1, 1, 1), (1, 576, 1536), (3, 7, 5), (4, 9, 513), (5, 64, 1030), (9, 33, 1), (0, 4, 3), (2, 0, 3), (48, 96, 600)],
+)
 def test_equals_torch_bit_for_bit(m, k, n):
     a, b = _full_range((m, k), m * 1000 + k), _full_range((k, n), n)
     assert torch.equal(ring_matmul(a, b), ring_matmul_torch(a, b))

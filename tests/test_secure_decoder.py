@@ -6,11 +6,11 @@ import torch
 
 from parties.inprocess import Seeds, deal, private_generate_inprocess, run_pair
 from permllm.fixed import decode
-from permllm.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
 from permllm.model.reference import DecoderReference
-from permllm.model.secure_decoder import SecureDecoder
 from protocols.basic import reveal_to
 from protocols.context import Role
+from protocols.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
+from protocols.model.secure_decoder import SecureDecoder
 from tests.tiny_model import tiny_decoder
 
 SEEDS = Seeds(owner=bytes(16), user=bytes([1]) * 16)
@@ -34,10 +34,15 @@ def _secure_logits(weights, prompt, continuation):
             out.append(reveal_to(ctx, Role.USER, logits))
         return out, depths
 
-    owner_mat, user_mat = deal(lambda ctx: session(ctx, SecureDecoder(arch, helper_weights(arch), positions), False),
-                               SEEDS, masks.__getitem__)
-    run = run_pair(lambda ctx: session(ctx, SecureDecoder(arch, owner_w, positions), False),
-                   lambda ctx: session(ctx, SecureDecoder(arch, user_w, positions), True), owner_mat, user_mat)
+    owner_mat, user_mat = deal(
+        lambda ctx: session(ctx, SecureDecoder(arch, helper_weights(arch), positions), False), SEEDS, masks.__getitem__
+    )
+    run = run_pair(
+        lambda ctx: session(ctx, SecureDecoder(arch, owner_w, positions), False),
+        lambda ctx: session(ctx, SecureDecoder(arch, user_w, positions), True),
+        owner_mat,
+        user_mat,
+    )
     assert owner_mat.remaining == 0 and user_mat.remaining == 0
     return [decode(l, 32)[0] for l in run.user[0]], run
 

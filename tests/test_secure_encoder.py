@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, deal, run_pair
-from permllm.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
+from parties.inprocess import Seeds, deal, private_embed_inprocess, run_pair
 from permllm.model.reference import encoder_embed
-from parties.inprocess import private_embed_inprocess
-from permllm.model.secure_encoder import SecureEncoder
 from permllm.transport.frames import header_length
+from protocols.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
+from protocols.model.secure_encoder import SecureEncoder
 from tests.tiny_encoder import tiny_encoder
 
 SEEDS = Seeds(owner=bytes(16), user=bytes([1]) * 16)
@@ -28,11 +27,16 @@ def _secure_embedding(weights, ids):
     owner_w = owner_weights(weights, SEEDS.owner)
     user_w = {name: user_weight(name, arch, w.local - w.mask) for name, w in owner_w.items()}
     masks = {name: w.mask for name, w in owner_w.items()}
-    owner_mat, user_mat = deal(lambda ctx: SecureEncoder(arch, helper_weights(arch), n).embed(ctx, None, n),
-                               SEEDS, masks.__getitem__)
+    owner_mat, user_mat = deal(
+        lambda ctx: SecureEncoder(arch, helper_weights(arch), n).embed(ctx, None, n), SEEDS, masks.__getitem__
+    )
     dealt = owner_mat.remaining
-    run = run_pair(lambda ctx: SecureEncoder(arch, owner_w, n).embed(ctx, None, n),
-                   lambda ctx: SecureEncoder(arch, user_w, n).embed(ctx, ids, n), owner_mat, user_mat)
+    run = run_pair(
+        lambda ctx: SecureEncoder(arch, owner_w, n).embed(ctx, None, n),
+        lambda ctx: SecureEncoder(arch, user_w, n).embed(ctx, ids, n),
+        owner_mat,
+        user_mat,
+    )
     assert owner_mat.remaining == 0 and user_mat.remaining == 0
     assert run.owner is None
     return run.user, run, dealt
@@ -50,6 +54,7 @@ def _payload_elements(arch: EncoderArch, n: int) -> int:
 
 def _header_bytes(arch: EncoderArch) -> int:
     """Frame headers of one sentence: every message's (tag, ndim), in order."""
+
     def permuted(tag):
         return [(f"{tag}.mask", 2), (f"{tag}.perm", 2), (f"{tag}.reshare", 2)]
 
@@ -136,13 +141,17 @@ def test_tiny_owner_weights_hide_norm_parameters_and_fold_them_exactly():
         assert user.bias is None and user.mask is None
     assert tuple(owner_w["embed"].bias.shape) == (arch.max_positions, arch.hidden)
     # [diag(g) | diag(g) W] x^ + [b | b W + b'] = [LN(y), LN(y) W + b'] on the float weights
-    from permllm.model.encoder_weights import folded_float_weights
     from permllm.model.reference import layer_norm
+    from protocols.model.encoder_weights import folded_float_weights
 
     layer = weights.layers[0]
     y = torch.randn(5, arch.hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x_hat = layer_norm(y, torch.ones(arch.hidden, dtype=torch.float64), torch.zeros(arch.hidden, dtype=torch.float64),
-                       arch.layer_norm_eps)
+    x_hat = layer_norm(
+        y,
+        torch.ones(arch.hidden, dtype=torch.float64),
+        torch.zeros(arch.hidden, dtype=torch.float64),
+        arch.layer_norm_eps,
+    )
     w_cat, b_cat = folded_float_weights(weights)["L0.ffn_in"]
     ln = layer_norm(y, layer.attn_ln_weight, layer.attn_ln_bias, arch.layer_norm_eps)
     torch.testing.assert_close(x_hat @ w_cat + b_cat, torch.cat([ln, ln @ layer.w_in + layer.b_in], dim=1))

@@ -41,8 +41,8 @@ import torch
 from parties.inprocess import Seeds, private_generate_inprocess
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.kernels import scatter_rows
-from permllm.model.decoder_weights import DecoderArch, folded_float_weights, linear_shapes, owner_weights
 from permllm.prg import Prg
+from protocols.model.decoder_weights import DecoderArch, folded_float_weights, linear_shapes, owner_weights
 from tests.recording import (
     Transcript,
     bit_balance_z,
@@ -67,8 +67,10 @@ PROMPT = [7, 3, 19, 33, 50, 64, 12]
 NEW_TOKENS = 5
 
 # tags the owner may receive from the user during the online phase
-OWNER_RING_TAGS = re.compile(r"^(lin\.[\w.]+|L\d+\.(n1|n2|sm|act)\.(mask|reshare)|fnorm\.(mask|reshare)|sel\.mask|"
-                             r"trunc|prod\.L\d+\.[kv])$")
+OWNER_RING_TAGS = re.compile(
+    r"^(lin\.[\w.]+|L\d+\.(n1|n2|sm|act)\.(mask|reshare)|fnorm\.(mask|reshare)|sel\.mask|"
+    r"trunc|prod\.L\d+\.[kv])$"
+)
 # tags the user may receive from the owner during the online phase
 USER_RING_TAGS = re.compile(r"^(L\d+\.(n1|n2|sm|act)\.perm|fnorm\.perm|sel\.perm|trunc|prod\.L\d+\.[kv])$")
 CONTROL_INT64_TAGS = {"sel.n", "continue"}
@@ -81,8 +83,10 @@ def _uniformity(words: np.ndarray, what: str, seeds: Seeds | None = None) -> tup
     assert words.size >= 1000, f"{what}: only {words.size} words"
     z = np.abs(bit_balance_z(words))
     chi2 = byte_chi_square(words)
-    print(f"\n{what}: {words.size} words, max |z| {z.max():.2f} (bound {BIT_Z_BOUND}), "
-          f"chi2 {chi2:.1f} (bound {CHI2_BOUND:.1f})")
+    print(
+        f"\n{what}: {words.size} words, max |z| {z.max():.2f} (bound {BIT_Z_BOUND}), "
+        f"chi2 {chi2:.1f} (bound {CHI2_BOUND:.1f})"
+    )
     context = f"{what}: {words.size} words"
     if seeds is not None:
         context += f", seeds owner={seeds.owner.hex()} user={seeds.user.hex()}"
@@ -147,7 +151,9 @@ def _reference_words(weights, total: int) -> np.ndarray:
     """The owner's encoded (folded) weights, flattened and concatenated, tiled to at least `total` words."""
     arch = DecoderArch.from_config(weights.config)
     shapes = linear_shapes(arch)
-    flat = np.concatenate([encode(w, shapes[n][2]).numpy().reshape(-1) for n, w in folded_float_weights(weights).items()])
+    flat = np.concatenate(
+        [encode(w, shapes[n][2]).numpy().reshape(-1) for n, w in folded_float_weights(weights).items()]
+    )
     return np.resize(flat, max(total, flat.size))
 
 
@@ -202,8 +208,9 @@ def _run_inprocess(weights, prompt, new_tokens, seeds) -> InProcessSession:
         permutations = record_permutations(mp)
         dealt = record_dealt(mp)
         transcript = Transcript()
-        result = private_generate_inprocess(weights, prompt, new_tokens, seeds=seeds, wrap_channel=transcript.wrap,
-                                            timeout=300)
+        result = private_generate_inprocess(
+            weights, prompt, new_tokens, seeds=seeds, wrap_channel=transcript.wrap, timeout=300
+        )
     return InProcessSession(weights, list(prompt), result.tokens, seeds, transcript, permutations, dealt)
 
 
@@ -328,8 +335,9 @@ def test_owner_cannot_recover_normalized_activations_from_its_view(tiny_session)
     # the owner's own share of the same norm output: pi^-1(e) + b2, from what it received and its seed
     norm = next(d for d in s.permutations if d.lengths == (arch.hidden,) * len(s.prompt))
     e = next(msg for msg in s.transcript.received_by("owner") if msg.tag == "L0.n1.reshare")
-    x_o = scatter_rows(torch.from_numpy(e.array().copy()), torch.from_numpy(norm.perm)) + \
-        Prg(s.seeds.owner, f"{norm.index}/b2").int64(e.shape)
+    x_o = scatter_rows(torch.from_numpy(e.array().copy()), torch.from_numpy(norm.perm)) + Prg(
+        s.seeds.owner, f"{norm.index}/b2"
+    ).int64(e.shape)
     opened = decode(x_o.reshape(len(s.prompt), arch.hidden) + x_u, ACT_BITS)
     emb = s.weights.embed[s.prompt]
     normalized = emb / torch.sqrt((emb * emb).mean(dim=1, keepdim=True) + arch.rms_eps)
@@ -353,7 +361,9 @@ def test_norm_gains_never_reach_the_user(tiny_session):
     s = tiny_session
     ring, _ = _classify_user_received(s.transcript.received_by("user"))
     arrays = [(m.tag, m.words()) for m in ring]
-    arrays += [(f"dealt {r.kind}.{name}", t.numpy().reshape(-1)) for r in s.dealt["user"] for name, t in r.tensors.items()]
+    arrays += [
+        (f"dealt {r.kind}.{name}", t.numpy().reshape(-1)) for r in s.dealt["user"] for name, t in r.tensors.items()
+    ]
     _check_gains_absent(arrays, s.weights)
 
 
@@ -384,8 +394,9 @@ def roles_session() -> RolesSession:
     weights = tiny_decoder(seed=4)
     prompt, budget = "a tiny private question", 3
     transcript = Transcript()
-    reports, errors, _ = run_three_roles(weights, prompt, budget,
-                                         wrap=lambda ch, receiver: transcript.wrap(ch, receiver=receiver))
+    reports, errors, _ = run_three_roles(
+        weights, prompt, budget, wrap=lambda ch, receiver: transcript.wrap(ch, receiver=receiver)
+    )
     assert not errors, errors
     tokenizer = TinyTokenizer()
     return RolesSession(weights, tokenizer.apply_chat_template([{"content": prompt}]), reports, transcript)
@@ -396,9 +407,12 @@ def test_helper_receives_exactly_the_public_plans_and_two_seeds(roles_session):
 
     received = roles_session.transcript.received_by("helper")
     assert [(m.sender, m.tag, m.dtype.name) for m in received] == [
-        ("owner", "owner-plan", "uint8"), ("owner", "seed", "uint8"),
-        ("user", "user-plan", "uint8"), ("user", "seed", "uint8"),
-        ("owner", "mat.ok", "uint8"), ("user", "mat.ok", "uint8"),
+        ("owner", "owner-plan", "uint8"),
+        ("owner", "seed", "uint8"),
+        ("user", "user-plan", "uint8"),
+        ("user", "seed", "uint8"),
+        ("owner", "mat.ok", "uint8"),
+        ("user", "mat.ok", "uint8"),
     ]
     owner_plan, owner_seed, user_plan, user_seed, owner_receipt, user_receipt = (m.payload for m in received)
     # the receipts carry only the record count, which the helper itself sent
@@ -411,7 +425,10 @@ def test_helper_receives_exactly_the_public_plans_and_two_seeds(roles_session):
     assert owner_plan["model"] == "smollm2" and owner_plan["arch"] == arch.to_dict()  # no weight
     assert set(user_plan) == {"protocol", "session", "fingerprint", "prompt_tokens", "max_new_tokens"}
     assert user_plan["prompt_tokens"] == len(roles_session.prompt_ids)  # the prompt length is public, not the prompt
-    assert owner_plan["prompt_tokens"] == user_plan["prompt_tokens"] and owner_plan["max_new_tokens"] == user_plan["max_new_tokens"]
+    assert (
+        owner_plan["prompt_tokens"] == user_plan["prompt_tokens"]
+        and owner_plan["max_new_tokens"] == user_plan["max_new_tokens"]
+    )
     assert len(owner_seed) == len(user_seed) == 16 and owner_seed != user_seed
     assert roles_session.reports["owner"]["material_left"] == roles_session.reports["user"]["material_left"] == 0
 

@@ -635,4 +635,7 @@ def test_fuzz_decode_header_only_raises_protocol_error(data):
 def test_fuzz_valid_headers_round_trip(data):
     header_bytes = _valid_header(data.draw)
     header = decode_header(header_bytes)
-    assert encode_header(header.tag, header.dtype, header.shape, header.seq, header.depth, header.deliver_at_ns) == header_bytes
+    assert (
+        encode_header(header.tag, header.dtype, header.shape, header.seq, header.depth, header.deliver_at_ns)
+        == header_bytes
+    )

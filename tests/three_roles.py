@@ -24,8 +24,9 @@ class TinyTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def run_three_roles(weights, prompt: str, max_new_tokens: int, *, wrap=None, owner_options=None,
-                    timeout: float = 120) -> tuple[dict, dict, str]:
+def run_three_roles(
+    weights, prompt: str, max_new_tokens: int, *, wrap=None, owner_options=None, timeout: float = 120
+) -> tuple[dict, dict, str]:
     """Run one session; returns (reports by role, exceptions by role, the user's printed output).
     wrap(channel, receiver) may wrap every channel end (e.g. to record what each role receives)."""
     import permllm.model.loading as loading
@@ -43,8 +44,14 @@ def run_three_roles(weights, prompt: str, max_new_tokens: int, *, wrap=None, own
     roles = {
         "owner": lambda: run_owner(channels["owner"], "smollm2", progress=False, log=quiet, **(owner_options or {})),
         "helper": lambda: run_helper(channels["helper"], progress=False, log=quiet),
-        "user": lambda: run_user(channels["user"], UserRequest("smollm2", prompt, max_new_tokens), TinyTokenizer(),
-                                 progress=False, log=quiet, out=printed),
+        "user": lambda: run_user(
+            channels["user"],
+            UserRequest("smollm2", prompt, max_new_tokens),
+            TinyTokenizer(),
+            progress=False,
+            log=quiet,
+            out=printed,
+        ),
     }
 
     def target(role):

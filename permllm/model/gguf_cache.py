@@ -55,8 +55,15 @@ def _save_pretrained(obj, folder: str) -> None:
     obj.save_pretrained(folder)
 
 
-def cached(gguf: Path, kind: str, build: Callable[[], T], load: Callable[[str], T],
-           save: Callable[[T, str], None] = _save_pretrained, *, enabled: bool = True) -> T:
+def cached(
+    gguf: Path,
+    kind: str,
+    build: Callable[[], T],
+    load: Callable[[str], T],
+    save: Callable[[T, str], None] = _save_pretrained,
+    *,
+    enabled: bool = True,
+) -> T:
     """``load(folder)`` of the cache entry when there is a whole one, else ``build()``, written into the
     cache with ``save(obj, folder)`` (default ``obj.save_pretrained``). ``enabled=False``: ``build()``,
     the cache neither read nor written.

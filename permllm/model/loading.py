@@ -141,7 +141,7 @@ def _strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], pro
         return dict(sd)
     for p in prefixes:
         if p + probe in sd:
-            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+            return {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)}
     return dict(sd)
 
 
@@ -279,9 +279,13 @@ def load_hf_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: boo
         model = from_checkpoint(str(path))
     else:
         model = gguf_cache.cached(
-            path / gguf_file, "checkpoints",
+            path / gguf_file,
+            "checkpoints",
             lambda: from_checkpoint(str(path), gguf_file=gguf_file, config=load_decoder_config(path, gguf_file)),
-            from_checkpoint, _save_checkpoint, enabled=gguf_cache.weight_cache_enabled())
+            from_checkpoint,
+            _save_checkpoint,
+            enabled=gguf_cache.weight_cache_enabled(),
+        )
     model.eval()
     return model, (load_decoder_tokenizer(path, gguf_file) if tokenizer else None)
 
@@ -306,9 +310,11 @@ def _public_part(auto_class, kind: str, path_or_dir, gguf_file):
     if gguf_file is None:
         return auto_class.from_pretrained(str(path), local_files_only=True)
     return gguf_cache.cached(
-        path / gguf_file, kind,
+        path / gguf_file,
+        kind,
         lambda: auto_class.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True),
-        lambda folder: auto_class.from_pretrained(folder, local_files_only=True))
+        lambda folder: auto_class.from_pretrained(folder, local_files_only=True),
+    )
 
 
 def load_decoder_config(path_or_dir, gguf_file: str | None = None):
@@ -436,9 +442,17 @@ def encoder_weights_from_state_dict(state_dict: Mapping[str, torch.Tensor], conf
             )
         )
     # the pooler (CLS dense + tanh) is not part of mean-pooled sentence embeddings
-    _check_no_extras(sd, used, ignore_suffixes=("position_ids", "token_type_ids", "pooler.dense.weight", "pooler.dense.bias"))
+    _check_no_extras(
+        sd, used, ignore_suffixes=("position_ids", "token_type_ids", "pooler.dense.weight", "pooler.dense.bias")
+    )
     return EncoderWeights(
-        config=c, word_embed=word, pos_embed=pos, type_embed=typ, embed_ln_weight=ln_w, embed_ln_bias=ln_b, layers=layers
+        config=c,
+        word_embed=word,
+        pos_embed=pos,
+        type_embed=typ,
+        embed_ln_weight=ln_w,
+        embed_ln_bias=ln_b,
+        layers=layers,
     )
 
 
@@ -494,5 +508,7 @@ def load_model(name: str, *, tokenizer: bool = True):
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").is_file():
         return load_decoder(path, tokenizer=tokenizer)
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}, or give the path of a "
-                      "Llama-style checkpoint (.gguf file or folder with config.json)")
+    raise ConfigError(
+        f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}, or give the path of a "
+        "Llama-style checkpoint (.gguf file or folder with config.json)"
+    )

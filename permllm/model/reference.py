@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-
 import torch
 
 from permllm.model.weights import (
@@ -35,19 +34,19 @@ DTYPE = torch.float64
 
 # per-layer names recorded in a decoder trace ("layer{i}.<name>"), plus "embed", "final_norm", "logits"
 DECODER_TRACE_KEYS = (
-    "attn_norm",   # (n, d)        RMSNorm(x) before attention
-    "q",           # (n, H, D)     after RoPE
-    "k",           # (n, KV, D)    after RoPE (the new cache rows)
-    "v",           # (n, KV, D)
-    "attn",        # (n, H*D)      attention context, before wo
-    "attn_out",    # (n, d)        context @ wo
-    "resid_mid",   # (n, d)        x + attn_out
-    "mlp_norm",    # (n, d)
-    "gate",        # (n, I)        h @ w_gate (pre-SiLU)
-    "up",          # (n, I)        h @ w_up
-    "act",         # (n, I)        silu(gate) * up
-    "mlp_out",     # (n, d)        act @ w_down
-    "resid_out",   # (n, d)        resid_mid + mlp_out (next layer's input)
+    "attn_norm",  # (n, d)        RMSNorm(x) before attention
+    "q",  # (n, H, D)     after RoPE
+    "k",  # (n, KV, D)    after RoPE (the new cache rows)
+    "v",  # (n, KV, D)
+    "attn",  # (n, H*D)      attention context, before wo
+    "attn_out",  # (n, d)        context @ wo
+    "resid_mid",  # (n, d)        x + attn_out
+    "mlp_norm",  # (n, d)
+    "gate",  # (n, I)        h @ w_gate (pre-SiLU)
+    "up",  # (n, I)        h @ w_up
+    "act",  # (n, I)        silu(gate) * up
+    "mlp_out",  # (n, d)        act @ w_down
+    "resid_out",  # (n, d)        resid_mid + mlp_out (next layer's input)
 )
 # per-layer names recorded in an encoder trace, plus "embed" (post embedding LayerNorm)
 ENCODER_TRACE_KEYS = ("attn", "attn_out", "attn_ln", "inter", "act", "mlp_out", "out_ln")
@@ -110,12 +109,12 @@ def causal_attention(
     group = H // kv_heads
     # query head h = kv * group + g; stack each KV head's group of query heads: (KV, group*n, D)
     q_g = q.reshape(n, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * n, D)
-    scores = torch.bmm(q_g, k.permute(1, 2, 0)) / math.sqrt(D)          # (KV, group*n, m)
+    scores = torch.bmm(q_g, k.permute(1, 2, 0)) / math.sqrt(D)  # (KV, group*n, m)
     scores = scores.reshape(kv_heads, group, n, m)
-    allowed = k_positions[None, :] <= q_positions[:, None]              # (n, m)
+    allowed = k_positions[None, :] <= q_positions[:, None]  # (n, m)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = softmax(scores, dim=-1).reshape(kv_heads, group * n, m)
-    ctx = torch.bmm(probs, v.permute(1, 0, 2))                          # (KV, group*n, D)
+    ctx = torch.bmm(probs, v.permute(1, 0, 2))  # (KV, group*n, D)
     return ctx.reshape(kv_heads, group, n, D).permute(2, 0, 1, 3).reshape(n, H * D)
 
 
@@ -123,7 +122,9 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def swiglu_mlp(h: torch.Tensor, layer: DecoderLayerWeights, trace: dict | None = None, prefix: str = "") -> torch.Tensor:
+def swiglu_mlp(
+    h: torch.Tensor, layer: DecoderLayerWeights, trace: dict | None = None, prefix: str = ""
+) -> torch.Tensor:
     """(silu(h @ w_gate) * (h @ w_up)) @ w_down."""
     gate = h @ layer.w_gate
     up = h @ layer.w_up
@@ -218,9 +219,17 @@ class DecoderReference:
             trace["embed"] = x
         for i, layer in enumerate(w.layers):
             x, self.k_cache[i], self.v_cache[i] = decoder_layer(
-                x, layer, c, positions, cos, sin,
-                self.k_cache[i], self.v_cache[i], past_positions,
-                trace=trace, prefix=f"layer{i}.",
+                x,
+                layer,
+                c,
+                positions,
+                cos,
+                sin,
+                self.k_cache[i],
+                self.v_cache[i],
+                past_positions,
+                trace=trace,
+                prefix=f"layer{i}.",
             )
         self.length += n
         h = rms_norm(x, w.final_norm, c.rms_norm_eps)
@@ -274,7 +283,9 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-def encoder_embeddings(weights: EncoderWeights, ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+def encoder_embeddings(
+    weights: EncoderWeights, ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """LayerNorm(word[ids] + pos[0..n-1] + type[token_type_ids]) for ids (b, n) -> (b, n, d)."""
     c = weights.config
     b, n = ids.shape
@@ -286,7 +297,9 @@ def encoder_embeddings(weights: EncoderWeights, ids: torch.Tensor, token_type_id
     return layer_norm(x, weights.embed_ln_weight, weights.embed_ln_bias, c.layer_norm_eps)
 
 
-def encoder_attention(x: torch.Tensor, layer: EncoderLayerWeights, config: EncoderConfig, key_mask: torch.Tensor) -> torch.Tensor:
+def encoder_attention(
+    x: torch.Tensor, layer: EncoderLayerWeights, config: EncoderConfig, key_mask: torch.Tensor
+) -> torch.Tensor:
     """Bidirectional multi-head attention context (b, n, d), before the output dense.
 
     key_mask: (b, n) bool, True for real tokens; padded keys get probability 0.
@@ -303,8 +316,12 @@ def encoder_attention(x: torch.Tensor, layer: EncoderLayerWeights, config: Encod
 
 
 def encoder_layer(
-    x: torch.Tensor, layer: EncoderLayerWeights, config: EncoderConfig, key_mask: torch.Tensor,
-    trace: dict | None = None, prefix: str = "",
+    x: torch.Tensor,
+    layer: EncoderLayerWeights,
+    config: EncoderConfig,
+    key_mask: torch.Tensor,
+    trace: dict | None = None,
+    prefix: str = "",
 ) -> torch.Tensor:
     """Post-LN BERT block: h = LN(x + attn(x) @ wo + bo); out = LN(h + gelu(h @ w_in + b_in) @ w_out + b_out)."""
     eps = config.layer_norm_eps
@@ -373,7 +390,9 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encoder_embed(weights: EncoderWeights, ids, attention_mask=None, normalize: bool = True, token_type_ids=None) -> torch.Tensor:
+def encoder_embed(
+    weights: EncoderWeights, ids, attention_mask=None, normalize: bool = True, token_type_ids=None
+) -> torch.Tensor:
     """Sentence embedding(s): mean pooling over the attention mask, then L2 normalisation.
 
     With ``normalize=True`` (default) this reproduces sentence-transformers all-MiniLM-L6-v2

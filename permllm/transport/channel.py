@@ -128,7 +128,9 @@ def to_wire_array(payload) -> np.ndarray:
     if isinstance(payload, torch.Tensor):
         dtype = _TORCH_TO_NUMPY.get(payload.dtype)
         if dtype is None:
-            raise ProtocolError(f"unsupported torch dtype {payload.dtype}; supported: {sorted(map(str, _TORCH_TO_NUMPY))}")
+            raise ProtocolError(
+                f"unsupported torch dtype {payload.dtype}; supported: {sorted(map(str, _TORCH_TO_NUMPY))}"
+            )
         tensor = payload.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
@@ -245,13 +247,15 @@ class Channel(ABC):
             expected = _expected_dtype(dtype)
             if header.dtype != expected:
                 raise ProtocolError(
-                    f"peer {self.peer!r}, tag {tag!r}: expected dtype {expected}, received {header.dtype} (shape {header.shape})"
+                    f"peer {self.peer!r}, tag {tag!r}: expected dtype {expected}, "
+                    f"received {header.dtype} (shape {header.shape})"
                 )
         if shape is not None:
             expected_shape = tuple(int(d) for d in shape)
             if header.shape != expected_shape:
                 raise ProtocolError(
-                    f"peer {self.peer!r}, tag {tag!r}: expected shape {expected_shape}, received {header.shape} ({header.dtype})"
+                    f"peer {self.peer!r}, tag {tag!r}: expected shape {expected_shape}, "
+                    f"received {header.shape} ({header.dtype})"
                 )
         array = np.frombuffer(message.payload, dtype=header.dtype).reshape(header.shape)
         if not array.flags.aligned or not array.flags.writeable:
@@ -271,7 +275,9 @@ class Channel(ABC):
                 f"peer {self.peer!r}, tag {tag!r}: expected raw bytes, received {header.dtype} of shape {header.shape}"
             )
         if max_len is not None and header.shape[0] > max_len:
-            raise ProtocolError(f"peer {self.peer!r}, tag {tag!r}: expected at most {max_len} bytes, received {header.shape[0]}")
+            raise ProtocolError(
+                f"peer {self.peer!r}, tag {tag!r}: expected at most {max_len} bytes, received {header.shape[0]}"
+            )
         return bytes(message.payload)
 
     def close(self) -> None:
@@ -301,13 +307,16 @@ class Channel(ABC):
         array = to_wire_array(payload)
         if array.nbytes > self._max_payload_bytes:
             raise ProtocolError(
-                f"tag {tag!r} to peer {self.peer!r}: payload of {array.nbytes} bytes is over the maximum of {self._max_payload_bytes}"
+                f"tag {tag!r} to peer {self.peer!r}: payload of {array.nbytes} bytes "
+                f"is over the maximum of {self._max_payload_bytes}"
             )
         body = _as_byte_view(array)
         with self._send_lock:
             if self._closed:
                 raise PeerGone(f"cannot send tag {tag!r}: this end of the channel to peer {self.peer!r} is closed")
-            header = encode_header(tag, array.dtype, array.shape, self._send_seq, self._clock.outgoing_depth(), deliver_at_ns)
+            header = encode_header(
+                tag, array.dtype, array.shape, self._send_seq, self._clock.outgoing_depth(), deliver_at_ns
+            )
             try:
                 self._send_frame(header, body)
             except (ChannelTimeout, PeerGone) as exc:
@@ -333,8 +342,10 @@ class Channel(ABC):
             except PeerGone as exc:
                 raise PeerGone(f"waiting for tag {tag!r} from peer {self.peer!r}: {exc}") from exc
             if frame is None:
-                raise ChannelTimeout(f"timed out after {wait_s:g} s waiting for tag {tag!r} from peer {self.peer!r}"
-                                     + self._timeout_hint())
+                raise ChannelTimeout(
+                    f"timed out after {wait_s:g} s waiting for tag {tag!r} from peer {self.peer!r}"
+                    + self._timeout_hint()
+                )
             header_buf, payload = frame
             try:
                 header = decode_header(header_buf)

@@ -139,10 +139,16 @@ def encode_header(
     for dim in shape:
         if not 0 <= int(dim) <= _U64_MAX:
             raise ProtocolError(f"tag {tag!r}: shape {shape} has a dimension outside 0..2^64-1")
-    for name, value, limit in (("seq", seq, _U64_MAX), ("depth", depth, _U32_MAX), ("deliver_at_ns", deliver_at_ns, _U64_MAX)):
+    for name, value, limit in (
+        ("seq", seq, _U64_MAX),
+        ("depth", depth, _U32_MAX),
+        ("deliver_at_ns", deliver_at_ns, _U64_MAX),
+    ):
         if not 0 <= int(value) <= limit:
             raise ProtocolError(f"tag {tag!r}: {name}={value} outside 0..{limit}")
-    fixed = _FIXED.pack(MAGIC, FRAME_VERSION, code, len(shape), len(tag_bytes), int(seq), int(depth), int(deliver_at_ns))
+    fixed = _FIXED.pack(
+        MAGIC, FRAME_VERSION, code, len(shape), len(tag_bytes), int(seq), int(depth), int(deliver_at_ns)
+    )
     dims = struct.pack(f"<{len(shape)}Q", *(int(d) for d in shape))
     return fixed + dims + tag_bytes
 
@@ -180,7 +186,9 @@ def decode_header(buf) -> Header:
     raw_tag = bytes(view[FIXED_HEADER_LEN + 8 * ndim :])
     if not all(0x20 <= b <= 0x7E for b in raw_tag):
         raise ProtocolError(f"frame tag is not printable ASCII: {raw_tag!r}")
-    return Header(dtype=dtype, shape=tuple(shape), tag=raw_tag.decode("ascii"), seq=seq, depth=depth, deliver_at_ns=deliver_at_ns)
+    return Header(
+        dtype=dtype, shape=tuple(shape), tag=raw_tag.decode("ascii"), seq=seq, depth=depth, deliver_at_ns=deliver_at_ns
+    )
 
 
 def check_payload(header: Header, payload_len: int, max_payload_bytes: int) -> None:

@@ -75,8 +75,10 @@ class ZmqChannel(Channel):
     def _timeout_hint(self) -> str:
         if not self.failed_handshakes:
             return ""
-        return (f"; its CURVE handshake failed {self.failed_handshakes} times (a wrong public key for the "
-                f"{self.peer}, or it is not a CURVE server)")
+        return (
+            f"; its CURVE handshake failed {self.failed_handshakes} times (a wrong public key for the "
+            f"{self.peer}, or it is not a CURVE server)"
+        )
 
     def _read_handshake_events(self) -> None:
         while self._monitor.poll(0):
@@ -84,7 +86,8 @@ class ZmqChannel(Channel):
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise AuthenticationRefused(
                     f"peer {self.peer!r} refused this party's CURVE key (ZAP status {event['value']}): give each "
-                    f"role the other's public key from the same `permllm keygen`")
+                    f"role the other's public key from the same `permllm keygen`"
+                )
             if event["event"] & _HANDSHAKE_FAILED:
                 self.failed_handshakes += 1
             elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -135,11 +138,18 @@ class ZmqChannel(Channel):
             socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
             socket.setsockopt(zmq.MAXMSGSIZE, max(int(max_payload_bytes), MAX_HEADER_LEN))
             send_timeout_s = float(timeout)
-            socket.setsockopt(zmq.SNDTIMEO, -1 if send_timeout_s == float("inf") else max(1, int(send_timeout_s * 1000)))
+            socket.setsockopt(
+                zmq.SNDTIMEO, -1 if send_timeout_s == float("inf") else max(1, int(send_timeout_s * 1000))
+            )
             for option, value in curve:
                 socket.setsockopt(option, value)
             channel = cls(
-                socket, peer, owned_context=owned_context, clock=clock, timeout=timeout, max_payload_bytes=max_payload_bytes
+                socket,
+                peer,
+                owned_context=owned_context,
+                clock=clock,
+                timeout=timeout,
+                max_payload_bytes=max_payload_bytes,
             )
             if curve_server_key is not None:
                 channel._watch_handshakes()
@@ -171,7 +181,9 @@ class ZmqChannel(Channel):
             else:
                 self._socket.send(payload)
         except zmq.Again as exc:
-            raise ChannelTimeout(f"the send queue stayed full for {self.timeout:g} s (peer not reading or not connected)") from exc
+            raise ChannelTimeout(
+                f"the send queue stayed full for {self.timeout:g} s (peer not reading or not connected)"
+            ) from exc
         except zmq.NotDone as exc:
             raise ChannelTimeout(f"the payload was not transmitted within {self.timeout:g} s") from exc
 
@@ -192,7 +204,9 @@ class ZmqChannel(Channel):
         if len(parts) == 1 and parts[0].bytes == GOODBYE:
             raise PeerGone(f"peer {self.peer!r} closed the channel")
         if len(parts) != 2:
-            raise ProtocolError(f"expected a 2-part frame [header, payload] from peer {self.peer!r}, received {len(parts)} parts")
+            raise ProtocolError(
+                f"expected a 2-part frame [header, payload] from peer {self.peer!r}, received {len(parts)} parts"
+            )
         return parts[0].buffer, parts[1].buffer
 
     def _close_transport(self) -> None:

@@ -38,18 +38,17 @@ The user divides the revealed sum by n (division is not exact in the ring) and L
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from permllm.fixed import ACT_BITS, decode, encode
-from permllm.model.encoder_weights import EncoderArch
 from permllm.sharing import Shared
 from protocols.basic import reveal_to
 from protocols.beaver import GrowingOperand, product
 from protocols.context import Role
 from protocols.functions import GELU, SOFTMAX, layer_normalize
 from protocols.linear import LinearWeight, linear, lookup
+from protocols.model.encoder_weights import EncoderArch
 from protocols.permute import permuted_apply
 from protocols.trunc import trunc
 
@@ -67,7 +66,9 @@ class SecureEncoder:
         self._norm = layer_normalize(arch.layer_norm_eps)
         self.step_hooks = []
 
-    def embed(self, ctx, token_ids: list[int] | None, count: int, *, normalize: bool | None = None) -> np.ndarray | None:
+    def embed(
+        self, ctx, token_ids: list[int] | None, count: int, *, normalize: bool | None = None
+    ) -> np.ndarray | None:
         """The sentence embedding of `count` tokens (with [CLS] ... [SEP] already added).
 
         The user passes the token ids and gets the embedding (float64, (hidden,)): mean-pooled over
@@ -145,13 +146,18 @@ class SecureEncoder:
         qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, projected, projected.bits - ACT_BITS))
 
         def head_major(start: int):
-            return qkv16.map(lambda t: t[:, start:start + d].reshape(m, heads, hd).transpose(0, 1).contiguous(),
-                             shape=(heads, m, hd))
+            return qkv16.map(
+                lambda t: t[:, start : start + d].reshape(m, heads, hd).transpose(0, 1).contiguous(),
+                shape=(heads, m, hd),
+            )
 
         q, k, v = head_major(0), head_major(d), head_major(2 * d)
         scores = self._mark("scores", ctx, lambda: product(ctx, q, k, keys))
-        probs = self._mark("softmax", ctx, lambda: permuted_apply(ctx, scores.reshape(-1, 1), SOFTMAX,
-                                                                  [m] * (heads * m), tag=f"L{i}.sm"))
+        probs = self._mark(
+            "softmax",
+            ctx,
+            lambda: permuted_apply(ctx, scores.reshape(-1, 1), SOFTMAX, [m] * (heads * m), tag=f"L{i}.sm"),
+        )
         mixed = self._mark("weighted_values", ctx, lambda: product(ctx, probs.reshape(heads, m, m), v, values))
         merged = mixed.map(lambda t: t.transpose(0, 1).reshape(m, d), shape=(m, d))
         merged = self._mark("weighted_values", ctx, lambda: trunc(ctx, merged, merged.bits - ACT_BITS))

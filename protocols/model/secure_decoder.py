@@ -30,11 +30,11 @@ from __future__ import annotations
 import torch
 
 from permllm.fixed import ACT_BITS, LINEAR_BITS, ROPE_BITS, encode
-from permllm.model.decoder_weights import DecoderArch
 from permllm.sharing import Shared
 from protocols.beaver import GrowingOperand, product
 from protocols.functions import SOFTMAX, SWIGLU, rms_normalize
 from protocols.linear import LinearWeight, linear, lookup
+from protocols.model.decoder_weights import DecoderArch
 from protocols.permute import permuted_apply
 from protocols.trunc import trunc
 
@@ -63,7 +63,9 @@ class SecureDecoder:
             h = self._layer(ctx, i, h, count)
         self.position += count
         last = h if count == 1 else _last_row(h)
-        x = self._mark("norm", ctx, lambda: permuted_apply(ctx, last.reshape(-1, 1), self._norm, [self.arch.hidden], tag="fnorm"))
+        x = self._mark(
+            "norm", ctx, lambda: permuted_apply(ctx, last.reshape(-1, 1), self._norm, [self.arch.hidden], tag="fnorm")
+        )
         return self._mark("lm_head", ctx, lambda: linear(ctx, x.reshape(1, self.arch.hidden), self.weights["lm_head"]))
 
     def _mark(self, part: str, ctx, step):
@@ -82,11 +84,15 @@ class SecureDecoder:
 
     def _layer(self, ctx, i: int, h: Shared, m: int) -> Shared:
         a = self.arch
-        x = self._mark("norm", ctx, lambda: permuted_apply(ctx, h.reshape(-1, 1), self._norm, [a.hidden] * m, tag=f"L{i}.n1"))
+        x = self._mark(
+            "norm", ctx, lambda: permuted_apply(ctx, h.reshape(-1, 1), self._norm, [a.hidden] * m, tag=f"L{i}.n1")
+        )
         x = x.reshape(m, a.hidden)
         attn = self._attention(ctx, i, x, m)
         h = h + attn
-        x = self._mark("norm", ctx, lambda: permuted_apply(ctx, h.reshape(-1, 1), self._norm, [a.hidden] * m, tag=f"L{i}.n2"))
+        x = self._mark(
+            "norm", ctx, lambda: permuted_apply(ctx, h.reshape(-1, 1), self._norm, [a.hidden] * m, tag=f"L{i}.n2")
+        )
         return h + self._mlp(ctx, i, x.reshape(m, a.hidden), m)
 
     def _attention(self, ctx, i: int, x: Shared, m: int) -> Shared:
@@ -107,12 +113,16 @@ class SecureDecoder:
         aligned = qkv.map(rotate_and_align, bits=qkv.bits + ROPE_BITS)
         qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, aligned, aligned.bits - ACT_BITS))
         # group layout: queries (G, per_group*m, hd) ordered (head in group, position); keys/values (G, m, hd)
-        q = qkv16.map(lambda t: t[:, :q_end].reshape(m, groups, per_group, hd).permute(1, 2, 0, 3)
-                      .reshape(groups, per_group * m, hd), shape=(groups, per_group * m, hd))
-        k = qkv16.map(lambda t: t[:, q_end:k_end].reshape(m, groups, hd).transpose(0, 1).contiguous(),
-                      shape=(groups, m, hd))
-        v = qkv16.map(lambda t: t[:, k_end:].reshape(m, groups, hd).transpose(0, 1).contiguous(),
-                      shape=(groups, m, hd))
+        q = qkv16.map(
+            lambda t: (
+                t[:, :q_end].reshape(m, groups, per_group, hd).permute(1, 2, 0, 3).reshape(groups, per_group * m, hd)
+            ),
+            shape=(groups, per_group * m, hd),
+        )
+        k = qkv16.map(
+            lambda t: t[:, q_end:k_end].reshape(m, groups, hd).transpose(0, 1).contiguous(), shape=(groups, m, hd)
+        )
+        v = qkv16.map(lambda t: t[:, k_end:].reshape(m, groups, hd).transpose(0, 1).contiguous(), shape=(groups, m, hd))
         scores = self._mark("scores", ctx, lambda: product(ctx, q, k, self.keys[i]))
         length = self.keys[i].rows
         valid = _causal_mask(self.position, m, length, per_group, groups)
@@ -127,8 +137,10 @@ class SecureDecoder:
 
         weights = probs.map(place, shape=(groups, per_group * m, length))
         mixed = self._mark("weighted_values", ctx, lambda: product(ctx, weights, v, self.values[i]))
-        heads = mixed.map(lambda t: t.reshape(groups, per_group, m, hd).permute(2, 0, 1, 3).reshape(m, a.heads * hd),
-                          shape=(m, a.heads * hd))
+        heads = mixed.map(
+            lambda t: t.reshape(groups, per_group, m, hd).permute(2, 0, 1, 3).reshape(m, a.heads * hd),
+            shape=(m, a.heads * hd),
+        )
         heads = self._mark("weighted_values", ctx, lambda: trunc(ctx, heads, heads.bits - ACT_BITS))
         return self._mark("out_proj", ctx, lambda: linear(ctx, heads, self.weights[f"L{i}.o"]))
 

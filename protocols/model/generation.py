@@ -12,8 +12,8 @@ to the owner, as any protocol that stops early must.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

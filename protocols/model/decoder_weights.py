@@ -41,7 +41,7 @@ class DecoderArch:
     rope_theta: float
 
     @staticmethod
-    def from_config(config) -> "DecoderArch":
+    def from_config(config) -> DecoderArch:
         return DecoderArch(
             hidden=int(config.hidden_size),
             layers=int(config.num_layers),
@@ -100,8 +100,9 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
         if tuple(w.shape) != (d_in, d_out):
             raise ValueError(f"{name}: weight has shape {tuple(w.shape)}, expected {(d_in, d_out)}")
         # contiguous: a transposed view (the tied lm_head) makes int64 matmuls ~9x slower
-        out[name] = LinearWeight(name, bits, d_in, d_out, local=encode(w, bits).contiguous(),
-                                 mask=weight_mask(seed, name, d_in, d_out))
+        out[name] = LinearWeight(
+            name, bits, d_in, d_out, local=encode(w, bits).contiguous(), mask=weight_mask(seed, name, d_in, d_out)
+        )
         if progress:
             progress(1)
     return out

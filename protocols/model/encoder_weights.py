@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from permllm.fixed import LINEAR_BITS, WEIGHT_BITS, encode
-from permllm.model.decoder_weights import weight_mask
 from protocols.linear import LinearWeight
+from protocols.model.decoder_weights import weight_mask
 
 __all__ = [
     "EncoderArch",
@@ -63,7 +63,7 @@ class EncoderArch:
     normalize: bool = True
 
     @staticmethod
-    def from_config(config) -> "EncoderArch":
+    def from_config(config) -> EncoderArch:
         return EncoderArch(
             hidden=int(config.hidden_size),
             layers=int(config.num_layers),
@@ -135,9 +135,15 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
         expected_bias = (arch.max_positions, d_out) if name == "embed" else (d_out,)
         if bias is not None and tuple(bias.shape) != expected_bias:
             raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected {expected_bias}")
-        out[name] = LinearWeight(name, bits, d_in, d_out, local=encode(w, bits).contiguous(),
-                                 mask=weight_mask(seed, name, d_in, d_out),
-                                 bias=None if bias is None else bias.to(torch.float64).contiguous())
+        out[name] = LinearWeight(
+            name,
+            bits,
+            d_in,
+            d_out,
+            local=encode(w, bits).contiguous(),
+            mask=weight_mask(seed, name, d_in, d_out),
+            bias=None if bias is None else bias.to(torch.float64).contiguous(),
+        )
         if progress:
             progress(1)
     return out
