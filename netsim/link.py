@@ -74,6 +74,12 @@ class NetSim(Channel):
         """The simulated link's profile."""
         return self._link.profile
 
+    def set_profile(self, profile: Profile | str) -> None:
+        """Switch the simulated link to `profile` from the next frame on (a sweep changes it between tokens).
+
+        Frames already stamped keep their delivery times; the new link starts free."""
+        self._link = Link(parse_profile(profile))
+
     @property
     def closed(self) -> bool:
         """True once this wrapper or the inner channel was closed."""

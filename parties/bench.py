@@ -853,7 +853,7 @@ def run_session(
 ) -> dict:
     """One demo session (owner, helper, user as processes over ZeroMQ, the launcher's commands) under
     `network`; returns the launcher's merged summary plus profile figures and the session's wall time."""
-    from parties.launcher import ROLES, _role_commands, _stop, free_ports, merge_reports
+    from parties.launcher import ROLES, free_ports, merge_reports, role_commands, stop_roles
 
     args = SimpleNamespace(
         network=network,
@@ -872,7 +872,7 @@ def run_session(
     )
     with tempfile.TemporaryDirectory(prefix="permllm-bench-") as tmp:
         reports = Path(tmp)
-        commands = _role_commands(args, free_ports(3), reports)
+        commands = role_commands(args, free_ports(3), reports)
         for role in ("owner", "user"):
             commands[role].append("--quiet")
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -905,7 +905,7 @@ def run_session(
                 time.sleep(0.1)
         finally:
             bar.close()
-            _stop(processes)
+            stop_roles(processes)
             for f in logs.values():
                 f.close()
         wall = time.perf_counter() - start
@@ -1033,11 +1033,11 @@ class DealMarks:
 
 def switchable_netsim(inner, profile):
     """A netsim.NetSim whose link profile can be changed between tokens (`.switch(spec)`; the sweep)."""
-    from netsim import Link, NetSim, parse_profile
+    from netsim import NetSim
 
     class SwitchableNetSim(NetSim):
         def switch(self, spec) -> None:
-            self._link = Link(parse_profile(spec))
+            self.set_profile(spec)
 
     sim = SwitchableNetSim(inner, profile)
     if not hasattr(sim, "_link"):

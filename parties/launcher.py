@@ -58,7 +58,10 @@ def _check_prompt_fits(model: str, prompt: str, max_new_tokens: int) -> None:
     prepare_prompt(load_tokenizer(model), prompt, max_new_tokens, max_positions(model))
 
 
-def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
+def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
+    """The three roles' command lines for one session: `args` holds the demo's options (network, timeouts,
+    threads, insecure, model, prompt, max_new_tokens, sampling flags), `ports` three free loopback ports,
+    `reports` a private folder for the keys and each role's JSON report (`<role>.json`)."""
     base = [sys.executable, "-m", "parties.cli"]
     owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
     # three roles share this machine's cores: one compute thread each avoids oversubscription
@@ -141,7 +144,8 @@ def _role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     }
 
 
-def _stop(processes: dict[str, subprocess.Popen]) -> None:
+def stop_roles(processes: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM every role still running, then kill whatever has not exited 5 s later."""
     for proc in processes.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -158,7 +162,7 @@ def run_demo(args) -> int:
     _validate(args)
     with tempfile.TemporaryDirectory(prefix="permllm-demo-") as tmp:
         reports = Path(tmp)
-        commands = _role_commands(args, free_ports(3), reports)
+        commands = role_commands(args, free_ports(3), reports)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         security = "no encryption (--insecure)" if args.insecure else "CURVE-encrypted and authenticated"
         print(
@@ -174,10 +178,10 @@ def run_demo(args) -> int:
             failed = _wait(processes)
         except KeyboardInterrupt:
             print("\npermllm demo: interrupted; stopping the parties", file=sys.stderr)
-            _stop(processes)
+            stop_roles(processes)
             return 130
         finally:
-            _stop(processes)
+            stop_roles(processes)
         if failed:
             role, code = failed
             print(

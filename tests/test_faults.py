@@ -318,7 +318,7 @@ def test_demo_stops_every_role_when_one_fails(monkeypatch, capsys):
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
     failing = [sys.executable, "-c", "import sys; print('user: cannot go on', file=sys.stderr); sys.exit(3)"]
     monkeypatch.setattr(
-        launcher, "_role_commands", lambda args, ports, reports: {"owner": sleeper, "helper": sleeper, "user": failing}
+        launcher, "role_commands", lambda args, ports, reports: {"owner": sleeper, "helper": sleeper, "user": failing}
     )
     args = build_parser().parse_args(["demo", "--network", "none", "--max-new-tokens", "2"])
     start = time.monotonic()
