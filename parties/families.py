@@ -1,7 +1,9 @@
 """Model families as the roles see them: how to prepare weights and what one online session runs.
 
 Written once per architecture family (Llama-style decoder, BERT-style encoder); a role picks the
-family from the public model name and never branches on it elsewhere.
+family from the public model name and never branches on it elsewhere: what differs between a
+generating decoder and an embedding encoder (the token budget, the HE index lookup of token
+selection, the online session, the user's input and output) is a method of the family.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from permllm.errors import ConfigError, ProtocolError
 
@@ -21,13 +23,17 @@ MAX_LINEAR_ELEMENTS = 1 << 31
 """The most linear-weight elements a received architecture may imply (16 GiB of ring words; SmolLM2
 has 1.3e8): together with MAX_ARCH_DIMENSION this bounds what the user and the helper allocate."""
 
+HE_CONTEXT_MAX_BYTES = 96 << 20
+
 
 @dataclass(frozen=True)
 class Family:
-    """name: the model name; generates: a decoder (generation) or an encoder (one embedding)."""
+    """name: the model name; the callables come from the family's weight module and secure driver."""
+
+    generates: ClassVar[bool]
+    """A decoder (generation) or an encoder (one embedding)."""
 
     name: str
-    generates: bool
     arch_from_config: Callable
     arch_from_dict: Callable
     linear_shapes: Callable
@@ -54,6 +60,109 @@ class Family:
             )
         return arch
 
+    # ------------------------------------------------------------------ what differs between families
+    def accepts_budget(self, max_new_tokens: int) -> bool:
+        """Whether a plan may ask for this many new tokens."""
+        raise NotImplementedError
+
+    def owner_lookup(self, user, timeout: float):
+        """The owner's side of token selection, set up from the user's HE context (None if unused)."""
+        raise NotImplementedError
+
+    def user_lookup(self, owner, arch):
+        """The user's side of token selection; sends its HE public context to the owner (None if unused)."""
+        raise NotImplementedError
+
+    def run_session(self, ctx, driver, plan, **user_side) -> Any:
+        """The online phase both roles (and the helper's dry run) run. user_side (user only): prompt_ids,
+        eos_ids, choose, on_token, trace; lookup: either role's token-selection side, or None."""
+        raise NotImplementedError
+
+    def positions_run(self, driver, plan) -> int:
+        """The positions a finished session actually ran through the model (what a query budget charges)."""
+        raise NotImplementedError
+
+    def user_input(self, tokenizer, request) -> tuple[list[int], int]:
+        """The user's token ids and the token budget of its plan, from a `UserRequest`."""
+        raise NotImplementedError
+
+    def user_online(self, session, request, tokenizer, out):
+        """The user's online phase: runs the session (a `parties.user_online.OnlineSession`), writes the
+        answer to `out`, returns the online part of the user's report."""
+        raise NotImplementedError
+
+
+class DecoderFamily(Family):
+    """A Llama-style decoder: generates up to the token budget, choosing tokens with the HE index lookup."""
+
+    generates = True
+
+    def accepts_budget(self, max_new_tokens: int) -> bool:
+        return max_new_tokens >= 1
+
+    def owner_lookup(self, user, timeout: float):
+        from permllm.he import IndexLookupServer
+
+        return IndexLookupServer(user.recv_bytes("he.context", max_len=HE_CONTEXT_MAX_BYTES, timeout=timeout))
+
+    def user_lookup(self, owner, arch):
+        from permllm.he import IndexLookupClient
+
+        client = IndexLookupClient(arch.vocab)
+        owner.send("he.context", client.public_context())
+        return client
+
+    def run_session(self, ctx, driver, plan, lookup=None, **user_side) -> Any:
+        from protocols.model.generation import generate
+
+        return generate(
+            ctx, driver, prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, lookup=lookup, **user_side
+        )
+
+    def positions_run(self, driver, plan) -> int:
+        return driver.position + 1  # the last chosen token is never fed back
+
+    def user_input(self, tokenizer, request) -> tuple[list[int], int]:
+        from parties.user_input import prepare_prompt
+
+        return prepare_prompt(tokenizer, request.prompt, request.max_new_tokens), request.max_new_tokens
+
+    def user_online(self, session, request, tokenizer, out):
+        from parties.user_online import stream_answer
+
+        return stream_answer(self, session, request, tokenizer, out)
+
+
+class EncoderFamily(Family):
+    """A BERT-style encoder: one embedding of the prompt, no token budget and no token selection."""
+
+    generates = False
+
+    def accepts_budget(self, max_new_tokens: int) -> bool:
+        return max_new_tokens == 0
+
+    def owner_lookup(self, user, timeout: float):
+        return None
+
+    def user_lookup(self, owner, arch):
+        return None
+
+    def run_session(self, ctx, driver, plan, lookup=None, prompt_ids=None) -> Any:
+        return driver.embed(ctx, prompt_ids, plan.prompt_tokens)
+
+    def positions_run(self, driver, plan) -> int:
+        return plan.prompt_tokens
+
+    def user_input(self, tokenizer, request) -> tuple[list[int], int]:
+        from parties.user_input import prepare_sentence
+
+        return prepare_sentence(tokenizer, request.prompt), 0
+
+    def user_online(self, session, request, tokenizer, out):
+        from parties.user_online import print_embedding
+
+        return print_embedding(self, session, out)
+
 
 def family(model: str) -> Family:
     """The family of a model by its public name (`smollm2`, `minilm`, or `llama:NAME` for a checkpoint)."""
@@ -61,9 +170,8 @@ def family(model: str) -> Family:
         from protocols.model import decoder_weights as dw
         from protocols.model.secure_decoder import SecureDecoder
 
-        return Family(
+        return DecoderFamily(
             model,
-            True,
             dw.DecoderArch.from_config,
             arch_reader(dw.DecoderArch),
             dw.linear_shapes,
@@ -76,9 +184,8 @@ def family(model: str) -> Family:
         from protocols.model import encoder_weights as ew
         from protocols.model.secure_encoder import SecureEncoder
 
-        return Family(
+        return EncoderFamily(
             "minilm",
-            False,
             ew.EncoderArch.from_config,
             arch_reader(ew.EncoderArch),
             ew.linear_shapes,
@@ -114,14 +221,3 @@ def arch_reader(cls) -> Callable[[Any], Any]:
         return cls(**message)
 
     return read
-
-
-def run_session(fam: Family, ctx, driver, plan, **user_side) -> Any:
-    """The online phase both roles (and the helper's dry run) run for this family.
-
-    user_side (user only): prompt_ids, eos_ids, choose, on_token, trace; lookup for either role."""
-    if fam.generates:
-        from protocols.model.generation import generate
-
-        return generate(ctx, driver, prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, **user_side)
-    return driver.embed(ctx, user_side.get("prompt_ids"), plan.prompt_tokens)

@@ -239,10 +239,9 @@ def merge_reports(reports: dict, network: str) -> dict:
             "online_flights": user["online_flights"],
         }
     return {
-        "network": network,
+        **common,
         "text": user["text"],
         "token_ids": user["token_ids"],
-        "prompt_tokens": user["prompt_tokens"],
         "generated_tokens": user["generated_tokens"],
         "ttft_s": user["ttft_s"],
         "decode_s_per_token": user["decode_s_per_token"],
@@ -253,13 +252,6 @@ def merge_reports(reports: dict, network: str) -> dict:
         "flights_per_token": user["flights_per_token"],
         "prefill_flights": user["prefill_flights"],
         "prefill_bytes": user["prefill_bytes"],
-        "offline_s": helper["phases_s"].get("offline"),
-        "offline_bytes": helper["offline_bytes"],
-        "offline_calls": helper["calls"],
-        "prepare_s": owner["phases_s"].get("prepare"),
-        "prepare_bytes": owner["prepare_bytes"],
-        "model_load_s": owner["phases_s"].get("load"),
-        "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
     }
 
 

@@ -8,8 +8,6 @@ one unit in the last place and never fails for |x| < 2^62.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 ACT_BITS = 16
@@ -39,8 +37,3 @@ def encode(x: torch.Tensor | float, bits: int) -> torch.Tensor:
 def decode(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x / 2^bits as float64 (x read as signed)."""
     return x.to(torch.float64) / float(2**bits)
-
-
-def resolution(bits: int) -> float:
-    """The value of one unit in the last place at this scale."""
-    return math.ldexp(1.0, -bits)

@@ -24,12 +24,3 @@ def logical_rshift(x: torch.Tensor, k: int) -> torch.Tensor:
 def top_bit(x: torch.Tensor) -> torch.Tensor:
     """Bit 63 of x (1 where x, read as signed, is negative), as int64 0/1."""
     return (x < 0).to(DTYPE)
-
-
-def as_ring(x) -> torch.Tensor:
-    """A torch.int64 tensor from a numpy array or tensor (no copy when already int64)."""
-    if isinstance(x, torch.Tensor):
-        if x.dtype != DTYPE:
-            raise TypeError(f"ring tensors are int64, got {x.dtype}")
-        return x
-    return torch.from_numpy(x) if x.dtype.kind == "i" and x.itemsize == 8 else torch.as_tensor(x, dtype=DTYPE)

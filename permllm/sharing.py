@@ -92,8 +92,3 @@ def _resolve(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...]:
 def split(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Share x as (x - mask, mask): the owner's and the user's share (tests and input sharing)."""
     return x - mask, mask
-
-
-def reconstruct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x = a + b mod 2^64."""
-    return a + b

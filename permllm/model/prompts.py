@@ -8,7 +8,7 @@ content itself spans from 1 token ("Hi") to ~170 tokens, so the templated length
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 DEMO_PROMPT = "What is the capital of France?"
 
@@ -121,7 +121,3 @@ def chat_token_ids(tokenizer, prompt: str, system: str | None = None) -> list[in
     messages.append({"role": "user", "content": prompt})
     result = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors=None)
     return _input_ids(result)
-
-
-def chat_token_ids_batch(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    return [chat_token_ids(tokenizer, p) for p in prompts]

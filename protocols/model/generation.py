@@ -32,14 +32,6 @@ class SamplingConfig:
 
 
 @dataclass
-class TokenEvent:
-    """One generated token as the user sees it, with the traffic since the previous one."""
-
-    token: int
-    elapsed_s: float
-
-
-@dataclass
 class GenerationTrace:
     """Per-token timings, flights and bytes (filled on each party's side)."""
 

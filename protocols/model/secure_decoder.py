@@ -29,17 +29,18 @@ from __future__ import annotations
 
 import torch
 
-from permllm.fixed import ACT_BITS, LINEAR_BITS, ROPE_BITS, encode
+from permllm.fixed import ACT_BITS, ROPE_BITS, encode
 from permllm.sharing import Shared
 from protocols.beaver import GrowingOperand, product
 from protocols.functions import SOFTMAX, SWIGLU, rms_normalize
 from protocols.linear import LinearWeight, linear, lookup
 from protocols.model.decoder_weights import DecoderArch
+from protocols.model.step_hooks import StepHooks
 from protocols.permute import permuted_apply
 from protocols.trunc import trunc
 
 
-class SecureDecoder:
+class SecureDecoder(StepHooks):
     """Per-session state of one party: its weights, the KV caches and the position."""
 
     def __init__(self, arch: DecoderArch, weights: dict[str, LinearWeight], max_positions: int):
@@ -67,17 +68,6 @@ class SecureDecoder:
             "norm", ctx, lambda: permuted_apply(ctx, last.reshape(-1, 1), self._norm, [self.arch.hidden], tag="fnorm")
         )
         return self._mark("lm_head", ctx, lambda: linear(ctx, x.reshape(1, self.arch.hidden), self.weights["lm_head"]))
-
-    def _mark(self, part: str, ctx, step):
-        """Run one named part of the model, letting measurement hooks time and count it."""
-        if not self.step_hooks:
-            return step()
-        for hook in self.step_hooks:
-            hook.begin(part, ctx)
-        out = step()
-        for hook in self.step_hooks:
-            hook.end(part, ctx)
-        return out
 
     def _embed(self, ctx, tokens, count: int) -> Shared:
         return lookup(ctx, tokens, count, self.weights["embed"])
@@ -178,6 +168,3 @@ def _causal_mask(start: int, m: int, length: int, per_group: int, groups: int) -
 
 def _last_row(h: Shared) -> Shared:
     return h.map(lambda t: t[-1:].contiguous(), shape=(1, h.shape[1]))
-
-
-LOGIT_BITS = LINEAR_BITS

@@ -49,11 +49,12 @@ from protocols.context import Role
 from protocols.functions import GELU, SOFTMAX, layer_normalize
 from protocols.linear import LinearWeight, linear, lookup
 from protocols.model.encoder_weights import EncoderArch
+from protocols.model.step_hooks import StepHooks
 from protocols.permute import permuted_apply
 from protocols.trunc import trunc
 
 
-class SecureEncoder:
+class SecureEncoder(StepHooks):
     """One party's encoder: its weights and the public architecture. Stateless across sentences
     (each `embed` starts fresh attention operands), so one instance embeds any number of sentences."""
 
@@ -92,17 +93,6 @@ class SecureEncoder:
         if a.normalize if normalize is None else normalize:
             mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
         return mean
-
-    def _mark(self, part: str, ctx, step):
-        """Run one named part of the model, letting measurement hooks time and count it."""
-        if not self.step_hooks:
-            return step()
-        for hook in self.step_hooks:
-            hook.begin(part, ctx)
-        out = step()
-        for hook in self.step_hooks:
-            hook.end(part, ctx)
-        return out
 
     def _embed(self, ctx, token_ids, count: int) -> Shared:
         """<word[t] + pos[p] + type[0]> at LINEAR_BITS: the one-hot lookup, plus the position and

@@ -1,0 +1,97 @@
+"""The helper's role: check that the owner and the user describe the same session, then deal the
+material for its whole budget to both (steps 2 and 4 of `parties.roles`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from parties.handshake import SEED_TAG, check_plans, first_answer
+from parties.metrics import Phases, peak_rss_mb
+from parties.progress import progress_bar
+from parties.wire import SETUP_TIMEOUT_S, abort_records, await_receipt, finish_records, recv_json, send_record
+from permllm.errors import ConfigError, ProtocolError
+
+SEED_BYTES = 16
+
+
+@dataclass
+class HelperReport:
+    """Seconds per phase, the dealt calls, the bytes streamed to the owner and the user, peak memory."""
+
+    phases_s: dict
+    calls: int
+    offline_bytes: int
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict:
+        return {"role": "helper", **asdict(self)}
+
+
+def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: float = SETUP_TIMEOUT_S) -> dict:
+    """channels: dict with 'owner' and 'user' Channels. Deals, streams, returns the helper's report
+    (`HelperReport.to_dict()`)."""
+    owner, user = channels["owner"], channels["user"]
+    phases = Phases()
+    fam, arch, plan, owner_seed, user_seed = handshake(owner, user, setup_timeout)
+    log(f"helper: dealing material for a {plan.prompt_tokens}-token prompt and {plan.max_new_tokens} new tokens")
+    with phases.timed("offline"):
+        calls = deal(owner, user, fam, arch, plan, owner_seed, user_seed, progress)
+        for channel in (owner, user):
+            finish_records(channel, calls)
+        for channel in (owner, user):
+            await_receipt(channel, calls, timeout=setup_timeout)
+    return HelperReport(
+        phases_s=phases.seconds,
+        calls=calls,
+        offline_bytes=owner.stats.bytes_sent + user.stats.bytes_sent,
+        peak_rss_mb=peak_rss_mb(),
+    ).to_dict()
+
+
+def handshake(owner, user, setup_timeout: float):
+    """owner -> helper its plan and seed, user -> helper its plan and seed; the plans must agree.
+    Returns (family, arch, plan, owner seed, user seed); a refusal goes to both material streams."""
+    owner_plan = first_answer(lambda: recv_json(owner, "owner-plan", timeout=setup_timeout), "owner")
+    owner_seed = owner.recv_bytes(SEED_TAG, max_len=SEED_BYTES, timeout=setup_timeout)
+    user_plan = recv_json(user, "user-plan", timeout=setup_timeout)
+    user_seed = user.recv_bytes(SEED_TAG, max_len=SEED_BYTES, timeout=setup_timeout)
+    try:
+        fam, arch, plan = check_plans(owner_plan, user_plan)
+        if len(owner_seed) != SEED_BYTES or len(user_seed) != SEED_BYTES:
+            raise ProtocolError(f"seeds must be {SEED_BYTES} bytes")
+    except (ProtocolError, ConfigError) as exc:
+        for channel in (owner, user):  # both are waiting for material: tell them why none comes
+            abort_records(channel, f"the helper refused the session: {exc}")
+        raise
+    return fam, arch, plan, owner_seed, user_seed
+
+
+def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, progress: bool) -> int:
+    """The helper's dry run of the online session: each protocol call's material, streamed to the owner
+    and the user as it is dealt. Returns the number of calls."""
+    from protocols.context import DealerContext
+    from protocols.material import Dealer
+    from protocols.model.decoder_weights import weight_mask
+
+    shapes = fam.linear_shapes(arch)
+    masks: dict = {}
+
+    def mask_of(name):
+        if name not in masks:
+            d_in, d_out, _ = shapes[name]
+            masks[name] = weight_mask(owner_seed, name, d_in, d_out)
+        return masks[name]
+
+    bar = progress_bar(None, "helper: dealing", progress, unit="call")
+
+    def sink(owner_record, user_record):
+        send_record(owner, owner_record)
+        send_record(user, user_record)
+        bar.update(1)
+
+    dealer = Dealer(owner_seed, user_seed, sink=sink)
+    driver = fam.driver(arch, fam.helper_weights(arch), plan.prompt_tokens + plan.max_new_tokens)
+    fam.run_session(DealerContext(dealer, mask_of), driver, plan)
+    dealer.flush()
+    bar.close()
+    return dealer.calls

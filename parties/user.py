@@ -1,0 +1,131 @@
+"""The user's role: send the hello, check the welcome, receive the masked weights and the helper's
+material, run the online session and print the answer (steps of `parties.roles`)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from parties.families import family
+from parties.handshake import SEED_TAG, Plan, check_welcome, first_answer
+from parties.metrics import Phases, peak_rss_mb
+from parties.models import model_name
+from parties.progress import progress_bar
+from parties.user_input import UserRequest
+from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
+from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
+from permllm.prg import fresh_seed
+from protocols.context import PartyContext, Role
+from protocols.material import QueuedMaterial
+
+
+@dataclass
+class UserReport:
+    """The plan's prompt length, bytes per set-up phase, the online part (the answer and its per-token
+    figures, or the embedding), seconds per phase, material records left (0 after a complete session)
+    and peak memory."""
+
+    prompt_tokens: int
+    prepare_bytes: int
+    offline_bytes: int
+    online: GenerationReport | EmbeddingReport
+    phases_s: dict
+    material_left: int
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict:
+        return {
+            "role": "user",
+            "prompt_tokens": self.prompt_tokens,
+            "prepare_bytes": self.prepare_bytes,
+            "offline_bytes": self.offline_bytes,
+            **self.online.to_dict(),
+            "phases_s": self.phases_s,
+            "material_left": self.material_left,
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+
+
+def run_user(
+    channels,
+    request: UserRequest,
+    tokenizer,
+    *,
+    progress: bool = True,
+    log=print,
+    out=sys.stdout,
+    setup_timeout: float = SETUP_TIMEOUT_S,
+) -> dict:
+    """channels: dict with 'owner' and 'helper' Channels. Streams the answer (or prints the embedding);
+    returns the user's report (`UserReport.to_dict()`)."""
+    fam = family(model_name(request.model))
+    owner, helper = channels["owner"], channels["helper"]
+    phases = Phases()
+    prompt_ids, max_new_tokens = fam.user_input(tokenizer, request)
+    plan = Plan(fam.name, len(prompt_ids), max_new_tokens)
+
+    arch, welcome = handshake(owner, fam, plan, setup_timeout)
+    lookup = fam.user_lookup(owner, arch)
+    seed = fresh_seed()
+    send_json(helper, "user-plan", plan.for_helper(welcome["fingerprint"]))
+    helper.send(SEED_TAG, seed)
+
+    with phases.timed("prepare"):
+        weights = receive_masked_weights(owner, fam, arch, setup_timeout, progress)
+    prepare_bytes = owner.stats.bytes_received
+
+    with phases.timed("offline"):
+        material = receive_material(helper, seed, setup_timeout, progress)
+    offline_bytes = helper.stats.bytes_received
+
+    ctx = PartyContext(Role.USER, owner, material)
+    driver = fam.driver(arch, weights, plan.prompt_tokens + plan.max_new_tokens)
+    session = OnlineSession(ctx, driver, plan, prompt_ids, lookup, welcome, phases)
+    online = fam.user_online(session, request, tokenizer, out)
+
+    return UserReport(
+        prompt_tokens=plan.prompt_tokens,
+        prepare_bytes=prepare_bytes,
+        offline_bytes=offline_bytes,
+        online=online,
+        phases_s=phases.seconds,
+        material_left=material.remaining,
+        peak_rss_mb=peak_rss_mb(),
+    ).to_dict()
+
+
+def handshake(owner, fam, plan: Plan, setup_timeout: float):
+    """user -> owner hello; owner -> user welcome, checked. Returns (the owner's architecture, the welcome)."""
+    send_json(owner, "hello", plan.hello())
+    welcome = first_answer(lambda: recv_json(owner, "welcome", timeout=setup_timeout), "owner")
+    return check_welcome(welcome, plan, fam), welcome
+
+
+def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: bool) -> dict:
+    """owner -> user: every masked weight W - U, as the user's `LinearWeight`s by name."""
+    shapes = fam.linear_shapes(arch)
+    weights = {}
+    bar = progress_bar(len(shapes), "user: receiving masked weights", progress, unit="weight")
+    for name, (d_in, d_out, _) in shapes.items():
+        array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
+        weights[name] = fam.user_weight(name, arch, torch.from_numpy(array))
+        bar.update(1)
+    bar.close()
+    return weights
+
+
+def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool) -> QueuedMaterial:
+    """helper -> user: the material stream for the whole session."""
+    material = QueuedMaterial(seed)
+    bar = progress_bar(None, "user: receiving offline material", progress, unit="call")
+
+    def keep(record):
+        material.extend([record])
+        bar.update(1)
+
+    recv_records(helper, keep, timeout=setup_timeout)
+    bar.close()
+    return material
