@@ -27,11 +27,9 @@ Parameters. ``poly_modulus_degree = N = 4096`` (the default) is the smallest rin
 has too little noise budget for one plaintext multiply at a 17-bit plain modulus. The coefficient
 modulus is SEAL's 128-bit-secure default (N=4096: 36+36+37 bits; N=8192: 43+43+44+44+44 bits). The
 plain modulus is the smallest prime t = 1 (mod 2N) with t >= vocab_size (65537 for vocab 49152).
-Figures for vocab 49152, N=4096 (measured on a 2-core AMD EPYC VM): public context ~6.2 MB (Galois
-keys for all power-of-two row steps; TenSEAL cannot generate a subset), query 24 ciphertexts
-~2.1 MB, reply ~88 KB; keygen ~0.15-0.2 s, owner context load ~50 ms, encrypt ~40-50 ms, answer
-~25-30 ms, decode ~0.4 ms. With N=8192: 12 chunks, query ~5.2 MB, reply ~430 KB, public context
-~52 MB, answer ~65 ms, but a real (about 40-bit) noise flood, see below.
+For vocab 49152 and N=4096 the query is 24 ciphertexts and the reply one; the public context carries
+Galois keys for all power-of-two row steps (TenSEAL cannot generate a subset). N=8192 takes 12 chunks
+and larger ciphertexts and context, but leaves room for a real (about 40-bit) noise flood, see below.
 
 What each side learns (semi-honest parties):
 
@@ -82,7 +80,7 @@ __all__ = [
 SUPPORTED_POLY_MODULUS_DEGREES = (4096, 8192)
 #: Largest vocabulary whose plain modulus (<= ~2^18) still leaves a safe noise budget at N = 4096.
 MAX_VOCAB_SIZE = 1 << 18
-#: Cap on a public context accepted by the owner (N=8192 contexts are ~52 MB).
+#: Cap on a public context accepted by the owner (room for an N=8192 context and its Galois keys).
 DEFAULT_MAX_CONTEXT_BYTES = 96 << 20
 #: Bits of decryption noise budget the flood must leave untouched (measured estimates are within a
 #: few bits; a negative budget would silently decrypt to a wrong token id).

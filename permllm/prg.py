@@ -2,8 +2,9 @@
 
 Every random quantity in the protocols (masks, correlated randomness, secret permutations) comes from a
 `Prg`. A `Prg` is a deterministic function of a 16-byte secret seed and a public domain label, so two
-parties holding the same seed derive identical streams, and distinct labels
-(``f"{purpose}/{index}"``) give independent streams.
+parties holding the same seed derive identical streams, and distinct labels give independent streams:
+``f"{index}/{name}"`` for the draw ``name`` of protocol call ``index`` (`protocols.material`),
+``f"weight/{name}"`` for the owner's mask of linear weight ``name``.
 
 Construction
 ------------

@@ -1,10 +1,10 @@
 """What transformers rebuilds from a GGUF file, kept after its first use.
 
-Reading a GGUF file is slow here: the `gguf` reader walks the 49k-entry vocabulary element by element,
-so the tokenizer takes 10-20 s to rebuild and the model config ~10 s, and transformers' loading of the
-weights (name mapping, dequantization) takes 25-35 s more. Every party loads one of them in every
+Reading a GGUF file is slow: the `gguf` reader walks the 49k-entry vocabulary element by element to
+rebuild the tokenizer and the model config, and transformers' loading of the weights (name mapping,
+dequantization) takes longer still (the README gives the times). Every party loads one of them in every
 session. Each is saved once under ``$PERMLLM_CACHE_DIR`` (default ``~/.cache/permllm``) / KIND /
-NAME-DIGEST and read back in about a second. The digest covers the file's resolved path, size and
+NAME-DIGEST and read back far faster. The digest covers the file's resolved path, size and
 modification time, so a changed file gets a new entry.
 
 Kinds: ``configs`` and ``tokenizers`` (public metadata, read by every party) and ``checkpoints`` (the
