@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from permllm.errors import ConfigError, ProtocolError
 
@@ -23,15 +23,10 @@ MAX_LINEAR_ELEMENTS = 1 << 31
 """The most linear-weight elements a received architecture may imply (16 GiB of ring words; SmolLM2
 has 1.3e8): together with MAX_ARCH_DIMENSION this bounds what the user and the helper allocate."""
 
-HE_CONTEXT_MAX_BYTES = 96 << 20
-
 
 @dataclass(frozen=True)
 class Family:
     """name: the model name; the callables come from the family's weight module and secure driver."""
-
-    generates: ClassVar[bool]
-    """A decoder (generation) or an encoder (one embedding)."""
 
     name: str
     arch_from_config: Callable
@@ -95,15 +90,13 @@ class Family:
 class DecoderFamily(Family):
     """A Llama-style decoder: generates up to the token budget, choosing tokens with the HE index lookup."""
 
-    generates = True
-
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens >= 1
 
     def owner_lookup(self, user, timeout: float):
-        from permllm.he import IndexLookupServer
+        from permllm.he import DEFAULT_MAX_CONTEXT_BYTES, IndexLookupServer
 
-        return IndexLookupServer(user.recv_bytes("he.context", max_len=HE_CONTEXT_MAX_BYTES, timeout=timeout))
+        return IndexLookupServer(user.recv_bytes("he.context", max_len=DEFAULT_MAX_CONTEXT_BYTES, timeout=timeout))
 
     def user_lookup(self, owner, arch):
         from permllm.he import IndexLookupClient
@@ -135,8 +128,6 @@ class DecoderFamily(Family):
 
 class EncoderFamily(Family):
     """A BERT-style encoder: one embedding of the prompt, no token budget and no token selection."""
-
-    generates = False
 
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens == 0
