@@ -47,7 +47,7 @@ import numpy as np
 import tenseal.sealapi as seal
 import torch
 
-from permllm.bfv_packing import Packing, choose_packing, flood_polynomial
+from permllm.bfv_packing import FLOOD_BITS, Packing, choose_packing, flood_polynomial
 from permllm.errors import ConfigError, ProtocolError
 from permllm.prg import Prg, fresh_seed
 from permllm.seal_io import (
@@ -217,6 +217,9 @@ class LinearCorrelationClient:
 class LinearCorrelationServer:
     """Owner side: multiplies the user's encrypted limbs by W and returns a masked, flooded reply."""
 
+    #: E is uniform in [-2^flood_bits, 2^flood_bits) (tests lower it to show what the flood hides).
+    flood_bits = FLOOD_BITS
+
     def __init__(self, public_context: bytes) -> None:
         if not isinstance(public_context, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"public context must be bytes, got {type(public_context).__name__}")
@@ -288,7 +291,9 @@ class LinearCorrelationServer:
             cts[-1].append(ct)
         return T, packing, cts
 
-    def _weight_plaintext(self, packing: Packing, block: np.ndarray, m: int) -> seal.Plaintext:
+    def _weight_plaintext(self, packing: Packing, block: np.ndarray, m: int) -> seal.Plaintext | None:
+        if not block.any():
+            return None
         coeffs = packing.weight_coefficients(block, m)
         plain = self._scratch.load(seal.Plaintext(), plaintext_bytes(coeffs), "weight plaintext", self._ctx)
         self._evaluator.transform_to_ntt_inplace(plain, self._first_parms_id)
@@ -319,26 +324,39 @@ class LinearCorrelationServer:
             ]
             for br, row_cts in enumerate(cts):
                 acc = seal.Ciphertext(self._ctx)
-                self._evaluator.multiply_plain(row_cts[0], plains[0], acc)
-                for ct, plain in zip(row_cts[1:], plains[1:]):
-                    prod = seal.Ciphertext(self._ctx)
-                    self._evaluator.multiply_plain(ct, plain, prod)
-                    self._evaluator.add_inplace(acc, prod)
-                self._evaluator.transform_from_ntt_inplace(acc)
+                self._encryptor.encrypt_zero(acc)  # fresh public-key randomness in every reply
+                products = self._dot(row_cts, plains)
+                if products is not None:
+                    self._evaluator.add_inplace(acc, products)
                 rows_here, outs_here = min(tw, 2 * T - br * tw), min(mw, m - bj * mw)
                 poly_mask = flood_prg.uint64(POLY_DEGREE) & np.uint64(_T - 1)
                 positions = packing.result_positions(rows_here, outs_here, m)
                 poly_mask[positions] = limb_masks[br * tw : br * tw + rows_here, cols][:, :outs_here]
-                self._evaluator.add_inplace(acc, self._flood(poly_mask, flood_prg))
-                zero = seal.Ciphertext(self._ctx)
-                self._encryptor.encrypt_zero(zero)
-                self._evaluator.add_inplace(acc, zero)
+                mask_plain = self._scratch.load(seal.Plaintext(), plaintext_bytes(poly_mask), "mask", self._ctx)
+                self._evaluator.add_plain_inplace(acc, mask_plain)
+                self._evaluator.add_inplace(acc, self._flood(flood_prg))
                 replies[(br, bj)] = acc
         header = _REPLY.pack(b"PLBR", _VERSION, T, m, tw, nw, mw)
         return header, [replies[key] for key in sorted(replies)], R
 
-    def _flood(self, poly_mask: np.ndarray, prg: Prg) -> seal.Ciphertext:
-        c0 = flood_polynomial(poly_mask, self._primes, _T, prg)
+    def _dot(self, row_cts: list, plains: list) -> seal.Ciphertext | None:
+        """sum_i ct_i * plain_i in coefficient form; None when every plaintext is zero (SEAL refuses those)."""
+        acc = None
+        for ct, plain in zip(row_cts, plains):
+            if plain is None:
+                continue
+            prod = seal.Ciphertext(self._ctx)
+            self._evaluator.multiply_plain(ct, plain, prod)
+            if acc is None:
+                acc = prod
+            else:
+                self._evaluator.add_inplace(acc, prod)
+        if acc is not None:
+            self._evaluator.transform_from_ntt_inplace(acc)
+        return acc
+
+    def _flood(self, prg: Prg) -> seal.Ciphertext:
+        c0 = flood_polynomial(self._primes, prg, self.flood_bits)
         polys = np.stack([c0, np.zeros_like(c0)])
         data = ciphertext_bytes(self._first_parms_id, polys)
         return self._scratch.load(seal.Ciphertext(self._ctx), data, "flood ciphertext", self._ctx)

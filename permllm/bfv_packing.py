@@ -13,9 +13,10 @@ No other pair of terms lands on a result coefficient (cross terms of row r stay 
 so summing the products over the input blocks gives every (row, output) dot product mod t. The query
 layout does not depend on m, so one query serves any weight matrix with n inputs.
 
-Flooding. :func:`flood_polynomial` returns c0 = Delta * M + E (mod q) for a ciphertext (c0, 0), with
-Delta = floor(q / t), M the plaintext mask (every coefficient) and E uniform in [-2^FLOOD_BITS,
-2^FLOOD_BITS). Adding it re-masks the plaintext and drowns the weight-dependent decryption noise.
+Flooding. :func:`flood_polynomial` returns c0 = E (mod q) for a ciphertext (c0, 0), E uniform in
+[-2^FLOOD_BITS, 2^FLOOD_BITS). The owner adds it together with the plaintext mask M (SEAL's
+``add_plain`` scales M by q/t exactly), i.e. the hand-built (Delta * M + E, 0); E drowns the
+weight-dependent decryption noise.
 """
 
 from __future__ import annotations
@@ -131,19 +132,18 @@ def _mulmod(a: np.ndarray, b: np.ndarray | int, q: int) -> np.ndarray:
     return r.astype(np.uint64)
 
 
-def flood_polynomial(mask: np.ndarray, primes: list[int], plain_modulus: int, prg: Prg) -> np.ndarray:
-    """RNS residues (len(primes), N) of Delta * mask + E mod q, E uniform in [-2^FLOOD_BITS, 2^FLOOD_BITS)."""
-    q = math.prod(primes)
-    delta = q // plain_modulus
-    lo_bits = FLOOD_BITS // 2
-    e_hi = prg.uint64(POLY_DEGREE) >> np.uint64(64 - (FLOOD_BITS + 1 - lo_bits))  # E + 2^90 = hi * 2^45 + lo
+def flood_polynomial(primes: list[int], prg: Prg, flood_bits: int = FLOOD_BITS) -> np.ndarray:
+    """RNS residues (len(primes), N) of E mod q, E uniform in [-2^flood_bits, 2^flood_bits)."""
+    if not 2 <= flood_bits <= 100:
+        raise ValueError(f"flood_bits must be in [2, 100], got {flood_bits}")
+    lo_bits = flood_bits // 2
+    e_hi = prg.uint64(POLY_DEGREE) >> np.uint64(64 - (flood_bits + 1 - lo_bits))  # E + 2^bits = hi * 2^lo + lo
     e_lo = prg.uint64(POLY_DEGREE) >> np.uint64(64 - lo_bits)
     out = np.empty((len(primes), POLY_DEGREE), dtype=np.uint64)
     for row, p in enumerate(primes):
         pu = np.uint64(p)
-        term = _mulmod(mask % pu, delta % p, p)
-        term = term + _mulmod(e_hi % pu, (1 << lo_bits) % p, p)
+        term = _mulmod(e_hi % pu, (1 << lo_bits) % p, p)
         term = term % pu + e_lo % pu
-        term = term % pu + np.uint64(p - (1 << FLOOD_BITS) % p)
+        term = term % pu + np.uint64(p - (1 << flood_bits) % p)
         out[row] = term % pu
     return out
