@@ -31,3 +31,7 @@ class MaterialMismatch(PermLLMError):
 
 class ConfigError(PermLLMError):
     """Bad user input or configuration, detected before any expensive work."""
+
+
+class FixedPointOverflow(PermLLMError):
+    """A fixed-point value outgrew the ring's headroom (|x| >= 2^62 at its scale)."""

@@ -36,6 +36,7 @@ class PartyContext:
         self.role = Role(role)
         self.channel = channel
         self.material = material
+        self._later: list[tuple[str, tuple, Callable[[torch.Tensor], None]]] = []
 
     @property
     def is_owner(self) -> bool:
@@ -65,8 +66,16 @@ class PartyContext:
         self.channel.send(tag, value)
 
     def receive(self, tag: str, shape) -> torch.Tensor:
-        """Receive a ring tensor of the given shape from the other party."""
+        """Receive a ring tensor of the given shape from the other party (after any `receive_later`)."""
+        while self._later:
+            later_tag, later_shape, then = self._later.pop(0)
+            then(_ring(self.channel.recv(later_tag, dtype=np.int64, shape=later_shape)))
         return _ring(self.channel.recv(tag, dtype=np.int64, shape=tuple(shape)))
+
+    def receive_later(self, tag: str, shape, then: Callable[[torch.Tensor], None]) -> None:
+        """Read a ring tensor at the next `receive`, in order, and hand it to `then`: the party can go
+        on sending in the same hop before it waits for this reply."""
+        self._later.append((tag, tuple(shape), then))
 
     def exchange(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
         """Both parties send at once and receive the other's tensor of the same shape (one flight)."""

@@ -101,3 +101,19 @@ SWIGLU = UserFunction("swiglu", 2, 1, _swiglu)
 """silu(gate) * up on (gate, up) pairs permuted jointly."""
 GELU = UserFunction("gelu", 1, 1, _gelu)
 """Exact (erf) GeLU, as BERT uses."""
+
+
+@dataclass(frozen=True)
+class ScaleFunction:
+    """A scalar the user computes from a permuted vector (so it must not depend on the order).
+
+    name: identifies it in material keys. apply(z) -> float, z the decoded float64 values (1-D).
+    """
+
+    name: str
+    apply: Callable[[np.ndarray], float]
+
+
+def inverse_rms(eps: float) -> ScaleFunction:
+    """1 / sqrt(mean(x^2) + eps): the factor RMSNorm (without its gain) multiplies a row by."""
+    return ScaleFunction(f"invrms{eps:.3g}", lambda z: float(1.0 / np.sqrt(np.mean(z * z) + eps)))

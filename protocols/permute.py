@@ -22,14 +22,16 @@ pi(t) is the row gather t[pi]; pi^-1 the matching scatter.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from permllm.fixed import ACT_BITS, decode, encode
+from permllm.errors import FixedPointOverflow
+from permllm.fixed import ACT_BITS, MAX_ENCODABLE, decode, encode
 from permllm.kernels import gather_rows, scatter_rows
 from permllm.sharing import Shared
-from protocols.functions import UserFunction
+from protocols.functions import ScaleFunction, UserFunction
 
 
 def layout_key(n: int, channels: int, lengths) -> str:
@@ -49,23 +51,37 @@ def _check_layout(n: int, lengths) -> list[int]:
     return lengths
 
 
-def _deal_reveal(call, x: Shared, lengths):
+def _deal_reveal(call, x: Shared, lengths, name: str = ""):
     n, c = x.shape
-    pi = call.owner_permutation("pi", lengths)
-    call.to_user("c1", gather_rows(call.user_draw("a", (n, c)), pi) - call.owner_draw("b", (n, c)))
+    pi = call.owner_permutation("pi" + name, lengths)
+    a = call.user_draw("a" + name, (n, c))
+    call.to_user("c1" + name, gather_rows(a, pi) - call.owner_draw("b" + name, (n, c)))
     return pi
+
+
+def _send_mask(ctx, mat, x: Shared, tag: str, name: str = "") -> torch.Tensor:
+    """Flight 1: the user sends d = x_u - a; both return d."""
+    return ctx.user_sends(f"{tag}.mask", lambda: x.local - mat.draw("a" + name, x.shape), x.shape)
+
+
+def _send_permuted(ctx, mat, x: Shared, d: torch.Tensor, lengths, tag: str, name: str = ""):
+    """Flight 2, owner side: sends w = pi(x_o + d) + b and returns pi."""
+    pi = mat.permutation("pi" + name, lengths)
+    ctx.send(f"{tag}.perm", gather_rows(x.local + d, pi) + mat.draw("b" + name, x.shape))
+    return pi
+
+
+def _unmask(mat, w: torch.Tensor, name: str = "") -> torch.Tensor:
+    """User side: pi(x) = w + c1."""
+    return w + mat.dealt("c1" + name, tuple(w.shape))
 
 
 def _reveal_permuted(ctx, mat, x: Shared, lengths, tag: str):
     """Flights 1 and 2: the user ends with pi(x) in the clear (int64), the owner with pi."""
-    n, c = x.shape
-    d = ctx.user_sends(f"{tag}.mask", lambda: x.local - mat.draw("a", (n, c)), (n, c))
+    d = _send_mask(ctx, mat, x, tag)
     if ctx.is_owner:
-        pi = mat.permutation("pi", lengths)
-        ctx.owner_sends(f"{tag}.perm", lambda: gather_rows(x.local + d, pi) + mat.draw("b", (n, c)), (n, c))
-        return None, pi
-    w = ctx.owner_sends(f"{tag}.perm", None, (n, c))
-    return w + mat.dealt("c1", (n, c)), None
+        return None, _send_permuted(ctx, mat, x, d, lengths, tag)
+    return _unmask(mat, ctx.receive(f"{tag}.perm", x.shape)), None
 
 
 def permuted_reveal(ctx, x: Shared, lengths, tag: str = "reveal"):
@@ -82,30 +98,113 @@ def permuted_reveal(ctx, x: Shared, lengths, tag: str = "reveal"):
     return _reveal_permuted(ctx, ctx.take("reveal", key), x, lengths, tag)
 
 
+def permuted_reveal_later(ctx, x: Shared, lengths, then: Callable[[torch.Tensor], None], tag: str = "reveal") -> None:
+    """`permuted_reveal` whose second flight the user reads at its next receive, not now.
+
+    The user sends its mask and goes on sending in the same hop (e.g. the mask of the next reveal);
+    the owner answers at once. `then(pi(x))` (int64 at scale x.bits) runs on the user's side just
+    before its next `ctx.receive`. Same material and messages as `permuted_reveal`; returns None."""
+    x = _as_items(x)
+    lengths = _check_layout(x.shape[0], lengths)
+    key = layout_key(x.shape[0], x.shape[1], lengths)
+    if ctx.dealing:
+        _deal_reveal(ctx.call("reveal", key), x, lengths)
+        return
+    mat = ctx.take("reveal", key)
+    d = _send_mask(ctx, mat, x, tag)
+    if ctx.is_owner:
+        _send_permuted(ctx, mat, x, d, lengths, tag)
+    else:
+        ctx.receive_later(f"{tag}.perm", x.shape, lambda w: then(_unmask(mat, w)))
+
+
 def permuted_apply(ctx, x: Shared, fn: UserFunction, lengths, out_bits: int = ACT_BITS, tag: str = "nl") -> Shared:
     """<fn(x)> by permuted evaluation. 3 flights; bytes 8*n*(2c + c_out). See the module docstring."""
     x = _as_items(x)
     n, c = x.shape
-    if c != fn.in_channels:
-        raise ValueError(f"{fn.name} takes {fn.in_channels} channels per item, got {c}")
-    lengths = _check_layout(n, lengths)
-    out_shape = (n, fn.out_channels)
+    lengths = _check_function_layout(x, fn, lengths)
     kind = "nonlinear:" + fn.name
     key = layout_key(n, c, lengths)
     if ctx.dealing:
         call = ctx.call(kind, key)
-        pi = _deal_reveal(call, x, lengths)
-        c2 = scatter_rows(call.user_draw("a2", out_shape), pi) - call.owner_draw("b2", out_shape)
-        call.to_user("c2", c2)
-        return Shared.placeholder(out_shape, out_bits, user_share=c2)
-
+        return _deal_reshare(call, _deal_reveal(call, x, lengths), (n, fn.out_channels), out_bits)
     mat = ctx.take(kind, key)
     revealed, pi = _reveal_permuted(ctx, mat, x, lengths, tag)
+    values = None if ctx.is_owner else fn.apply(decode(revealed, x.bits).numpy(), lengths)
+    return _reshare(ctx, mat, pi, values, (n, fn.out_channels), out_bits, tag)
+
+
+def permuted_apply_scaled(
+    ctx,
+    x: Shared,
+    fn: UserFunction,
+    lengths,
+    source: Shared,
+    scale: ScaleFunction,
+    out_bits: int = ACT_BITS,
+    tag: str = "nl",
+    source_tag: str = "src",
+) -> Shared:
+    """<fn(s * x)> with s = scale(source), a scalar of the whole of <source> (e.g. 1/rms of a row).
+
+    Folds a per-tensor scaling such as an RMSNorm into the next non-linear step: the user sees
+    pi'(source) and pi(x) under two fresh permutations and computes s from pi'(source) (s must be
+    invariant under permutation). 3 flights, as `permuted_apply`: both masks leave the user in the
+    first, both permuted tensors the owner in the second, the re-share is the third. Bytes: that of
+    `permuted_apply` on x plus 2*8*|source| (the source's mask and its permuted share).
+    Raises FixedPointOverflow on the user's side when a revealed value reaches 2^62 (see trunc.py)."""
+    x, source = _as_items(x), _as_items(source)
+    n, c = x.shape
+    lengths = _check_function_layout(x, fn, lengths)
+    source_lengths = [source.shape[0]]
+    kind = f"nonlinear:{fn.name}*{scale.name}"
+    key = layout_key(n, c, lengths) + "+" + layout_key(source.shape[0], source.shape[1], source_lengths)
+    if ctx.dealing:
+        call = ctx.call(kind, key)
+        _deal_reveal(call, source, source_lengths, name=".src")
+        return _deal_reshare(call, _deal_reveal(call, x, lengths), (n, fn.out_channels), out_bits)
+    mat = ctx.take(kind, key)
+    d_source = _send_mask(ctx, mat, source, source_tag, name=".src")
+    d = _send_mask(ctx, mat, x, tag)
+    values = pi = None
+    if ctx.is_owner:
+        _send_permuted(ctx, mat, source, d_source, source_lengths, source_tag, name=".src")
+        pi = _send_permuted(ctx, mat, x, d, lengths, tag)
+    else:
+        seen_source = _unmask(mat, ctx.receive(f"{source_tag}.perm", source.shape), name=".src")
+        seen = _unmask(mat, ctx.receive(f"{tag}.perm", x.shape))
+        check_headroom(seen_source, source_tag)
+        check_headroom(seen, tag)
+        s = scale.apply(decode(seen_source, source.bits).numpy().reshape(-1))
+        values = fn.apply(decode(seen, x.bits).numpy() * s, lengths)
+    return _reshare(ctx, mat, pi, values, (n, fn.out_channels), out_bits, tag)
+
+
+def check_headroom(values: torch.Tensor, what: str) -> None:
+    """Raise FixedPointOverflow if an opened ring value reaches 2^62 in magnitude: past that bound a
+    value no longer decodes reliably (and a truncation of it could fail), so growth is caught before it wraps."""
+    if values.numel() and float(values.to(torch.float64).abs().max()) >= MAX_ENCODABLE:
+        raise FixedPointOverflow(f"{what}: an opened value reached 2^62 (fixed-point headroom exhausted)")
+
+
+def _check_function_layout(x: Shared, fn: UserFunction, lengths) -> list[int]:
+    if x.shape[1] != fn.in_channels:
+        raise ValueError(f"{fn.name} takes {fn.in_channels} channels per item, got {x.shape[1]}")
+    return _check_layout(x.shape[0], lengths)
+
+
+def _deal_reshare(call, pi, out_shape, out_bits: int) -> Shared:
+    c2 = scatter_rows(call.user_draw("a2", out_shape), pi) - call.owner_draw("b2", out_shape)
+    call.to_user("c2", c2)
+    return Shared.placeholder(out_shape, out_bits, user_share=c2)
+
+
+def _reshare(ctx, mat, pi, values: np.ndarray | None, out_shape, out_bits: int, tag: str) -> Shared:
+    """Flight 3: the user re-shares Y = encode(values) as e = Y - a2; the owner's share is pi^-1(e) + b2."""
     if ctx.is_owner:
         e = ctx.user_sends(f"{tag}.reshare", None, out_shape)
         y = scatter_rows(e, pi) + mat.draw("b2", out_shape)
     else:
-        values = fn.apply(decode(revealed, x.bits).numpy(), lengths)
         encoded = encode(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)), out_bits)
         ctx.user_sends(f"{tag}.reshare", lambda: encoded - mat.draw("a2", out_shape), out_shape)
         y = mat.dealt("c2", out_shape)

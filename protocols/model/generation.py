@@ -79,7 +79,8 @@ def generate(
     if trace is not None:
         trace.start = time.perf_counter()
         trace.start_depth = 0 if ctx.dealing else ctx.channel.clock.depth
-    logits = decoder.forward(ctx, prompt_ids, prompt_len)
+    logits = decoder.forward(ctx, prompt_ids, prompt_len, for_selection=True)
+    choose = decoder.normalized_chooser(choose)  # the final norm of a decode step is folded into the choice
     tokens: list[int] = []
     for step in range(max_new_tokens):
         token = select_token(ctx, logits, choose, lookup)
@@ -99,5 +100,5 @@ def generate(
                 ctx.channel.send("continue", np.array([int(go_on)], dtype=np.int64))
         if not go_on:
             break
-        logits = decoder.forward(ctx, [token] if token is not None else None, 1)
+        logits = decoder.forward(ctx, [token] if token is not None else None, 1, for_selection=True)
     return None if ctx.dealing or ctx.is_owner else tokens
