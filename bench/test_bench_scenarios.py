@@ -128,7 +128,7 @@ def test_decode_step_breakdown(benchmark, inprocess, prompt_ids):
         benchmark.extra_info[f"{part['part']}_flights"] = part["flights"]
         benchmark.extra_info[f"{part['part']}_bytes"] = part["bytes_user_to_owner"] + part["bytes_owner_to_user"]
     benchmark.extra_info["step_s"] = bd["step_s"]
-    assert bd["flights"] == 366 and bd["flights_per_layer"] == 12
+    assert bd["flights"] == 304 and bd["flights_per_layer"] == 10
 
 
 def test_decode_scaling(benchmark, inprocess, tokenizer):

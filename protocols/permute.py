@@ -33,6 +33,8 @@ from permllm.kernels import gather_rows, scatter_rows
 from permllm.sharing import Shared
 from protocols.functions import ScaleFunction, UserFunction
 
+_HEADROOM = int(MAX_ENCODABLE)
+
 
 def layout_key(n: int, channels: int, lengths) -> str:
     """Identifies a permutation layout: item count, channels and a digest of the segment lengths."""
@@ -183,7 +185,7 @@ def permuted_apply_scaled(
 def check_headroom(values: torch.Tensor, what: str) -> None:
     """Raise FixedPointOverflow if an opened ring value reaches 2^62 in magnitude: past that bound a
     value no longer decodes reliably (and a truncation of it could fail), so growth is caught before it wraps."""
-    if values.numel() and float(values.to(torch.float64).abs().max()) >= MAX_ENCODABLE:
+    if bool(((values >= _HEADROOM) | (values <= -_HEADROOM)).any()):
         raise FixedPointOverflow(f"{what}: an opened value reached 2^62 (fixed-point headroom exhausted)")
 
 

@@ -65,8 +65,9 @@ def test_demo_runs_three_processes_and_answers_like_the_plaintext_model(tmp_path
     assert summary["text"] in proc.stdout
     assert summary["generated_tokens"] == len(summary["token_ids"]) == 6
     assert summary["prompt_tokens"] == 37
-    # 12 flights per layer + 3 (embedding, final norm) + 3 (selection) per generated token
-    assert summary["flights_per_token"] == 12 * SMOLLM2_LAYERS + 6
+    # per decode token: 10 flights per layer (the second norm folded into SwiGLU) + 1 (embedding)
+    # + 3 (selection, the final norm folded into it)
+    assert summary["flights_per_token"] == 10 * SMOLLM2_LAYERS + 4
     assert summary["prepare_bytes"] == _masked_weight_bytes()
     for key in ("ttft_s", "decode_s_per_token", "online_bytes_per_token", "offline_s", "offline_bytes", "prepare_s"):
         assert summary[key] is not None and summary[key] > 0, key
@@ -208,8 +209,8 @@ def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
     result = json.loads(summary.read_text())
     assert result["token_ids"] == expected
     assert result["prompt_tokens"] == len(ids) and result["generated_tokens"] == len(expected)
-    # 2 layers: the same per-layer protocol as SmolLM2 (12 flights per layer, 6 outside)
-    assert result["flights_per_token"] == 2 * 12 + 6
+    # 2 layers: the same per-layer protocol as SmolLM2 (10 flights per layer in decode, 4 outside)
+    assert result["flights_per_token"] == 2 * 10 + 4
     assert _demo_processes_alive() == []
 
 

@@ -9,15 +9,21 @@ import pytest
 import torch
 
 from parties.inprocess import deal, run_pair
-from permllm.errors import MaterialExhausted, MaterialMismatch
+from permllm.errors import FixedPointOverflow, MaterialExhausted, MaterialMismatch
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.sharing import Shared
 from protocols.basic import reveal_to, reveal_to_both, share_input
 from protocols.beaver import GrowingOperand, product
 from protocols.context import Role
-from protocols.functions import GELU, SILU, SOFTMAX, SWIGLU, layer_normalize, rms_normalize
+from protocols.functions import GELU, SILU, SOFTMAX, SWIGLU, inverse_rms, layer_normalize, rms_normalize
 from protocols.linear import LinearWeight, linear
-from protocols.permute import permuted_apply
+from protocols.permute import (
+    check_headroom,
+    permuted_apply,
+    permuted_apply_scaled,
+    permuted_reveal,
+    permuted_reveal_later,
+)
 from protocols.trunc import trunc
 from tests.protocol_helpers import SEEDS, random_ring, run_call, share, wire_bytes
 
@@ -154,6 +160,65 @@ def test_swiglu_permutes_gate_and_up_jointly():
     assert run.flights == 3
     assert run.bytes_owner_to_user == wire_bytes("nl.perm", (n, 2))
     assert run.bytes_user_to_owner == wire_bytes("nl.mask", (n, 2)) + wire_bytes("nl.reshare", (n, 1))
+
+
+def test_scaled_swiglu_takes_the_rms_from_a_second_permuted_tensor_in_the_same_flights():
+    n, hidden = 40, 24
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(hidden, 1, generator=g, dtype=torch.float64) * 7
+    pairs = torch.randn(n, 2, generator=g, dtype=torch.float64) * 30  # unnormalised: h @ W, scale 48
+    bits = LINEAR_BITS + WEIGHT_BITS
+    po, pu = share(encode(pairs, bits), bits, seed=13)
+    ho, hu = share(encode(h, LINEAR_BITS), LINEAR_BITS, seed=14)
+    rms = inverse_rms(1e-5)
+
+    def call(ctx, inputs):
+        x, source = inputs
+        return permuted_apply_scaled(ctx, x, SWIGLU, [n], source, rms, tag="act", source_tag="n2")
+
+    dry = (Shared.placeholder((n, 2), bits), Shared.placeholder((hidden, 1), LINEAR_BITS))
+    run = run_call(call, (po, ho), (pu, hu), dry)
+    got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
+    s = 1 / np.sqrt(np.mean(h.numpy() ** 2) + 1e-5)
+    gate, up = pairs.numpy()[:, 0] * s, pairs.numpy()[:, 1] * s
+    assert np.max(np.abs(got - gate / (1 + np.exp(-gate)) * up)) <= 2.0**-17 + 1e-9  # output rounding only
+    assert run.user.dealt and run.owner.dealt
+    assert run.flights == 3  # both masks in one hop, both permuted shares in the next, then the re-share
+    assert run.bytes_user_to_owner == (
+        wire_bytes("n2.mask", (hidden, 1)) + wire_bytes("act.mask", (n, 2)) + wire_bytes("act.reshare", (n, 1))
+    )
+    assert run.bytes_owner_to_user == wire_bytes("n2.perm", (hidden, 1)) + wire_bytes("act.perm", (n, 2))
+
+
+def test_a_later_reveal_shares_its_hops_with_the_next_one():
+    g = torch.Generator().manual_seed(6)
+    first = encode(torch.randn(16, 1, generator=g, dtype=torch.float64), LINEAR_BITS)
+    second = encode(torch.randn(30, 1, generator=g, dtype=torch.float64), LINEAR_BITS)
+    fo, fu = share(first, LINEAR_BITS, seed=15)
+    so, su = share(second, LINEAR_BITS, seed=16)
+    seen = []
+
+    def call(ctx, inputs):
+        a, b = inputs
+        permuted_reveal_later(ctx, a, [16], seen.append, tag="first")
+        out = permuted_reveal(ctx, b, [30], tag="second")
+        return None if out is None else (len(seen), out[0])
+
+    dry = (Shared.placeholder((16, 1), LINEAR_BITS), Shared.placeholder((30, 1), LINEAR_BITS))
+    run = run_call(call, (fo, so), (fu, su), dry)
+    assert run.flights == 2  # not 4: the second mask leaves with the first
+    count, revealed_second = run.user
+    assert count == 1  # the later reply was read, in order, before the second one
+    assert sorted(seen[0].reshape(-1).tolist()) == sorted(first.reshape(-1).tolist())
+    assert sorted(revealed_second.reshape(-1).tolist()) == sorted(second.reshape(-1).tolist())
+
+
+def test_opened_values_past_the_headroom_are_refused():
+    limit = 2**62
+    check_headroom(torch.tensor([limit - 1, -(limit - 1)], dtype=torch.int64), "ok")
+    for bad in (limit, -limit, -(2**63)):
+        with pytest.raises(FixedPointOverflow, match="2\\^62"):
+            check_headroom(torch.tensor([0, bad], dtype=torch.int64), "x")
 
 
 @pytest.mark.parametrize("transpose", [True, False], ids=["scores", "weighted_values"])

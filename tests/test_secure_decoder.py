@@ -68,7 +68,7 @@ def _secure_logits(weights, prompt, continuation, fold_norms=True):
     return [l[0] for l in run.user[0]], run
 
 
-def _generate(weights, prompt, budget, *, fold_norms=True, sampling=SamplingConfig()):
+def _generate(weights, prompt, budget, *, sampling, fold_norms=True):
     """Private generation with in-process owner, user and dealer; returns (tokens, run)."""
     arch, owner_w, user_w, masks = _prepared(weights)
     positions = len(prompt) + budget
