@@ -17,6 +17,12 @@ segment, i.e. the whole tensor is shuffled.
     owner: y_o = pi^-1(e) + b2        user: y_u = c2
 Check: y_o + y_u = pi^-1(Y - a2) + pi^-1(a2) = pi^-1(Y) = f(x).
 pi(t) is the row gather t[pi]; pi^-1 the matching scatter.
+
+Two variants let a step share its hops with another: `permuted_apply_scaled` reveals a second tensor
+(pi'(source)) alongside x, both masks in flight 1 and both permuted shares in flight 2, and the user
+scales x by a scalar of pi'(source) before f (an RMSNorm folded into the next step);
+`permuted_reveal_later` sends the mask and lets the user read the owner's reply at its next
+receive, so the next reveal's mask leaves in the same hop.
 """
 
 from __future__ import annotations
