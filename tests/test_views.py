@@ -236,8 +236,8 @@ def test_appending_product_views():
     """Three score products Q K^T with 2 groups, 4 query rows and 4 appended key rows of 8 per call.
     Both parties attack E_X = X - A and E_Y = Y - B against X and Y, within a call and across calls."""
     groups, mx, m_new, d = 2, 4, 4, 8
-    xs = [random_ring((groups, mx, d), 100 + i) >> 40 for i in range(3)]
-    ys = [random_ring((groups, m_new, d), 110 + i) >> 40 for i in range(3)]
+    xs = [random_ring((groups, mx, d), 100 + i) >> 24 for i in range(3)]
+    ys = [random_ring((groups, m_new, d), 110 + i) >> 24 for i in range(3)]
     owner_in, user_in = [], []
     for i, (x, y) in enumerate(zip(xs, ys)):
         (xo, xu), (yo, yu) = share(x, 16, 120 + i), share(y, 16, 130 + i)

@@ -12,16 +12,17 @@ A party's view of protocol call i (a `CallView`) holds, as `words`:
 plaintext z = pi(x) and Y = pi(y)). Weights are static pseudo-calls of kind "weight".
 
 Attacks (each flags a finding; a test fails on any):
-  closeness      a +/- combination of 1-3 words of one call lands within 2^40 of a secret of that call
-                 (or its negation), and closer to it than to zero, at >= max(4, n/32) of its n entries.
-                 "Within 2^40" covers an exact opening, a small fixed-point error and shared high 32
-                 bits alike; "closer than to zero" keeps a combination that is zero by construction on
-                 some entries from matching a small target there. A uniform word lands within 2^40 of a
-                 target with probability <= 2^-23 per entry, so a sound view reaches 4 entries of n with
-                 probability <= C(n, 4) 2^-92 per combination (< 2^-45 for n <= 4096).
+  closeness      a +/- combination of 1-3 words of one call matches a secret of that call (or its
+                 negation) at >= max(4, n/8) of its n entries, a match being within 2^40 and within
+                 1/256 of the secret's own magnitude (an exact opening, a small fixed-point error, or a
+                 mask narrow next to the secret), or it correlates with the secret, |r| >= 0.9 over
+                 n >= 32 entries (a narrow mask on a small secret). A uniform word matches with
+                 probability <= 2^-23 per entry, so a sound view reaches 4 entries of n with probability
+                 <= C(n, 4) 2^-92 per combination (< 2^-45 for n <= 4096); |r| >= 0.9 of an independent
+                 word has probability < 1e-14 for n >= 32 (Fisher's z: 7.9 standard deviations).
   cross_call     the difference of the same 1-2-word combination in two calls of one kind (on the common
                  prefix) against the difference of the same secret: a stream reused across calls
-                 cancels. Same bound.
+                 cancels. Same criteria and bounds.
   uniformity     every received or dealt tensor, and the difference of each same-named pair across two
                  calls, has fewer than max(8, n/64) words below 2^48 in magnitude (a uniform word:
                  2^-15; 8 such words among n <= 2^15 have probability < 2^-70), and all of them
@@ -36,8 +37,9 @@ Attacks (each flags a finding; a test fails on any):
   alignment      (user) two calls of the same layout show their revealed values aligned: per channel,
                  |corr(z_1, z_2)| > 6/sqrt(n) (n >= 64); with fresh permutations the null distribution is
                  about N(0, 1/n), P = 2e-9 per pair.
-Combinations that are constant or equal to a `known` tensor are skipped: those are the protocol's own
-identities (y_u = c2, w + c1 = z), not findings.
+Combinations made only of the party's own input shares and draws, and combinations that are constant
+or equal to (minus) one of those or to a `known` tensor, are skipped: a weak mask of one's own gives
+nothing about the other party, and the rest are the protocol's own identities (y_u = c2, w + c1 = z).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from tests.recording import bit_balance_z
 TOLERANCE = 1 << 40
 SMALL = 1 << 48
 MAX_TERMS = 3
+MIN_CORRELATION_ENTRIES = 32
+CORRELATION_BOUND = 0.9
 
 
 class LeakFound(AssertionError):
@@ -235,17 +239,38 @@ def _magnitude(a: np.ndarray) -> np.ndarray:
 
 
 def _matches(value: np.ndarray, target: np.ndarray) -> int:
-    """Entries where value is within 2^40 of +target or -target and closer to it than to zero (so a
-    combination that is zero by construction does not match a small target)."""
+    """Entries of a nonzero target that value (or -value) matches within 2^40 and within 1/256 of the
+    target's own magnitude (so a small word does not match a small target by magnitude alone)."""
     size = _magnitude(target)
+    bound = np.minimum(size >> np.uint64(8), np.uint64(TOLERANCE))
     with np.errstate(over="ignore"):
-        plus = _near(value, target) & (_magnitude(value - target) < size)
-        minus = _near(value, -target) & (_magnitude(value + target) < size)
-    return int((plus | minus).sum())
+        plus = _magnitude(value - target) <= bound
+        minus = _magnitude(value + target) <= bound
+    return int(((plus | minus) & (size > 0)).sum())
+
+
+def _correlated(value: np.ndarray, target: np.ndarray) -> float:
+    """|Pearson correlation| of value and target read as signed numbers; 0 below 32 entries."""
+    if value.size < MIN_CORRELATION_ENTRIES:
+        return 0.0
+    a, b = value.astype(np.float64), target.astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float(a @ a) * float(b @ b))
+    return abs(float(a @ b)) / denom if denom else 0.0
+
+
+def _finding(value: np.ndarray, target: np.ndarray) -> str | None:
+    hits = _matches(value, target)
+    if hits >= _threshold(value.size):
+        return f"at {hits}/{value.size}"
+    r = _correlated(value, target)
+    if r >= CORRELATION_BOUND:
+        return f"correlated {r:.3f} over {value.size}"
+    return None
 
 
 def _threshold(n: int, floor: int = 4) -> int:
-    return max(floor, math.ceil(n / 32))
+    return max(floor, math.ceil(n / 8))
 
 
 def _combos(words: dict[str, np.ndarray], terms: int):
@@ -267,37 +292,51 @@ def _combos(words: dict[str, np.ndarray], terms: int):
 
 
 def _trivial(value: np.ndarray, known: list[np.ndarray]) -> bool:
-    return bool((value == value[0]).all()) or any(k.size == value.size and np.array_equal(k, value) for k in known)
+    """Constant, or equal to (minus) a tensor the party holds anyway: a protocol identity, not a finding."""
+    if bool((value == value[0]).all()):
+        return True
+    with np.errstate(over="ignore"):
+        return any(k.size == value.size and (np.array_equal(k, value) or np.array_equal(-k, value)) for k in known)
+
+
+def _own(name: str) -> bool:
+    return name.startswith(("own:in", "draw:"))
+
+
+def _holds(view: CallView) -> list[np.ndarray]:
+    """What the party holds before anything arrives (its input shares and draws) and its known plaintext."""
+    return [_flat(t) for n, t in view.words.items() if _own(n)] + [_flat(t) for t in view.known.values()]
 
 
 def closeness(view: CallView, secrets: dict[str, torch.Tensor]) -> list[str]:
     words = {n: _flat(t) for n, t in view.words.items()}
-    known = [_flat(t) for t in view.known.values()]
+    known = _holds(view)
     targets = {n: _flat(t) for n, t in secrets.items()}
     sizes = {t.size for t in targets.values()}
     words = {n: v for n, v in words.items() if v.size in sizes}
     found = []
-    for _, label, value in _combos(words, MAX_TERMS):
-        if _trivial(value, known):
+    for chosen, label, value in _combos(words, MAX_TERMS):
+        if all(_own(n) for n in chosen) or _trivial(value, known):
             continue
         for name, target in targets.items():
             if target.size != value.size:
                 continue
-            hits = _matches(value, target)
-            if hits >= _threshold(value.size):
-                found.append(f"call {view.index} {view.kind}: {label} ~ {name} at {hits}/{value.size}")
+            how = _finding(value, target)
+            if how:
+                found.append(f"call {view.index} {view.kind}: {label} ~ {name} {how}")
     return found
 
 
 def cross_call(first: CallView, second: CallView, s1: dict, s2: dict) -> list[str]:
     w1 = {n: _flat(t) for n, t in first.words.items()}
     w2 = {n: _flat(t) for n, t in second.words.items()}
-    k1 = [_flat(t) for t in first.known.values()]
-    k2 = [_flat(t) for t in second.known.values()]
+    k1, k2 = _holds(first), _holds(second)
     common = {n: w1[n] for n in w1 if n in w2}
     found = []
     with np.errstate(over="ignore"):
         for chosen, label, v1 in _combos(common, 2):
+            if all(_own(n) for n in chosen):
+                continue
             sub = {n: w2[n] for n in chosen}
             if len({v.size for v in sub.values()}) != 1:
                 continue
@@ -313,11 +352,10 @@ def cross_call(first: CallView, second: CallView, s1: dict, s2: dict) -> list[st
                 if a.size != v1.size or b.size != v2.size:
                     continue
                 target = a[:n] - b[:n]
-                hits = _matches(diff, target)
-                if hits >= _threshold(n):
+                how = _finding(diff, target)
+                if how:
                     found.append(
-                        f"calls {first.index}/{second.index} {first.kind}: ({label}) difference ~ {name} "
-                        f"difference at {hits}/{n}"
+                        f"calls {first.index}/{second.index} {first.kind}: ({label}) difference ~ {name} difference {how}"
                     )
     return found
 
