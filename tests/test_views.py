@@ -33,7 +33,8 @@ from protocols.permute import permuted_apply, permuted_reveal
 from protocols.selection import select_token
 from protocols.trunc import trunc
 from tests.protocol_helpers import SEEDS, random_ring, share, wire_bytes
-from tests.view_attacks import CallView, ViewRecorder, assert_no_leak, attack_all, closeness, cross_call, uniformity
+from tests.view_attacks import assert_no_leak, attack_all, closeness, cross_call, uniformity
+from tests.view_recording import CallView, ViewRecorder
 
 
 def _session(owner_fn, user_fn, dry_fn, weight_mask=None, patch=()):
@@ -82,7 +83,9 @@ def test_linear_views():
     g = torch.Generator().manual_seed(41)
     plan = [("w1", False), ("w1", False), ("w2", False), ("w1", True), ("w1", True)]
     xs = [encode(torch.randn(m, d_in, generator=g, dtype=torch.float64), ACT_BITS) for _ in plan]
-    shares = [share(x, ACT_BITS, seed=42 + i, dealt_user_share=dealt) for i, (x, (_, dealt)) in enumerate(zip(xs, plan))]
+    shares = [
+        share(x, ACT_BITS, seed=42 + i, dealt_user_share=dealt) for i, (x, (_, dealt)) in enumerate(zip(xs, plan))
+    ]
 
     def party(weights, which):
         def run(ctx, recorder):
@@ -91,7 +94,7 @@ def test_linear_views():
         return run
 
     def dry(ctx):
-        for (xo, xu), (name, dealt) in zip(shares, plan):
+        for (_, xu), (name, dealt) in zip(shares, plan):
             user_share = xu.local if dealt else None
             linear(ctx, Shared.placeholder((m, d_in), ACT_BITS, user_share=user_share), helper_w[name])
 
@@ -116,9 +119,7 @@ def test_embedding_lookup_views():
 
     def party(weights, with_tokens):
         def run(ctx, recorder):
-            return [
-                recorder.wrap(lookup)(ctx, t if with_tokens else None, len(t), weights["E"]) for t in steps
-            ]
+            return [recorder.wrap(lookup)(ctx, t if with_tokens else None, len(t), weights["E"]) for t in steps]
 
         return run
 
