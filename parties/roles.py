@@ -119,7 +119,7 @@ def run_owner(
 
     budget: a `parties.budget.QueryBudget` charged for this session under `user_key` (the user's CURVE
     public key) before any weight is sent; a user over its budget is refused in the welcome."""
-    from permllm.he import IndexLookupServer
+    from permllm.he import DEFAULT_MAX_CONTEXT_BYTES, IndexLookupServer
     from permllm.model.loading import load_model
 
     spec, model = model, model_name(model)
@@ -162,7 +162,8 @@ def run_owner(
     )
     server = None
     if fam.generates:
-        server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=setup_timeout))
+        context = user.recv_bytes("he.context", max_len=DEFAULT_MAX_CONTEXT_BYTES, timeout=setup_timeout)
+        server = IndexLookupServer(context, vocab_size=arch.vocab)
 
     seed = fresh_seed()
     send_json(

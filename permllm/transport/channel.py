@@ -41,6 +41,7 @@ __all__ = ["DEFAULT_TIMEOUT_S", "Channel", "ChannelStats", "FlightClock", "Recei
 
 DEFAULT_TIMEOUT_S = 60.0
 
+
 @dataclass
 class ChannelStats:
     """Traffic counters of one channel. Bytes are real serialized bytes: len(header) + len(payload)."""
@@ -351,4 +352,3 @@ def _check_timeout(timeout: float) -> float:
     if not value > 0:
         raise ValueError(f"timeout must be a positive number of seconds (math.inf for none), got {timeout!r}")
     return value
-
