@@ -1,5 +1,9 @@
 """What the parties exchange outside the protocols: JSON control messages, masked weights and
 streamed offline material. Everything is a framed message (no pickle): JSON travels as UTF-8 bytes.
+
+What a peer sends here is bounded before it is used: control messages by size, nesting depth and
+integer length (`parse_json`), material streams by record count, tensors per record and header size
+(`recv_records`); every violation is a ProtocolError.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ A concrete transport (MemoryChannel, ZmqChannel) implements three primitives onl
   arrived within `timeout_s` seconds (None = wait forever); raises PeerGone when the peer has gone;
 * `_close_transport()` releases the transport's resources.
 
-Everything else lives here: payload conversion, headers, sequence numbers, flight depth, byte
-counters, and validation of what arrives (tag, dtype, shape, size, order).
+Everything else is shared: payload conversion (`codec`), headers and their bounds (`frames`), and,
+here, sequence numbers, flight depth, byte counters and validation of what arrives (tag, dtype,
+shape, size, depth, order), all before anything is allocated or reshaped for the payload.
 
 Wrappers such as `netsim.NetSim` override `_send` (which takes a `deliver_at_ns` keyword that is
 stamped into the header) and `_receive` (which returns the validated header along with the payload)
