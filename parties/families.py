@@ -60,7 +60,7 @@ class Family:
         """Whether a plan may ask for this many new tokens."""
         raise NotImplementedError
 
-    def owner_lookup(self, user, timeout: float):
+    def owner_lookup(self, user, timeout: float, vocab: int):
         """The owner's side of token selection, set up from the user's HE context (None if unused)."""
         raise NotImplementedError
 
@@ -93,10 +93,11 @@ class DecoderFamily(Family):
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens >= 1
 
-    def owner_lookup(self, user, timeout: float):
+    def owner_lookup(self, user, timeout: float, vocab: int):
         from permllm.he import DEFAULT_MAX_CONTEXT_BYTES, IndexLookupServer
 
-        return IndexLookupServer(user.recv_bytes("he.context", max_len=DEFAULT_MAX_CONTEXT_BYTES, timeout=timeout))
+        context = user.recv_bytes("he.context", max_len=DEFAULT_MAX_CONTEXT_BYTES, timeout=timeout)
+        return IndexLookupServer(context, vocab_size=vocab)
 
     def user_lookup(self, owner, arch):
         from permllm.he import IndexLookupClient
@@ -132,7 +133,7 @@ class EncoderFamily(Family):
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens == 0
 
-    def owner_lookup(self, user, timeout: float):
+    def owner_lookup(self, user, timeout: float, vocab: int):
         return None
 
     def user_lookup(self, owner, arch):

@@ -65,7 +65,7 @@ def run_owner(
         )
 
     plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key)
-    lookup = fam.owner_lookup(user, setup_timeout)
+    lookup = fam.owner_lookup(user, setup_timeout, offer.arch.vocab)
     seed = fresh_seed()
     send_json(helper, "owner-plan", offer.for_helper(plan))
     helper.send(SEED_TAG, seed)

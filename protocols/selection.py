@@ -20,8 +20,6 @@ import numpy as np
 from permllm.fixed import decode
 from protocols.permute import permuted_reveal
 
-_MAX_QUERY_CHUNKS = 64
-
 
 def select_token(ctx, logits, choose: Callable[[np.ndarray], int] | None = None, lookup=None) -> int | None:
     """Run the selection; returns the token id on the user's side and None on the owner's.
@@ -37,11 +35,8 @@ def select_token(ctx, logits, choose: Callable[[np.ndarray], int] | None = None,
     revealed, pi = permuted_reveal(ctx, flat, [vocab], tag="sel")
     if ctx.is_owner:
         count = int(ctx.channel.recv("sel.n", dtype=np.int64, shape=(1,))[0])
-        if not 0 < count <= _MAX_QUERY_CHUNKS:
-            from permllm.errors import ProtocolError
-
-            raise ProtocolError(f"token query announced {count} ciphertexts (expected 1..{_MAX_QUERY_CHUNKS})")
-        query = [ctx.channel.recv_bytes(f"sel.q{i}") for i in range(count)]
+        lookup.check_query_count(count, vocab)
+        query = [ctx.channel.recv_bytes(f"sel.q{i}", max_len=lookup.max_chunk_bytes) for i in range(count)]
         ctx.channel.send("sel.r", lookup.answer(query, pi))
         return None
     j = int(choose(decode(revealed, logits.bits).numpy().reshape(-1)))
@@ -51,4 +46,4 @@ def select_token(ctx, logits, choose: Callable[[np.ndarray], int] | None = None,
     ctx.channel.send("sel.n", np.array([len(query)], dtype=np.int64))
     for i, chunk in enumerate(query):
         ctx.channel.send(f"sel.q{i}", chunk)
-    return lookup.decode(ctx.channel.recv_bytes("sel.r"))
+    return lookup.decode(ctx.channel.recv_bytes("sel.r", max_len=lookup.max_reply_bytes))
