@@ -23,6 +23,7 @@ import torch
 from parties.families import MAX_ARCH_DIMENSION, family, run_session
 from parties.metrics import Phases, median_step, peak_rss_mb, percentile_step
 from parties.models import PROTOCOL_VERSION, fingerprint, model_name
+from parties.pinning import check_model_fingerprint, weights_digest
 from parties.wire import (
     SETUP_TIMEOUT_S,
     abort_records,
@@ -155,6 +156,7 @@ def run_owner(
             "model": model,
             "arch": arch_dict,
             "fingerprint": card,
+            "weights_digest": weights_digest(weights),
             "session": plan.session,
             "max_positions": max_positions,
             "eos_token_id": getattr(weights.config, "eos_token_id", None),
@@ -309,6 +311,7 @@ class UserRequest:
     prompt: str
     max_new_tokens: int
     sampling: object = None
+    expect_fingerprint: str | None = None
 
 
 def check_text(text, what: str) -> None:
@@ -390,6 +393,7 @@ def run_user(
     send_json(owner, "hello", plan.hello())
     welcome = _first_answer(lambda: recv_json(owner, "welcome", timeout=setup_timeout), "owner")
     arch = _check_welcome(welcome, plan, fam)
+    check_model_fingerprint(welcome, request.expect_fingerprint, log)
     client = None
     if fam.generates:
         client = IndexLookupClient(arch.vocab)

@@ -66,6 +66,10 @@ class ZmqChannel(Channel):
         self._monitor = None
         self.failed_handshakes = 0
         """CURVE handshakes that failed since the last one that succeeded (clients only)."""
+        self.peer_user_id: str | None = None
+        """CURVE servers: the User-Id the ZAP handler gave the connection the last message came in on
+        (pyzmq's authenticators: the client's public key in z85), None before that or without one."""
+        self._reads_user_id = False
 
     def _watch_handshakes(self) -> None:
         """Follow this CURVE client socket's handshake events (see the module docstring)."""
@@ -153,6 +157,7 @@ class ZmqChannel(Channel):
             )
             if curve_server_key is not None:
                 channel._watch_handshakes()
+            channel._reads_user_id = curve_server
             if binding:
                 socket.bind(addr)
             else:
@@ -201,6 +206,8 @@ class ZmqChannel(Channel):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
         parts = self._socket.recv_multipart(copy=False)
+        if self._reads_user_id:
+            self.peer_user_id = _user_id(parts[0])
         if len(parts) == 1 and parts[0].bytes == GOODBYE:
             raise PeerGone(f"peer {self.peer!r} closed the channel")
         if len(parts) != 2:
@@ -222,6 +229,13 @@ class ZmqChannel(Channel):
         self._socket.close()
         if self._owned_context is not None:
             self._owned_context.term()
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:  # no ZAP handler gave one
+        return None
 
 
 def _curve_options(secret_key, public_key, server_key, server: bool) -> list[tuple[int, object]]:
