@@ -63,6 +63,7 @@ class Offer:
     arch: Any
     max_positions: int
     eos_token_id: int | None
+    weights_digest: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -75,6 +76,7 @@ class Offer:
             "model": self.model,
             "arch": self.arch.to_dict(),
             "fingerprint": self.fingerprint,
+            "weights_digest": self.weights_digest,
             "session": plan.session,
             "max_positions": self.max_positions,
             "eos_token_id": self.eos_token_id,

@@ -9,6 +9,7 @@ from parties.families import family
 from parties.handshake import SEED_TAG, Offer, check_hello
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
+from parties.pinning import weights_digest
 from parties.progress import progress_bar
 from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
 from permllm.errors import ConfigError, PermLLMError, ProtocolError
@@ -62,6 +63,7 @@ def run_owner(
             fam.arch_from_config(weights.config),
             fam.max_positions(weights.config),
             getattr(weights.config, "eos_token_id", None),
+            weights_digest(weights),
         )
 
     plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key)

@@ -13,6 +13,7 @@ from parties.families import family
 from parties.handshake import SEED_TAG, Plan, check_welcome, first_answer
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
+from parties.pinning import check_model_fingerprint
 from parties.progress import progress_bar
 from parties.user_input import UserRequest
 from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
@@ -68,6 +69,7 @@ def run_user(
     plan = Plan(fam.name, len(prompt_ids), max_new_tokens)
 
     arch, welcome = handshake(owner, fam, plan, setup_timeout)
+    check_model_fingerprint(welcome, request.expect_fingerprint, log)
     lookup = fam.user_lookup(owner, arch)
     seed = fresh_seed()
     send_json(helper, "user-plan", plan.for_helper(welcome["fingerprint"]))

@@ -16,6 +16,7 @@ class UserRequest:
     prompt: str
     max_new_tokens: int
     sampling: object = None
+    expect_fingerprint: str | None = None
 
 
 def check_text(text, what: str) -> None:

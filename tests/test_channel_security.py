@@ -126,6 +126,6 @@ def test_insecure_says_so_loudly():
 
 
 def test_keygen_command(tmp_path):
-    proc = _permllm("keygen", "--out", str(tmp_path), "--name", "owner")
+    proc = _permllm("keygen", "--role", "owner", "--out", str(tmp_path))
     assert proc.returncode == 0
     assert (tmp_path / "owner.key").exists() and (tmp_path / "owner.pub").exists()

@@ -83,19 +83,19 @@ def _left_running(marker: str, grace_s: float = 5.0) -> list[str]:
     return alive
 
 
-def _security_args(tmp_path) -> list[str]:
-    """CURVE keys for the three roles when the CLI has --keys (the default, secure set-up)."""
+def _security_args(tmp_path, role: str) -> list[str]:
+    """The role's CURVE keys folder (its secret key, the peers' public keys) when the CLI has --keys."""
     from parties.cli import build_parser
 
     user_parser = build_parser()._subparsers._group_actions[0].choices["user"]
     if not any("--keys" in action.option_strings for action in user_parser._actions):
         return []
-    from parties.security import generate_keypair
+    from parties.launcher import role_key_folders
 
     keys = tmp_path / "keys"
-    for role in ("owner", "user", "helper"):
-        generate_keypair(keys, role)
-    return ["--keys", str(keys)]
+    if not keys.exists():
+        role_key_folders(keys)
+    return ["--keys", str(keys / role)]
 
 
 class _Output:
@@ -130,7 +130,7 @@ class Session:
         ports = free_ports(3)
         self.marker = uuid.uuid4().hex
         owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
-        common = ["--network", network] + _security_args(tmp_path)
+        common = ["--network", network]
         timeout = ["--timeout", str(TIMEOUT_S)]
         # The helper streams its material while the owner and the user are still preparing, and its sends
         # are bounded by --timeout, not --setup-timeout (see test_helper_streams_material_within_the_setup_
@@ -139,10 +139,15 @@ class Session:
         helper_timeout = ["--timeout", str(HELPER_TIMEOUT_S)]
         base = [sys.executable, "-m", "parties.cli"]
         commands = {
-            "owner": base + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper] + common + timeout,
+            "owner": base
+            + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper]
+            + common
+            + _security_args(tmp_path, "owner")
+            + timeout,
             "helper": base
             + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet"]
             + common
+            + _security_args(tmp_path, "helper")
             + helper_timeout,
             "user": base
             + [
@@ -157,6 +162,7 @@ class Session:
                 str(max_new_tokens),
             ]
             + common
+            + _security_args(tmp_path, "user")
             + timeout,
         }
         self.procs: dict[str, subprocess.Popen] = {}
@@ -440,7 +446,7 @@ def _user_role(*args: str | bytes, tmp_path) -> tuple[subprocess.CompletedProces
         "3",
         "--setup-timeout",
         "20",
-        *_security_args(tmp_path),
+        *_security_args(tmp_path, "user"),
         *args,
     )
 
@@ -470,7 +476,7 @@ def test_roles_reject_an_absurd_network_with_a_clear_error(tmp_path):
         ("user", ["--owner", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "-5,100"),
         ("owner", ["--listen-user", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "10,0"),
     ):
-        proc, elapsed = _cli(role, *addresses, "--quiet", f"--network={spec}", *_security_args(tmp_path))
+        proc, elapsed = _cli(role, *addresses, "--quiet", f"--network={spec}", *_security_args(tmp_path, role))
         err = proc.stderr.decode(errors="replace")
         assert elapsed < 15, elapsed
         assert proc.returncode == 2 and "--network" in err and spec in err, err[-1500:]

@@ -75,6 +75,10 @@ class ZmqChannel(Channel):
         self._out_of_step = False
         self.failed_handshakes = 0
         """CURVE handshakes that failed since the last one that succeeded (clients only)."""
+        self.peer_user_id: str | None = None
+        """CURVE servers: the User-Id the ZAP handler gave the connection the last message came in on
+        (pyzmq's authenticators: the client's public key in z85), None before that or without one."""
+        self._reads_user_id = False
 
     def _watch_handshakes(self) -> None:
         """Follow this CURVE client socket's handshake events (see the module docstring)."""
@@ -164,6 +168,7 @@ class ZmqChannel(Channel):
             )
             if curve_server_key is not None:
                 channel._watch_handshakes()
+            channel._reads_user_id = curve_server
             if binding:
                 socket.bind(addr)
             else:
@@ -215,6 +220,8 @@ class ZmqChannel(Channel):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
         header = self._socket.recv(copy=False)
+        if self._reads_user_id:
+            self.peer_user_id = _user_id(header)
         if not header.more:
             if header.bytes == GOODBYE:
                 raise PeerGone(f"peer {self.peer!r} closed the channel")
@@ -241,6 +248,13 @@ class ZmqChannel(Channel):
         self._socket.close()
         if self._owned_context is not None:
             self._owned_context.term()
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:  # no ZAP handler gave one
+        return None
 
 
 def _curve_options(secret_key, public_key, server_key, server: bool) -> list[tuple[int, object]]:
