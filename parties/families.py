@@ -119,9 +119,11 @@ def arch_reader(cls) -> Callable[[Any], Any]:
 def run_session(fam: Family, ctx, driver, plan, **user_side) -> Any:
     """The online phase both roles (and the helper's dry run) run for this family.
 
-    user_side (user only): prompt_ids, eos_ids, choose, on_token, trace; lookup for either role."""
+    user_side (user only): prompt_ids, eos_ids, choose, on_token, trace; lookup for either role (the
+    "bfv" selection only). A decoder chooses its tokens with the plan's selection mode."""
     if fam.generates:
         from protocols.model.generation import generate
 
-        return generate(ctx, driver, prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, **user_side)
+        budget = dict(prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens)
+        return generate(ctx, driver, **budget, selection=plan.selection, **user_side)
     return driver.embed(ctx, user_side.get("prompt_ids"), plan.prompt_tokens)

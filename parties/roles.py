@@ -3,7 +3,7 @@
 Session, in order (every arrow is framed messages on one channel; nothing is pickled):
   1. user -> owner   hello: model, prompt length, token budget, fixed-point scales, session id
      owner -> user   welcome: public architecture and its fingerprint (or an error naming the mismatch)
-     user -> owner   the BFV public context for token selection
+     user -> owner   the BFV public context, only with the "bfv" token selection (not offered yet)
   2. owner -> helper its seed and the architecture; user -> helper its seed and the plan
   3. preparation     owner -> user: every masked weight W - U (once per session)
   4. offline         helper -> owner, helper -> user: the material for the whole budget
@@ -39,6 +39,7 @@ from permllm.fixed import ACT_BITS, WEIGHT_BITS
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.selection import SELECTION_MODES, TABLE
 
 SEED_TAG = "seed"
 
@@ -59,6 +60,7 @@ class Plan:
     prompt_tokens: int
     max_new_tokens: int
     session: str = field(default_factory=lambda: secrets.token_hex(8))
+    selection: str = TABLE  # the token selection mode (protocols.selection)
 
     def hello(self) -> dict:
         return {
@@ -69,12 +71,21 @@ class Plan:
             "act_bits": ACT_BITS,
             "weight_bits": WEIGHT_BITS,
             "session": self.session,
+            "selection": self.selection,
         }
 
 
-def check_hello(hello: dict, model: str, max_positions: int, generates: bool = True) -> Plan:
+OFFERED_SELECTIONS = (TABLE,)
+"""The token selections an owner accepts: "bfv" is kept for a helper-free mode, but its reply flood does
+not hide the permutation from the user yet (SECURITY.md), so no owner offers it."""
+
+
+def check_hello(
+    hello: dict, model: str, max_positions: int, generates: bool = True, offered=OFFERED_SELECTIONS
+) -> Plan:
     """The owner's check of the user's hello; raises ProtocolError naming the first mismatch.
-    A decoder needs a token budget of at least 1; an encoder (one embedding) takes 0."""
+    A decoder needs a token budget of at least 1; an encoder (one embedding) takes 0. A hello without
+    a selection asks for "table"; one the owner does not offer is refused."""
     expected = {"protocol": PROTOCOL_VERSION, "model": model, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS}
     for key, want in expected.items():
         if hello.get(key) != want:
@@ -89,7 +100,10 @@ def check_hello(hello: dict, model: str, max_positions: int, generates: bool = T
         raise ProtocolError(f"bad plan: prompt_tokens={prompt!r}, max_new_tokens={budget!r}")
     if prompt + budget > max_positions:
         raise ProtocolError(f"prompt ({prompt}) plus budget ({budget}) exceeds the model's {max_positions} positions")
-    return Plan(model, prompt, budget, str(hello.get("session")))
+    selection = hello.get("selection", TABLE)
+    if selection not in offered:
+        raise ProtocolError(f"token selection {selection!r:.40} is not offered (the owner offers {', '.join(offered)})")
+    return Plan(model, prompt, budget, str(hello.get("session")), selection)
 
 
 def _first_answer(receive, peer: str):
@@ -161,7 +175,7 @@ def run_owner(
         },
     )
     server = None
-    if fam.generates:
+    if fam.generates and plan.selection == "bfv":
         server = IndexLookupServer(user.recv_bytes("he.context", max_len=96 << 20, timeout=setup_timeout))
 
     seed = fresh_seed()
@@ -176,6 +190,7 @@ def run_owner(
             "model": model,
             "prompt_tokens": plan.prompt_tokens,
             "max_new_tokens": plan.max_new_tokens,
+            "selection": plan.selection,
         },
     )
     helper.send(SEED_TAG, seed)
@@ -299,7 +314,12 @@ def _check_plans(owner_plan: dict, user_plan: dict):
     prompt, budget = owner_plan["prompt_tokens"], owner_plan["max_new_tokens"]
     if prompt < 1 or (budget < 1 if fam.generates else budget != 0) or prompt + budget > MAX_ARCH_DIMENSION:
         raise ProtocolError(f"bad plan: prompt_tokens={prompt}, max_new_tokens={budget}")
-    return fam, arch, Plan(fam.name, prompt, budget, owner_plan["session"])
+    selection, theirs = owner_plan.get("selection", TABLE), user_plan.get("selection", TABLE)
+    if theirs != selection:
+        raise ProtocolError(f"selection mismatch between the owner ({selection!r:.40}) and the user ({theirs!r:.40})")
+    if selection not in SELECTION_MODES:
+        raise ProtocolError(f"unknown token selection {selection!r:.40}")
+    return fam, arch, Plan(fam.name, prompt, budget, owner_plan["session"], selection)
 
 
 # ------------------------------------------------------------------------------------------ user
@@ -309,6 +329,7 @@ class UserRequest:
     prompt: str
     max_new_tokens: int
     sampling: object = None
+    selection: str = TABLE
 
 
 def check_text(text, what: str) -> None:
@@ -383,7 +404,7 @@ def run_user(
     phases = Phases()
     if fam.generates:
         prompt_ids = prepare_prompt(tokenizer, request.prompt, request.max_new_tokens)
-        plan = Plan(name, len(prompt_ids), request.max_new_tokens)
+        plan = Plan(name, len(prompt_ids), request.max_new_tokens, selection=request.selection)
     else:
         prompt_ids = prepare_sentence(tokenizer, request.prompt)
         plan = Plan(name, len(prompt_ids), 0)
@@ -391,7 +412,7 @@ def run_user(
     welcome = _first_answer(lambda: recv_json(owner, "welcome", timeout=setup_timeout), "owner")
     arch = _check_welcome(welcome, plan, fam)
     client = None
-    if fam.generates:
+    if fam.generates and plan.selection == "bfv":
         client = IndexLookupClient(arch.vocab)
         owner.send("he.context", client.public_context())
 
@@ -405,6 +426,7 @@ def run_user(
             "fingerprint": welcome["fingerprint"],
             "prompt_tokens": plan.prompt_tokens,
             "max_new_tokens": plan.max_new_tokens,
+            "selection": plan.selection,
         },
     )
     helper.send(SEED_TAG, seed)
