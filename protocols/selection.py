@@ -63,8 +63,10 @@ def select_token(
     """
     if mode not in SELECTION_MODES:
         raise ConfigError(f"unknown token selection {mode!r}; choose one of {', '.join(SELECTION_MODES)}")
-    if not ctx.dealing and (mode == BFV) != (lookup is not None):
-        raise ConfigError(f"the {mode!r} token selection {'needs' if mode == BFV else 'takes no'} a BFV lookup")
+    if not ctx.dealing and mode == BFV and lookup is None:
+        raise ConfigError("the 'bfv' token selection needs a BFV lookup on both parties")
+    if not ctx.dealing and mode == TABLE and lookup is not None:
+        raise ConfigError("the 'table' token selection takes no BFV lookup (pass mode='bfv' to use one)")
     vocab = logits.shape[-1]
     flat = logits.reshape(vocab)
     if ctx.dealing:
