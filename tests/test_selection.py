@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds
+from parties.inprocess import Seeds, deal, run_pair
 from permllm.errors import ConfigError
 from permllm.fixed import LINEAR_BITS, decode, encode
 from permllm.sampling import choose_token
 from permllm.sharing import Shared
 from protocols.material import CallMaterial, DealerCall
 from protocols.selection import select_token
-from tests.protocol_helpers import run_call, share, wire_bytes
+from tests.protocol_helpers import share, wire_bytes
 from tests.recording import Transcript, chi_square_upper_bound, record_dealt, record_permutations
 
 CHI2_FALSE_POSITIVE = 1e-6
@@ -72,8 +72,6 @@ def _select(vocab: int, seeds: Seeds, pick, seed: int = 0, patch=None) -> Select
             patch(mp)
         perms = record_permutations(mp)
         dealt = record_dealt(mp)
-        from parties.inprocess import deal, run_pair
-
         owner_mat, user_mat = deal(lambda ctx: call(ctx, Shared.placeholder((1, vocab), LINEAR_BITS)), seeds)
         run = run_pair(
             lambda ctx: call(ctx, lo), lambda ctx: call(ctx, lu), owner_mat, user_mat, wrap_channel=transcript.wrap
@@ -111,8 +109,6 @@ def test_table_selection_gives_the_argmax_id_in_four_flights_and_exact_bytes():
 
 
 def test_table_selection_deals_16_bytes_to_the_user_and_nothing_to_the_owner():
-    from parties.inprocess import deal
-
     vocab = 50
     with pytest.MonkeyPatch.context() as mp:
         dealt = record_dealt(mp)

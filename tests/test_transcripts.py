@@ -72,9 +72,7 @@ OWNER_RING_TAGS = re.compile(
     r"trunc|prod\.L\d+\.[kv])$"
 )
 # tags the user may receive from the owner during the online phase
-USER_RING_TAGS = re.compile(
-    r"^(L\d+\.(n1|n2|sm|act)\.perm|fnorm\.perm|sel\.perm|sel\.table|trunc|prod\.L\d+\.[kv])$"
-)
+USER_RING_TAGS = re.compile(r"^(L\d+\.(n1|n2|sm|act)\.perm|fnorm\.perm|sel\.perm|sel\.table|trunc|prod\.L\d+\.[kv])$")
 CONTROL_INT64_TAGS = {"sel.delta", "continue"}
 CIPHERTEXT_TAGS = re.compile(r"^sel\.(q\d+|r)$")  # the "bfv" selection only; none in these sessions
 
