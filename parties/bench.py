@@ -1067,14 +1067,13 @@ class InProcessRun:
 
 
 class InProcessBench:
-    """One preparation (masked weights, HE keys) reused by every in-process run of the benchmark.
+    """One preparation (masked weights) reused by every in-process run of the benchmark.
 
     A real session prepares once per session; reusing it here only saves set-up time, it changes no
     per-token figure. Each run gets a fresh user seed and its own dealt material."""
 
     def __init__(self, weights):
         from parties.inprocess import Seeds
-        from permllm.he import IndexLookupClient, IndexLookupServer
         from protocols.model.decoder_weights import DecoderArch, owner_weights, user_weight
 
         self.arch = DecoderArch.from_config(weights.config)
@@ -1084,8 +1083,6 @@ class InProcessBench:
         self.user_w = {name: user_weight(name, self.arch, w.local - w.mask) for name, w in self.owner_w.items()}
         self.masks = {name: w.mask for name, w in self.owner_w.items()}
         self.prepare_s = time.perf_counter() - t0
-        self.client = IndexLookupClient(self.arch.vocab)
-        self.server = IndexLookupServer(self.client.public_context())
 
     def run(
         self,
@@ -1135,7 +1132,7 @@ class InProcessBench:
                 on_token(token)
 
         def owner(ctx):
-            return generate(ctx, owner_dec, prompt_len=prompt_len, max_new_tokens=max_new_tokens, lookup=self.server)
+            return generate(ctx, owner_dec, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
 
         def user(ctx):
             return generate(
@@ -1145,7 +1142,6 @@ class InProcessBench:
                 max_new_tokens=max_new_tokens,
                 prompt_ids=list(prompt_ids),
                 choose=choose,
-                lookup=self.client,
                 on_token=token_seen,
                 trace=trace,
             )
@@ -1492,7 +1488,7 @@ def run_bench(args) -> int:
                 weights = decoder_weights_from_hf(hf_model)
             del hf_model
         if any(p in cfg.parts for p in ("breakdown", "scaling", "sweep")):
-            _say("in-process preparation (masked weights, BFV keys), reused by the in-process runs")
+            _say("in-process preparation (masked weights), reused by the in-process runs")
             bench = InProcessBench(weights)
             del weights
             arch = bench.arch

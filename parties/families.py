@@ -88,7 +88,7 @@ class Family:
 
 
 class DecoderFamily(Family):
-    """A Llama-style decoder: generates up to the token budget, choosing tokens with the HE index lookup."""
+    """A Llama-style decoder: generates up to the token budget, choosing tokens by the plan's selection."""
 
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens >= 1
@@ -109,9 +109,8 @@ class DecoderFamily(Family):
     def run_session(self, ctx, driver, plan, lookup=None, **user_side) -> Any:
         from protocols.model.generation import generate
 
-        return generate(
-            ctx, driver, prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, lookup=lookup, **user_side
-        )
+        budget = dict(prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens)
+        return generate(ctx, driver, **budget, lookup=lookup, selection=plan.selection, **user_side)
 
     def positions_run(self, driver, plan) -> int:
         return driver.position + 1  # the last chosen token is never fed back

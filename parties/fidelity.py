@@ -7,10 +7,10 @@ functions; `tests/test_model_loading.py::test_greedy_generation_matches_hf` show
 equal transformers', and its logits match to ~2e-6 relative):
 
 * greedy: the full private protocol (`parties.inprocess.private_generate_inprocess`: owner, user and
-  an in-process dealer; the token chosen on the user's side under a permutation and recovered with
-  BFV) against the reference's greedy continuation, both stopping after the eos token
-  (`weights.config.eos_token_id`, included in the output as HF does). Identical means the two token
-  lists are equal.
+  an in-process dealer; the token chosen on the user's side under a permutation and recovered
+  with the helper-dealt table of `protocols.selection`) against the reference's greedy continuation,
+  both stopping after the eos token (`weights.config.eos_token_id`, included in the output as HF
+  does). Identical means the two token lists are equal.
 * teacher-forced: one secure session prefills the prompt and decodes the forced tokens one by one;
   after each forward pass the user opens the logits to itself (`protocols.basic.reveal_to`), and they
   are compared with the reference's logits at the same position: top-1 agreement, the largest absolute
@@ -285,8 +285,7 @@ def _private_generate(
     timeout: float = SESSION_TIMEOUT_S,
 ) -> list[int]:
     """`parties.inprocess.private_generate_inprocess` with greedy choice, on weights prepared once:
-    the same dry run, HE index lookup and owner/user roles, minus the per-call weight preparation."""
-    from permllm.he import IndexLookupClient, IndexLookupServer
+    the same dry run, token selection and owner/user roles, minus the per-call weight preparation."""
     from protocols.model.generation import SamplingConfig, generate, token_chooser
 
     seeds = seeds or Seeds.fresh()
@@ -295,12 +294,10 @@ def _private_generate(
     budget = dict(prompt_len=len(prompt_ids), max_new_tokens=max_new_tokens)
     helper = SecureDecoder(arch, helper_weights(arch), positions)
     owner_mat, user_mat = deal(lambda ctx: generate(ctx, helper, **budget), seeds, weight_mask=prepared.mask)
-    client = IndexLookupClient(arch.vocab)
-    server = IndexLookupServer(client.public_context())
     choose = token_chooser(SamplingConfig())
 
     def owner(ctx):
-        return generate(ctx, SecureDecoder(arch, prepared.owner, positions), lookup=server, **budget)
+        return generate(ctx, SecureDecoder(arch, prepared.owner, positions), **budget)
 
     def user(ctx):
         return generate(
@@ -309,7 +306,6 @@ def _private_generate(
             prompt_ids=list(prompt_ids),
             eos_ids=frozenset(eos_ids),
             choose=choose,
-            lookup=client,
             on_token=on_token,
             **budget,
         )

@@ -144,12 +144,13 @@ def private_generate_inprocess(
     wrap_channel=None,
     on_token=None,
     timeout: float = 3600.0,
+    selection: str = "table",
 ) -> LocalGeneration:
     """Owner, user and an in-process dealer generate privately from `weights` (a DecoderWeights).
 
     The same code paths as the three-process demo, minus ZeroMQ: weights are folded, encoded and
-    masked, the dealer runs its dry run for the whole budget, then owner and user run in two threads."""
-    from permllm.he import IndexLookupClient, IndexLookupServer
+    masked, the dealer runs its dry run for the whole budget, then owner and user run in two threads.
+    selection: the token selection mode (`protocols.selection`); "bfv" makes a BFV key pair here."""
     from protocols.model.decoder_weights import DecoderArch, helper_weights, owner_weights, user_weight
     from protocols.model.generation import GenerationTrace, SamplingConfig, generate, token_chooser
     from protocols.model.secure_decoder import SecureDecoder
@@ -163,13 +164,19 @@ def private_generate_inprocess(
 
     helper_decoder = SecureDecoder(arch, helper_weights(arch), positions)
     owner_mat, user_mat = deal(
-        lambda ctx: generate(ctx, helper_decoder, prompt_len=len(prompt_ids), max_new_tokens=max_new_tokens),
+        lambda ctx: generate(
+            ctx, helper_decoder, prompt_len=len(prompt_ids), max_new_tokens=max_new_tokens, selection=selection
+        ),
         seeds,
         weight_mask=masks.__getitem__,
     )
     dealt_calls = owner_mat.remaining
-    client = IndexLookupClient(arch.vocab)
-    server = IndexLookupServer(client.public_context())
+    client = server = None
+    if selection == "bfv":
+        from permllm.he import IndexLookupClient, IndexLookupServer
+
+        client = IndexLookupClient(arch.vocab)
+        server = IndexLookupServer(client.public_context())
     choose = token_chooser(sampling or SamplingConfig())
     trace = GenerationTrace()
 
@@ -179,6 +186,7 @@ def private_generate_inprocess(
             SecureDecoder(arch, owner_w, positions),
             prompt_len=len(prompt_ids),
             max_new_tokens=max_new_tokens,
+            selection=selection,
             lookup=server,
         )
 
@@ -191,6 +199,7 @@ def private_generate_inprocess(
             prompt_ids=list(prompt_ids),
             eos_ids=frozenset(eos_ids),
             choose=choose,
+            selection=selection,
             lookup=client,
             on_token=on_token,
             trace=trace,

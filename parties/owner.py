@@ -16,6 +16,7 @@ from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.selection import BFV
 
 
 @dataclass
@@ -67,7 +68,7 @@ def run_owner(
         )
 
     plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key)
-    lookup = fam.owner_lookup(user, setup_timeout, offer.arch.vocab)
+    lookup = fam.owner_lookup(user, setup_timeout, offer.arch.vocab) if plan.selection == BFV else None
     seed = fresh_seed()
     send_json(helper, "owner-plan", offer.for_helper(plan))
     helper.send(SEED_TAG, seed)

@@ -21,6 +21,7 @@ from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.selection import BFV
 
 
 @dataclass
@@ -66,11 +67,11 @@ def run_user(
     owner, helper = channels["owner"], channels["helper"]
     phases = Phases()
     prompt_ids, max_new_tokens = fam.user_input(tokenizer, request)
-    plan = Plan(fam.name, len(prompt_ids), max_new_tokens)
+    plan = Plan(fam.name, len(prompt_ids), max_new_tokens, selection=request.selection)
 
     arch, welcome = handshake(owner, fam, plan, setup_timeout)
     check_model_fingerprint(welcome, request.expect_fingerprint, log)
-    lookup = fam.user_lookup(owner, arch)
+    lookup = fam.user_lookup(owner, arch) if plan.selection == BFV else None
     seed = fresh_seed()
     send_json(helper, "user-plan", plan.for_helper(welcome["fingerprint"]))
     helper.send(SEED_TAG, seed)

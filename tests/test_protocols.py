@@ -256,8 +256,9 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
     assert run.bytes_user_to_owner == wire_bytes("lin.E", (4, vocab)) and run.bytes_owner_to_user == 0
 
 
-def test_token_selection_recovers_the_chosen_id_under_the_permutation():
-    """select_token on shared logits: the user gets the true argmax id, the owner nothing. 4 flights:
+def test_bfv_token_selection_recovers_the_chosen_id_under_the_permutation():
+    """select_token(mode="bfv") on shared logits (the path kept for a helper-free mode; the table mode
+    is tested in tests/test_selection.py): the user gets the true argmax id, the owner nothing. 4 flights:
     the permuted reveal (user -> owner, owner -> user), the BFV query, the BFV reply. Ring messages are
     exact; a BFV ciphertext's serialized size varies slightly (TenSEAL compresses it), so those carry
     the bounds of tests/test_he.py (one query chunk and one reply at most 100 000 bytes each)."""
@@ -274,9 +275,10 @@ def test_token_selection_recovers_the_chosen_id_under_the_permutation():
 
     def call(ctx, logits):
         if ctx.dealing:
-            return select_token(ctx, logits)
+            return select_token(ctx, logits, mode="bfv")
         user = ctx.role is Role.USER
-        return select_token(ctx, logits, (lambda v: int(np.argmax(v))) if user else None, client if user else server)
+        choose = (lambda v: int(np.argmax(v))) if user else None
+        return select_token(ctx, logits, choose, client if user else server, mode="bfv")
 
     run = run_call(call, lo, lu, Shared.placeholder((1, vocab), LINEAR_BITS))
     assert run.user == int(torch.argmax(z)) and run.owner is None
