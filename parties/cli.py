@@ -34,6 +34,17 @@ real network and is meant for one machine: it needs the parties' clocks to agree
 """
 
 
+COMMAND_GROUP = "permllm.commands"
+
+
+def plugin_commands() -> dict:
+    """Subcommands installed packages add through the entry-point group "permllm.commands" (`permllm bench`
+    from permllm_bench): name -> an object with help, description, add_arguments(parser) and run(args)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group=COMMAND_GROUP)}
+
+
 def _add_security(p):
     p.add_argument(
         "--keys",
@@ -146,14 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", action="append", default=None, help="role name (repeatable; default: owner, user and helper)"
     )
 
-    bench = sub.add_parser(
-        "bench",
-        help="token-latency benchmarks under simulated networks",
-        description="Runs the benchmark scenarios and prints the table (see bench/RESULTS.md).",
-    )
-    from parties import bench as bench_module
-
-    bench_module.add_arguments(bench)
+    for name, command in plugin_commands().items():
+        plugin = sub.add_parser(name, help=command.help, description=command.description)
+        command.add_arguments(plugin)
+        plugin.set_defaults(plugin_command=command)
 
     owner = sub.add_parser(
         "owner",
@@ -313,10 +320,8 @@ def main(argv=None) -> int:
                 secret, public = generate_keypair(args.out, name)
                 print(f"wrote {secret} (secret: keep it on the {name}'s machine) and {public}")
             return 0
-        if args.command == "bench":
-            from parties.bench import run_bench
-
-            return run_bench(args)
+        if getattr(args, "plugin_command", None) is not None:
+            return args.plugin_command.run(args)
         return _run_role(args)
     except PermLLMError as exc:
         print(f"permllm {args.command}: error: {exc}", file=sys.stderr)
