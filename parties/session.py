@@ -109,6 +109,7 @@ class PreparedModel:
         owner_records, user_records = deal_records(dry_run, seeds, weight_mask=self.mask)
         call_bytes = [o.nbytes + u.nbytes for o, u in zip(owner_records, user_records)]
         owner_mat, user_mat = QueuedMaterial(seeds.owner, owner_records), QueuedMaterial(seeds.user, user_records)
+        del owner_records, user_records  # the queues free each call's material once it is used
         online = time.perf_counter()
         pair = run_pair(
             lambda ctx: owner(ctx, drivers["owner"]),
@@ -144,11 +145,9 @@ def prepare_model(weights, seed: bytes | None = None, *, progress=None) -> Prepa
 
 
 @dataclass
-class LocalGeneration:
-    """Result of an in-process private generation: the user's tokens, its GenerationTrace, the session."""
+class SessionResult:
+    """What a model session returns besides its output: the session (traffic, dealing)."""
 
-    tokens: list[int]
-    user_trace: Any
     session: SessionRun
 
     @property
@@ -158,6 +157,14 @@ class LocalGeneration:
     @property
     def dealt_calls(self) -> int:
         return self.session.dealt_calls
+
+
+@dataclass
+class LocalGeneration(SessionResult):
+    """Result of an in-process private generation: the user's tokens and its GenerationTrace."""
+
+    tokens: list[int]
+    user_trace: Any
 
 
 def generate(
@@ -204,7 +211,7 @@ def generate(
         wrap_channel=wrap_channel,
         timeout=timeout,
     )
-    return LocalGeneration(tokens=run.pair.user, user_trace=trace, session=run)
+    return LocalGeneration(session=run, tokens=run.pair.user, user_trace=trace)
 
 
 def private_generate_inprocess(weights, prompt_ids: list[int], max_new_tokens: int, *, seeds=None, **options):
@@ -215,23 +222,11 @@ def private_generate_inprocess(weights, prompt_ids: list[int], max_new_tokens: i
 
 
 @dataclass
-class LocalEmbedding:
-    """Result of an in-process private embedding.
-
-    embedding: (hidden,) for one sentence, (sentences, hidden) for several (float64, user side).
-    session: the session (pair: traffic of all sentences together; dealt_calls).
-    """
+class LocalEmbedding(SessionResult):
+    """Result of an in-process private embedding: (hidden,) for one sentence, (sentences, hidden) for
+    several (float64, user side); the session's traffic is that of all sentences together."""
 
     embedding: np.ndarray
-    session: SessionRun
-
-    @property
-    def run(self) -> PairRun:
-        return self.session.pair
-
-    @property
-    def dealt_calls(self) -> int:
-        return self.session.dealt_calls
 
 
 def embed(
@@ -265,7 +260,7 @@ def embed(
         timeout=timeout,
     )
     embedding = np.stack(run.pair.user) if batch else run.pair.user[0]
-    return LocalEmbedding(embedding=embedding, session=run)
+    return LocalEmbedding(session=run, embedding=embedding)
 
 
 def private_embed_inprocess(weights, token_ids, *, seeds=None, **options) -> LocalEmbedding:
