@@ -46,4 +46,4 @@ bench: install
 
 # the token-latency scenarios behind bench/RESULTS.md (about 30 minutes on 2 cores)
 bench-tokens: install
-	$(PYTHON) -m parties.cli bench --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png --markdown bench/RESULTS.md
+	$(PYTHON) -m permllm_bench.cli --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png --markdown bench/RESULTS.md

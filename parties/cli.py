@@ -15,10 +15,10 @@ import os
 import sys
 import traceback
 
-from parties.cli_options import TWO_MACHINE_HELP, build_parser, read_prompt, sampling_from_args
+from parties.cli_options import COMMAND_GROUP, TWO_MACHINE_HELP, build_parser, read_prompt, sampling_from_args
 from permllm.errors import PermLLMError
 
-__all__ = ["TWO_MACHINE_HELP", "build_parser", "main", "sampling_from_args"]
+__all__ = ["COMMAND_GROUP", "TWO_MACHINE_HELP", "build_parser", "main", "sampling_from_args"]
 
 
 def _channel(addr, peer, bind, args, clock, curve):
@@ -115,10 +115,8 @@ def _run_command(args) -> int:
             f"wrote {secret} (secret: it stays on this, the {args.role}'s, machine) and {public} (give it to the peers)"
         )
         return 0
-    if args.command == "bench":
-        from parties.bench import run_bench
-
-        return run_bench(args)
+    if getattr(args, "plugin_command", None) is not None:
+        return args.plugin_command.run(args)
     return _run_role(args)
 
 

@@ -27,6 +27,17 @@ real network and is meant for one machine: it needs the parties' clocks to agree
 """
 
 
+COMMAND_GROUP = "permllm.commands"
+
+
+def plugin_commands() -> dict:
+    """Subcommands installed packages add through the entry-point group "permllm.commands" (`permllm bench`
+    from permllm_bench): name -> an object with help, description, add_arguments(parser) and run(args)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group=COMMAND_GROUP)}
+
+
 def _add_security(p):
     p.add_argument(
         "--keys",
@@ -168,14 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--role", required=True, choices=ROLES, help="the role this machine plays")
     keygen.add_argument("--out", required=True, help="folder to write the keys into")
 
-    bench = sub.add_parser(
-        "bench",
-        help="token-latency benchmarks under simulated networks",
-        description="Runs the benchmark scenarios and prints the table (see bench/RESULTS.md).",
-    )
-    from parties import bench as bench_module
-
-    bench_module.add_arguments(bench)
+    for name, command in plugin_commands().items():
+        plugin = sub.add_parser(name, help=command.help, description=command.description)
+        command.add_arguments(plugin)
+        plugin.set_defaults(plugin_command=command)
 
     owner = sub.add_parser(
         "owner",

@@ -75,7 +75,8 @@ def run_owner(
 
     with phases.timed("prepare"):
         log("owner: folding, encoding and masking the weights; sending W - U to the user")
-        bar = progress_bar(None, "owner: preparing weights", progress)
+        total = len(fam.linear_shapes(offer.arch))
+        bar = progress_bar(total, "owner: preparing weights", unit="weight", enabled=progress)
         prepared = fam.owner_weights(weights, seed, progress=bar.update)
         bar.close()
         del weights  # only the prepared weights stay in memory for the session

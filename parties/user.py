@@ -111,7 +111,7 @@ def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: boo
     """owner -> user: every masked weight W - U, as the user's `LinearWeight`s by name."""
     shapes = fam.linear_shapes(arch)
     weights = {}
-    bar = progress_bar(len(shapes), "user: receiving masked weights", progress, unit="weight")
+    bar = progress_bar(len(shapes), "user: receiving masked weights", unit="weight", enabled=progress)
     for name, (d_in, d_out, _) in shapes.items():
         array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
         weights[name] = fam.user_weight(name, arch, torch.from_numpy(array))
@@ -123,7 +123,7 @@ def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: boo
 def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool) -> QueuedMaterial:
     """helper -> user: the material stream for the whole session."""
     material = QueuedMaterial(seed)
-    bar = progress_bar(None, "user: receiving offline material", progress, unit="call")
+    bar = progress_bar(None, "user: receiving offline material", unit="call", enabled=progress)
 
     def keep(record):
         material.extend([record])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from parties.inprocess import Seeds, deal, private_generate_inprocess, run_pair
+from parties.inprocess import Seeds, deal, run_pair
+from parties.session import private_generate_inprocess
 from permllm.fixed import decode
 from permllm.model.reference import DecoderReference
 from protocols.basic import reveal_to

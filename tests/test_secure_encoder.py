@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, deal, private_embed_inprocess, run_pair
+from parties.inprocess import Seeds, deal, run_pair
+from parties.session import private_embed_inprocess
 from permllm.model.reference import encoder_embed
 from permllm.transport.frames import header_length
 from protocols.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight

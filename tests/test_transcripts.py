@@ -38,7 +38,8 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, private_generate_inprocess
+from parties.inprocess import Seeds
+from parties.session import private_generate_inprocess
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.kernels import scatter_rows
 from permllm.prg import Prg
