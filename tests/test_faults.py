@@ -591,17 +591,13 @@ def test_helper_waits_for_busy_parties_within_the_setup_timeout():
     assert isinstance(r["owner"], int) and r["owner"] == r["user"] > 0, r
 
 
-def test_helper_last_records_survive_its_exit():
+def test_helper_last_records_survive_its_exit(tiny_decoder_arch):
     """Tiny model, 120 tokens (~2.7 MB in ~7000 frames for the user): dealing takes ~2 s, the parties start
     reading after 8 s, so the helper has queued its last records (and the end marker) long before anyone
     reads. ZeroMQ drops what is still queued when a socket closes: with linger 0 the user waited for the
     set-up timeout, and with the roles' 5 s linger (parties/cli.py _channel) a user busy longer than that
     (taking in the masked weights under `wan`, seen in the bench) did too. The helper now stays until
     each receiver confirms the whole stream (`parties.wire.await_receipt`)."""
-    from protocols.model.decoder_weights import DecoderArch
-    from tests.tiny_model import tiny_decoder
-
-    arch = DecoderArch.from_config(tiny_decoder().config)
-    r = _helper_process_with_stand_ins(arch, 8, 120, helper_args=[], read_after_s=8.0)
+    r = _helper_process_with_stand_ins(tiny_decoder_arch, 8, 120, helper_args=[], read_after_s=8.0)
     assert r["helper"] == 0, r["stderr"][-1500:]
     assert r["owner"] == r["user"] == 3360, f"received: owner {r['owner']!r}, user {r['user']!r}"
