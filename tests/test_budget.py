@@ -105,6 +105,7 @@ def test_owner_refuses_a_user_over_its_budget_in_the_handshake(tmp_path):
     assert budget.usage("user-key-1") == {"sessions": 1, "positions": positions}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "options,message",
     [

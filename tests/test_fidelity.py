@@ -44,11 +44,11 @@ FULL_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_gguf):
     """(weights, tokenizer, prepared owner/user weights, reference): loaded and prepared once."""
-    from permllm.model.loading import decoder_weights_from_hf, find_smollm2_gguf, load_hf_decoder
+    from permllm.model.loading import decoder_weights_from_hf, load_hf_decoder
 
-    hf_model, tokenizer = load_hf_decoder(find_smollm2_gguf())
+    hf_model, tokenizer = load_hf_decoder(smollm2_gguf)
     weights = decoder_weights_from_hf(hf_model)
     reference = fidelity.TransformersReference(hf_model, weights.config.eos_token_id)
     return weights, tokenizer, prepare_model(weights), reference
@@ -152,6 +152,7 @@ def test_helpers():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)  # 81 minutes on 2 cores (README, Fidelity)
 def test_full_fidelity_report(smollm2):
     weights, tokenizer, prepared, ref = smollm2
     assert len(FIDELITY_PROMPTS) >= 20

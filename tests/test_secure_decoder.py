@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from parties.inprocess import Seeds, deal, run_pair
+from parties.inprocess import deal, run_pair
 from parties.session import private_generate_inprocess
 from permllm.fixed import decode
 from permllm.model.reference import DecoderReference
@@ -14,14 +14,12 @@ from protocols.model.decoder_weights import DecoderArch, helper_weights, owner_w
 from protocols.model.secure_decoder import SecureDecoder
 from tests.tiny_model import tiny_decoder
 
-SEEDS = Seeds(owner=bytes(16), user=bytes([1]) * 16)
 
-
-def _secure_logits(weights, prompt, continuation):
+def _secure_logits(weights, prompt, continuation, seeds):
     """Prefill `prompt`, then one decode step per token of `continuation`; logits revealed to the user."""
     arch = DecoderArch.from_config(weights.config)
     positions = len(prompt) + len(continuation)
-    owner_w = owner_weights(weights, SEEDS.owner)
+    owner_w = owner_weights(weights, seeds.owner)
     user_w = {n: user_weight(n, arch, w.local - w.mask) for n, w in owner_w.items()}
     masks = {n: w.mask for n, w in owner_w.items()}
 
@@ -36,7 +34,7 @@ def _secure_logits(weights, prompt, continuation):
         return out, depths
 
     owner_mat, user_mat = deal(
-        lambda ctx: session(ctx, SecureDecoder(arch, helper_weights(arch), positions), False), SEEDS, masks.__getitem__
+        lambda ctx: session(ctx, SecureDecoder(arch, helper_weights(arch), positions), False), seeds, masks.__getitem__
     )
     run = run_pair(
         lambda ctx: session(ctx, SecureDecoder(arch, owner_w, positions), False),
@@ -48,10 +46,10 @@ def _secure_logits(weights, prompt, continuation):
     return [decode(l, 32)[0] for l in run.user[0]], run
 
 
-def test_secure_logits_match_float64_reference_through_prefill_and_decode():
+def test_secure_logits_match_float64_reference_through_prefill_and_decode(seeds):
     weights = tiny_decoder(seed=1)
     prompt, continuation = [5, 17, 3, 42, 8], [11, 60]
-    got, run = _secure_logits(weights, prompt, continuation)
+    got, run = _secure_logits(weights, prompt, continuation, seeds)
     ref = DecoderReference(weights)
     want = [ref.prefill(prompt)[-1]] + [ref.decode(t) for t in continuation]
     for g, w in zip(got, want):
@@ -61,9 +59,9 @@ def test_secure_logits_match_float64_reference_through_prefill_and_decode():
         assert int(torch.argmax(g)) == int(torch.argmax(w))
 
 
-def test_flights_per_step_are_12_per_layer_plus_3():
+def test_flights_per_step_are_12_per_layer_plus_3(seeds):
     weights = tiny_decoder(seed=2, layers=3)
-    _, run = _secure_logits(weights, [1, 2, 3], [4, 5])
+    _, run = _secure_logits(weights, [1, 2, 3], [4, 5], seeds)
     ends = [max(o, u) for o, u in zip(run.owner[1], run.user[1])]
     # each step starts one flight after the previous end (the test's reveal of the logits)
     prefill, *decode_steps = [ends[0]] + [b - (a + 1) for a, b in zip(ends, ends[1:])]
@@ -76,10 +74,10 @@ def test_flights_per_step_are_12_per_layer_plus_3():
     assert prefill == 1 + 12 * layers + 2
 
 
-def test_private_greedy_generation_equals_plaintext_greedy():
+def test_private_greedy_generation_equals_plaintext_greedy(seeds):
     weights = tiny_decoder(seed=3)
     prompt = [7, 3, 19, 33]
-    result = private_generate_inprocess(weights, prompt, 6, seeds=SEEDS)
+    result = private_generate_inprocess(weights, prompt, 6, seeds=seeds)
     want = DecoderReference(weights).generate_greedy(prompt, 6, stop_at_eos=True)
     assert result.tokens == want
     # per generated token: 3 + 12 L flights in the forward pass and 3 in the selection (its first

@@ -520,6 +520,7 @@ def test_owner_receives_only_the_public_plan_and_masked_values(roles_session):
 
 # ------------------------------------------------------------------------------------------ SmolLM2
 @pytest.mark.slow
+@pytest.mark.model
 def test_smollm2_transcript_for_two_tokens():
     """The real model, 31 prompt tokens and 2 generated: the owner's words are uniform and hold no token,
     the user's hold no gain and nothing correlated with the weights, permutations are fresh.
