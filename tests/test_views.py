@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, deal, private_generate_inprocess, run_pair
+from parties.inprocess import Seeds, deal, run_pair
+from parties.session import private_generate_inprocess
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.sharing import Shared
 from protocols.basic import share_input
