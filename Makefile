@@ -11,7 +11,7 @@ endif
 PIP = $(PYTHON) -m pip
 PIP_INSTALL = $(PIP) install -q -c constraints.txt
 
-.PHONY: install demo test test-all lint format bench bench-tokens
+.PHONY: install demo test test-all mutations lint format bench bench-tokens
 
 $(VENV)/bin/python:
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -32,6 +32,10 @@ test: install
 test-all: install
 	$(PYTHON) -m pytest -q
 
+# the mask mutation check on its own (also part of `make test`): one line per mutation and the test that caught it
+mutations: install
+	$(PYTHON) -m tests.mutations
+
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
@@ -46,4 +50,4 @@ bench: install
 
 # the token-latency scenarios behind bench/RESULTS.md (about 30 minutes on 2 cores)
 bench-tokens: install
-	$(PYTHON) -m parties.cli bench --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png --markdown bench/RESULTS.md
+	$(PYTHON) -m permllm_bench.cli --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png --markdown bench/RESULTS.md

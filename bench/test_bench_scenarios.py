@@ -3,7 +3,7 @@
 Run:  pytest bench/test_bench_scenarios.py --benchmark-only -s
       (add --benchmark-json=out.json to keep the `extra_info` figures of each case)
 
-Scenario: SmolLM2-135M-Instruct, the fixed ~48-token chat prompt of parties.bench, greedy decoding.
+Scenario: SmolLM2-135M-Instruct, the fixed ~48-token chat prompt of permllm_bench.config, greedy decoding.
   test_session_under_profile   owner, user and helper as three processes over ZeroMQ under netsim
                                (one session per profile; the timed value is the whole session, the
                                per-token figures and the floor are in extra_info)
@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from parties import bench
+from permllm_bench import analysis, config, cost_model, inprocess_runs, plaintext, sessions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,14 +37,14 @@ def _once(benchmark, fn, *args, **kwargs):
 def tokenizer():
     from parties.models import load_tokenizer
 
-    return load_tokenizer(bench.MODEL)
+    return load_tokenizer(config.MODEL)
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
     from permllm.model.prompts import chat_token_ids
 
-    return chat_token_ids(tokenizer, bench.SCENARIO_PROMPT)
+    return chat_token_ids(tokenizer, config.SCENARIO_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,11 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def inprocess(hf_model):
+def prepared(hf_model):
+    from parties.session import prepare_model
     from permllm.model.loading import decoder_weights_from_hf
 
-    return bench.InProcessBench(decoder_weights_from_hf(hf_model))
+    return prepare_model(decoder_weights_from_hf(hf_model))
 
 
 def _record(benchmark, figures: dict, keys) -> None:
@@ -72,18 +73,18 @@ def _record(benchmark, figures: dict, keys) -> None:
             benchmark.extra_info[key] = value
 
 
-@pytest.mark.parametrize("profile", bench.PROFILE_NAMES)
+@pytest.mark.parametrize("profile", config.PROFILE_NAMES)
 def test_session_under_profile(benchmark, profile):
     benchmark.group = "three-process session"
-    s = _once(benchmark, bench.run_session, profile, bench.SCENARIO_PROMPT, TOKENS)
+    s = _once(benchmark, sessions.run_session, profile, config.SCENARIO_PROMPT, TOKENS)
     s["name"] = profile
     if profile == "none":
         _no_delay["s"] = s["decode_s_per_token"]
     if "s" in _no_delay:
-        s["floor_s_per_token"] = bench.floor_seconds(
+        s["floor_s_per_token"] = cost_model.floor_seconds(
             _no_delay["s"], s["flights_per_token"], s["rtt_ms"], s["online_bytes_per_token"], s["mbit_s"]
         )
-        s["ratio"] = bench.ratio(s["decode_s_per_token"], s["floor_s_per_token"])
+        s["ratio"] = cost_model.ratio(s["decode_s_per_token"], s["floor_s_per_token"])
     _record(
         benchmark,
         s,
@@ -114,15 +115,17 @@ def test_session_under_profile(benchmark, profile):
 
 def test_plaintext_transformers(benchmark, hf_model, prompt_ids, tokenizer):
     benchmark.group = "plaintext"
-    plain = _once(benchmark, bench.plaintext_seconds_per_token, hf_model, prompt_ids, TOKENS, tokenizer.eos_token_id)
+    plain = _once(
+        benchmark, plaintext.plaintext_seconds_per_token, hf_model, prompt_ids, TOKENS, tokenizer.eos_token_id
+    )
     _record(benchmark, plain, ("s_per_token", "s_per_token_p90", "ttft_s", "tokens", "threads"))
     assert plain["tokens"] == TOKENS
 
 
-def test_decode_step_breakdown(benchmark, inprocess, prompt_ids):
+def test_decode_step_breakdown(benchmark, prepared, prompt_ids):
     benchmark.group = "in-process"
-    run = _once(benchmark, inprocess.run, prompt_ids, 4, parts=True, desc="breakdown")
-    bd = bench.breakdown_from_run(run, inprocess.arch.layers, len(prompt_ids))
+    run = _once(benchmark, inprocess_runs.run_generation, prepared, prompt_ids, 4, parts=True, desc="breakdown")
+    bd = analysis.breakdown_from_run(run, prepared.arch.layers, len(prompt_ids))
     for part in bd["parts"]:
         benchmark.extra_info[f"{part['part']}_s"] = part["seconds"]
         benchmark.extra_info[f"{part['part']}_flights"] = part["flights"]
@@ -131,17 +134,23 @@ def test_decode_step_breakdown(benchmark, inprocess, prompt_ids):
     assert bd["flights"] == 304 and bd["flights_per_layer"] == 10
 
 
-def test_decode_scaling(benchmark, inprocess, tokenizer):
+def test_decode_scaling(benchmark, prepared, tokenizer):
     benchmark.group = "in-process"
 
     def scaling():
-        rows = bench.scaling_rows(
-            inprocess.run(bench.prompt_of_length(tokenizer, 16), 32 + bench.SCALING_WINDOW, desc="scaling 16"),
+        rows = analysis.scaling_rows(
+            inprocess_runs.run_generation(
+                prepared, inprocess_runs.prompt_of_length(tokenizer, 16), 32 + config.SCALING_WINDOW, desc="scaling 16"
+            ),
             16,
             [1, 32],
         )
-        rows += bench.scaling_rows(
-            inprocess.run(bench.prompt_of_length(tokenizer, 64), 1 + bench.SCALING_WINDOW, desc="scaling 64"), 64, [1]
+        rows += analysis.scaling_rows(
+            inprocess_runs.run_generation(
+                prepared, inprocess_runs.prompt_of_length(tokenizer, 64), 1 + config.SCALING_WINDOW, desc="scaling 64"
+            ),
+            64,
+            [1],
         )
         return rows
 
@@ -155,18 +164,18 @@ def test_decode_scaling(benchmark, inprocess, tokenizer):
     assert by_cache[-1]["bytes"] > by_cache[0]["bytes"]
 
 
-def test_rtt_sweep(benchmark, inprocess, tokenizer):
+def test_rtt_sweep(benchmark, prepared, tokenizer):
     benchmark.group = "in-process"
     sweep = _once(
         benchmark,
-        bench.run_sweep,
-        inprocess,
-        bench.prompt_of_length(tokenizer, 16),
+        inprocess_runs.run_sweep,
+        prepared,
+        inprocess_runs.prompt_of_length(tokenizer, 16),
         [0.2, 1.0, 5.0, 10.0, 20.0, 50.0],
         1000.0,
         2,
     )
-    summary = bench.complete_summary({"profiles": [], "sweep": sweep})
+    summary = cost_model.complete_summary({"profiles": [], "sweep": sweep})
     for q in summary["sweep"]["points"]:
         name = "none" if q["mbit_s"] is None else f"{q['rtt_ms']:g}ms"
         benchmark.extra_info[f"{name}_s"] = q["decode_s_per_token"]

@@ -19,8 +19,12 @@ import numpy as np
 
 from netsim.clock import Clock, RealClock
 from netsim.profiles import Profile, parse_profile
+from permllm.errors import ChannelTimeout, ProtocolError
 from permllm.transport.channel import Channel, Received, to_wire_array
 from permllm.transport.frames import check_tag, header_length
+
+MAX_SIMULATED_DELAY_S = 86400.0
+"""Longest simulated delay a receiver accepts from a frame's stamp (one day)."""
 
 
 class Link:
@@ -48,8 +52,8 @@ class NetSim(Channel):
         must use NetSim with clocks showing the same time.
 
     peer, stats, flight clock, timeout and size limit are the inner channel's: traffic is counted
-    once. The receive timeout covers the wait for the frame to arrive on the inner channel, not the
-    simulated delay that follows.
+    once. The receive timeout covers the wait for the frame to arrive on the inner channel and, on
+    its own, the simulated delay that follows (see `_receive`).
     """
 
     def __init__(self, inner: Channel, profile: Profile | str, clock: Clock | None = None) -> None:
@@ -103,10 +107,27 @@ class NetSim(Channel):
         return self._inner._send(tag, array, deliver_at_ns=deliver_ns)
 
     def _receive(self, tag: str, timeout: float | None) -> Received:
-        """Receive through the inner channel, then wait until the frame's deliver_at time."""
+        """Receive through the inner channel, then wait until the frame's deliver_at time.
+
+        The stamp comes from the peer, so the wait is bounded: a frame due more than
+        MAX_SIMULATED_DELAY_S from now raises ProtocolError, one due after the receive's timeout
+        (None = the channel's) raises ChannelTimeout at once; neither sleeps."""
         message = self._inner._receive(tag, timeout)
-        if message.header.deliver_at_ns:
-            self._time.sleep_until(message.header.deliver_at_ns)
+        deliver_at_ns = message.header.deliver_at_ns
+        if deliver_at_ns:
+            wait_s = (deliver_at_ns - self._time.now_ns()) / 1e9
+            if wait_s > MAX_SIMULATED_DELAY_S:
+                raise ProtocolError(
+                    f"peer {self.peer!r}, tag {tag!r}: frame stamped for delivery {wait_s:.3g} s from now, "
+                    f"over the simulator's maximum of {MAX_SIMULATED_DELAY_S:g} s (clocks out of step?)"
+                )
+            limit_s = self.timeout if timeout is None else timeout
+            if wait_s > limit_s:
+                raise ChannelTimeout(
+                    f"peer {self.peer!r}, tag {tag!r}: the simulated link delivers this frame in {wait_s:.3g} s, "
+                    f"after the receive timeout of {limit_s:g} s"
+                )
+            self._time.sleep_until(deliver_at_ns)
         return message
 
     def _send_frame(self, header: bytes, payload: memoryview) -> None:

@@ -3,16 +3,18 @@
 Why: every session shows the user fresh permutations of the activations of every layer for every
 position it runs, plus the permuted logits of every generated token. Li et al. (ACL 2026) align such
 differently shuffled activations across many queries and solve for the weights; the exposure grows
-with the number of queries, so the owner bounds it per authenticated user (the CURVE public key the
-user's channel was accepted with; `--insecure` sessions all count under one name).
+with the number of queries, so the owner bounds it per authenticated user: `ChargedToPeer` charges the
+CURVE public key the ZAP handler accepted on the user's channel (the hello's User-Id), not a key
+taken from the configuration; `--insecure` sessions all count under one name.
 
 The ledger is a JSON file the owner keeps across sessions and restarts:
     {"version": 1, "keys": {KEY: {"sessions": int, "positions": int}}}
 A session reserves its whole plan (prompt tokens plus the token budget) when the owner accepts the
 hello, before any weight is sent; when the session ends normally the unused part is given back, so
 a session that fails or is killed keeps its full charge. Reads and writes hold an exclusive lock
-on PATH.lock, and a write replaces the file atomically, so concurrent owner processes sharing one
-ledger neither lose nor double-count a session.
+on PATH.lock, and a write goes to a fresh 0600 file that is fsynced and renamed over PATH (then the
+folder is fsynced), so concurrent owner processes sharing one ledger neither lose nor double-count a
+session, and a crash leaves the old ledger or the new one, never a torn or world-readable file.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from parties.security import fsync_dir
 from permllm.errors import ConfigError, ProtocolError
 
 LEDGER_VERSION = 1
@@ -92,7 +96,8 @@ class QueryBudget:
     @contextlib.contextmanager
     def _locked(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -118,8 +123,39 @@ class QueryBudget:
         return keys
 
     def _store(self, keys: dict) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(
-            json.dumps({"version": LEDGER_VERSION, "keys": keys}, indent=1, sort_keys=True), encoding="utf-8"
-        )
-        os.replace(tmp, self.path)
+        data = json.dumps({"version": LEDGER_VERSION, "keys": keys}, indent=1, sort_keys=True).encode("utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.path.parent)
+
+
+class ChargedToPeer:
+    """A QueryBudget charged to the key the user's channel authenticated with, whatever key the caller
+    names: `channel` is the owner's CURVE-server ZmqChannel towards the user, and reserve() runs after
+    the hello came in on it, so `channel.peer_user_id` is the accepted client key (z85)."""
+
+    def __init__(self, budget: QueryBudget, channel):
+        self.budget = budget
+        self.channel = channel
+
+    def reserve(self, _configured_key: str, positions: int) -> Reservation:
+        key = self.channel.peer_user_id
+        if not key:
+            raise ProtocolError("the user's channel carries no authenticated CURVE key: refusing to run unbudgeted")
+        return self.budget.reserve(key, positions)
+
+    def settle(self, reservation: Reservation, used_positions: int) -> None:
+        self.budget.settle(reservation, used_positions)
+
+    def usage(self, key: str) -> dict:
+        return self.budget.usage(key)

@@ -60,7 +60,7 @@ class Family:
         """Whether a plan may ask for this many new tokens."""
         raise NotImplementedError
 
-    def owner_lookup(self, user, timeout: float):
+    def owner_lookup(self, user, timeout: float, vocab: int):
         """The owner's side of token selection, set up from the user's HE context (None if unused)."""
         raise NotImplementedError
 
@@ -88,15 +88,16 @@ class Family:
 
 
 class DecoderFamily(Family):
-    """A Llama-style decoder: generates up to the token budget, choosing tokens with the HE index lookup."""
+    """A Llama-style decoder: generates up to the token budget, choosing tokens by the plan's selection."""
 
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens >= 1
 
-    def owner_lookup(self, user, timeout: float):
+    def owner_lookup(self, user, timeout: float, vocab: int):
         from permllm.he import DEFAULT_MAX_CONTEXT_BYTES, IndexLookupServer
 
-        return IndexLookupServer(user.recv_bytes("he.context", max_len=DEFAULT_MAX_CONTEXT_BYTES, timeout=timeout))
+        context = user.recv_bytes("he.context", max_len=DEFAULT_MAX_CONTEXT_BYTES, timeout=timeout)
+        return IndexLookupServer(context, vocab_size=vocab)
 
     def user_lookup(self, owner, arch):
         from permllm.he import IndexLookupClient
@@ -108,9 +109,8 @@ class DecoderFamily(Family):
     def run_session(self, ctx, driver, plan, lookup=None, **user_side) -> Any:
         from protocols.model.generation import generate
 
-        return generate(
-            ctx, driver, prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens, lookup=lookup, **user_side
-        )
+        budget = dict(prompt_len=plan.prompt_tokens, max_new_tokens=plan.max_new_tokens)
+        return generate(ctx, driver, **budget, lookup=lookup, selection=plan.selection, **user_side)
 
     def positions_run(self, driver, plan) -> int:
         return driver.position + 1  # the last chosen token is never fed back
@@ -132,7 +132,7 @@ class EncoderFamily(Family):
     def accepts_budget(self, max_new_tokens: int) -> bool:
         return max_new_tokens == 0
 
-    def owner_lookup(self, user, timeout: float):
+    def owner_lookup(self, user, timeout: float, vocab: int):
         return None
 
     def user_lookup(self, owner, arch):

@@ -15,6 +15,7 @@ from parties.models import PROTOCOL_VERSION, fingerprint
 from parties.wire import require
 from permllm.errors import ChannelTimeout, ConfigError, ProtocolError
 from permllm.fixed import ACT_BITS, WEIGHT_BITS
+from protocols.selection import SELECTION_MODES, TABLE
 
 SEED_TAG = "seed"
 """The tag of the 16-byte PRG seed the owner and the user each send the helper."""
@@ -31,6 +32,7 @@ class Plan:
     prompt_tokens: int
     max_new_tokens: int
     session: str = field(default_factory=lambda: secrets.token_hex(8))
+    selection: str = TABLE  # the token selection mode (protocols.selection)
 
     def hello(self) -> dict:
         """user -> owner: the user's opening message."""
@@ -42,6 +44,7 @@ class Plan:
             "act_bits": ACT_BITS,
             "weight_bits": WEIGHT_BITS,
             "session": self.session,
+            "selection": self.selection,
         }
 
     def for_helper(self, card: str) -> dict:
@@ -52,6 +55,7 @@ class Plan:
             "fingerprint": card,
             "prompt_tokens": self.prompt_tokens,
             "max_new_tokens": self.max_new_tokens,
+            "selection": self.selection,
         }
 
 
@@ -63,6 +67,7 @@ class Offer:
     arch: Any
     max_positions: int
     eos_token_id: int | None
+    weights_digest: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -75,6 +80,7 @@ class Offer:
             "model": self.model,
             "arch": self.arch.to_dict(),
             "fingerprint": self.fingerprint,
+            "weights_digest": self.weights_digest,
             "session": plan.session,
             "max_positions": self.max_positions,
             "eos_token_id": self.eos_token_id,
@@ -90,12 +96,19 @@ class Offer:
             "model": self.model,
             "prompt_tokens": plan.prompt_tokens,
             "max_new_tokens": plan.max_new_tokens,
+            "selection": plan.selection,
         }
 
 
-def check_hello(hello: dict, model: str, max_positions: int) -> Plan:
+OFFERED_SELECTIONS = (TABLE,)
+"""The token selections an owner accepts: "bfv" is kept for a helper-free mode, but its reply flood does
+not hide the permutation from the user yet (SECURITY.md), so no owner offers it."""
+
+
+def check_hello(hello: dict, model: str, max_positions: int, offered=OFFERED_SELECTIONS) -> Plan:
     """The owner's check of the user's hello; raises ProtocolError naming the first mismatch.
-    The token budget is the model family's: at least 1 for a decoder, 0 for an encoder (one embedding)."""
+    The token budget is the model family's: at least 1 for a decoder, 0 for an encoder (one embedding).
+    A hello without a selection asks for "table"; one the owner does not offer is refused."""
     expected = {"protocol": PROTOCOL_VERSION, "model": model, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS}
     for key, want in expected.items():
         if hello.get(key) != want:
@@ -110,7 +123,10 @@ def check_hello(hello: dict, model: str, max_positions: int) -> Plan:
         raise ProtocolError(f"bad plan: prompt_tokens={prompt!r}, max_new_tokens={budget!r}")
     if prompt + budget > max_positions:
         raise ProtocolError(f"prompt ({prompt}) plus budget ({budget}) exceeds the model's {max_positions} positions")
-    return Plan(model, prompt, budget, str(hello.get("session")))
+    selection = hello.get("selection", TABLE)
+    if selection not in offered:
+        raise ProtocolError(f"token selection {selection!r:.40} is not offered (the owner offers {', '.join(offered)})")
+    return Plan(model, prompt, budget, str(hello.get("session")), selection)
 
 
 def check_welcome(welcome: dict, plan: Plan, fam):
@@ -151,7 +167,12 @@ def check_plans(owner_plan: dict, user_plan: dict):
     prompt, budget = owner_plan["prompt_tokens"], owner_plan["max_new_tokens"]
     if prompt < 1 or not fam.accepts_budget(budget) or prompt + budget > MAX_ARCH_DIMENSION:
         raise ProtocolError(f"bad plan: prompt_tokens={prompt}, max_new_tokens={budget}")
-    return fam, arch, Plan(fam.name, prompt, budget, owner_plan["session"])
+    selection, theirs = owner_plan.get("selection", TABLE), user_plan.get("selection", TABLE)
+    if theirs != selection:
+        raise ProtocolError(f"selection mismatch between the owner ({selection!r:.40}) and the user ({theirs!r:.40})")
+    if selection not in SELECTION_MODES:
+        raise ProtocolError(f"unknown token selection {selection!r:.40}")
+    return fam, arch, Plan(fam.name, prompt, budget, owner_plan["session"], selection)
 
 
 def first_answer(receive, peer: str):

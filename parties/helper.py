@@ -82,7 +82,7 @@ def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, prog
             masks[name] = weight_mask(owner_seed, name, d_in, d_out)
         return masks[name]
 
-    bar = progress_bar(None, "helper: dealing", progress, unit="call")
+    bar = progress_bar(None, "helper: dealing", unit="call", enabled=progress)
 
     def sink(owner_record, user_record):
         send_record(owner, owner_record)

@@ -1,7 +1,15 @@
 """`permllm demo`: owner, user and helper as three OS processes talking ZeroMQ over loopback.
 
 The launcher only starts the roles, waits, and merges their reports into one summary; it never
-sees a share. Every child is stopped when the demo ends, fails or is interrupted.
+sees a share. Every child is stopped when the demo ends, fails or is interrupted. Each role gets
+its own keys folder (its secret key and the peers' public keys), and the prompt reaches the user
+through a 0600 file in the launcher's private folder, never through a command line (which any
+local user can read in `ps`).
+
+Interrupts: while the roles run, SIGINT and SIGTERM only set a flag; the launcher waits by polling
+(never a blocking Popen.wait, whose internal lock an exception raised inside it can leave held), so
+a Ctrl-C at any moment ends the demo with status 130 and every role stopped; a second Ctrl-C cuts
+the roles' grace period short.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from permllm.errors import ConfigError
@@ -76,15 +86,9 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         "--threads",
         str(threads),
     ]
-    if getattr(args, "insecure", False):
-        common.append("--insecure")
-    else:
-        from parties.security import generate_keypair
-
-        keys = reports / "keys"
-        for role in ROLES:
-            generate_keypair(keys, role)
-        common += ["--keys", str(keys)]
+    security = {role: ["--insecure"] for role in ROLES}
+    if not getattr(args, "insecure", False):
+        security = {role: ["--keys", str(folder)] for role, folder in role_key_folders(reports / "keys").items()}
     if args.model == "minilm" and args.prompt is None:
         from permllm.model.prompts import MINILM_SENTENCES
 
@@ -105,9 +109,14 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
             str(reports / "user.json"),
         ]
         + common
+        + security["user"]
     )
     if args.prompt is not None:
-        user += ["--prompt", args.prompt]
+        user += ["--prompt-file", str(_private_file(reports / "prompt.txt", args.prompt.encode("utf-8")))]
+    elif getattr(args, "prompt_file", None) is not None:
+        user += ["--prompt-file", str(args.prompt_file)]
+    if getattr(args, "expect_fingerprint", None) is not None:
+        user += ["--expect-fingerprint", args.expect_fingerprint]
     for flag in ("temperature", "top_k", "top_p", "seed"):
         value = getattr(args, flag)
         if value is not None:
@@ -127,7 +136,8 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
             "--report",
             str(reports / "owner.json"),
         ]
-        + common,
+        + common
+        + security["owner"],
         "helper": base
         + [
             "helper",
@@ -139,28 +149,99 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
             "--report",
             str(reports / "helper.json"),
         ]
-        + common,
+        + common
+        + security["helper"],
         "user": user,
     }
 
 
-def stop_roles(processes: dict[str, subprocess.Popen]) -> None:
-    """SIGTERM every role still running, then kill whatever has not exited 5 s later."""
+def role_key_folders(keys: Path) -> dict[str, Path]:
+    """keys/ROLE for each role: ROLE.key (one `permllm keygen` per role) and the peers' .pub files."""
+    from parties.security import generate_keypair
+
+    folders = {role: keys / role for role in ROLES}
+    publics = {role: generate_keypair(folder, role)[1] for role, folder in folders.items()}
+    for role, folder in folders.items():
+        for peer, public in publics.items():
+            if peer != role:
+                (folder / public.name).write_bytes(public.read_bytes())
+    return folders
+
+
+def _private_file(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _reap(processes: dict[str, subprocess.Popen], seconds: float, hurry: Callable[[], bool]) -> bool:
+    """Poll until every role has exited (True) or `seconds` pass or `hurry()` says so (False)."""
+    deadline = time.monotonic() + seconds
+    while any(proc.poll() is None for proc in processes.values()):
+        if time.monotonic() >= deadline or hurry():
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop_roles(
+    processes: dict[str, subprocess.Popen], *, grace_s: float = 5.0, hurry: Callable[[], bool] = lambda: False
+) -> None:
+    """SIGTERM every role still running, then kill whatever has not exited `grace_s` later (or as soon
+    as `hurry()` is true). Only polls, so no signal can wedge it; returns within grace_s + 5 s."""
     for proc in processes.values():
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    if _reap(processes, grace_s, hurry):
+        return
     for proc in processes.values():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+    _reap(processes, 5.0, lambda: False)
+
+
+class _Interrupts:
+    """While active (in the main thread), SIGINT and SIGTERM only count; a signal the process already
+    ignored stays ignored (a demo started in the background)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signals: list[int] = []
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signals.append(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signals[0]
 
 
 def run_demo(args) -> int:
+    from parties.cli_options import read_prompt
+
+    args.prompt, args.prompt_file = read_prompt(args), None
     _validate(args)
-    with tempfile.TemporaryDirectory(prefix="permllm-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="permllm-demo-") as tmp, _Interrupts() as interrupts:
         reports = Path(tmp)
         commands = role_commands(args, free_ports(3), reports)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -174,14 +255,16 @@ def run_demo(args) -> int:
         processes: dict[str, subprocess.Popen] = {}
         try:
             for role in ROLES:
+                if interrupts.signals:
+                    break
                 processes[role] = subprocess.Popen(commands[role], env=env)
-            failed = _wait(processes)
-        except KeyboardInterrupt:
-            print("\npermllm demo: interrupted; stopping the parties", file=sys.stderr)
-            stop_roles(processes)
-            return 130
+            failed = None if interrupts.signals else _wait(processes, interrupts)
         finally:
-            stop_roles(processes)
+            if interrupts.signals:
+                print("\npermllm demo: interrupted; stopping the parties", file=sys.stderr, flush=True)
+            stop_roles(processes, hurry=lambda: len(interrupts.signals) > 1)
+        if interrupts.signals:
+            return interrupts.exit_status
         if failed:
             role, code = failed
             print(
@@ -197,19 +280,21 @@ def run_demo(args) -> int:
     return 0
 
 
-def _wait(processes):
-    """Wait for all roles; on the first failure return (role, status) at once."""
-    while True:
+def _wait(processes, interrupts):
+    """Poll the roles until all have exited (None), one failed ((role, status), at once) or a signal came
+    (None; the caller reads `interrupts`)."""
+    while not interrupts.signals:
         running = False
         for role, proc in processes.items():
             code = proc.poll()
             if code is None:
                 running = True
             elif code != 0:
-                return role, code
+                return None if interrupts.signals else (role, code)
         if not running:
             return None
         time.sleep(0.05)
+    return None
 
 
 def merge_reports(reports: dict, network: str) -> dict:
@@ -238,21 +323,9 @@ def merge_reports(reports: dict, network: str) -> dict:
             "online_bytes": user["online_bytes"],
             "online_flights": user["online_flights"],
         }
-    return {
-        **common,
-        "text": user["text"],
-        "token_ids": user["token_ids"],
-        "generated_tokens": user["generated_tokens"],
-        "ttft_s": user["ttft_s"],
-        "decode_s_per_token": user["decode_s_per_token"],
-        "decode_s_per_token_p90": user["decode_s_per_token_p90"],
-        "online_bytes_per_token": user["online_bytes_per_token"],
-        "online_bytes_per_token_up": user["online_bytes_per_token_up"],
-        "online_bytes_per_token_down": user["online_bytes_per_token_down"],
-        "flights_per_token": user["flights_per_token"],
-        "prefill_flights": user["prefill_flights"],
-        "prefill_bytes": user["prefill_bytes"],
-    }
+    keys = ("text", "token_ids", "generated_tokens", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90")
+    keys += ("online_bytes_per_token", "online_bytes_per_token_up", "online_bytes_per_token_down")
+    return {**common, **{k: user[k] for k in keys + ("flights_per_token", "prefill_flights", "prefill_bytes")}}
 
 
 def _fmt_bytes(n) -> str:

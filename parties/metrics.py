@@ -30,15 +30,30 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def steps(values: list[float]) -> list[float]:
+    """Differences between consecutive values (per-token figures from cumulative marks)."""
+    return [b - a for a, b in zip(values, values[1:])]
+
+
+def median(values) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def percentile(values, q: float) -> float | None:
+    """The nearest-rank q-quantile (0 <= q <= 1) of the values that are not None (None when there are none)."""
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    return present[min(len(present) - 1, max(0, round(q * (len(present) - 1))))]
+
+
 def median_step(values: list[float]) -> float | None:
     """Median of the differences between consecutive values (None with fewer than two)."""
-    steps = [b - a for a, b in zip(values, values[1:])]
-    return statistics.median(steps) if steps else None
+    return median(steps(values))
 
 
 def percentile_step(values: list[float], q: float) -> float | None:
-    steps = sorted(b - a for a, b in zip(values, values[1:]))
-    if not steps:
-        return None
-    index = min(len(steps) - 1, max(0, round(q * (len(steps) - 1))))
-    return steps[index]
+    """q-quantile of the differences between consecutive values (None with fewer than two)."""
+    return percentile(steps(values), q)

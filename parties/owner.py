@@ -9,12 +9,14 @@ from parties.families import family
 from parties.handshake import SEED_TAG, Offer, check_hello
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
+from parties.pinning import weights_digest
 from parties.progress import progress_bar
 from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
 from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.selection import BFV
 
 
 @dataclass
@@ -62,17 +64,19 @@ def run_owner(
             fam.arch_from_config(weights.config),
             fam.max_positions(weights.config),
             getattr(weights.config, "eos_token_id", None),
+            weights_digest(weights),
         )
 
     plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key)
-    lookup = fam.owner_lookup(user, setup_timeout)
+    lookup = fam.owner_lookup(user, setup_timeout, offer.arch.vocab) if plan.selection == BFV else None
     seed = fresh_seed()
     send_json(helper, "owner-plan", offer.for_helper(plan))
     helper.send(SEED_TAG, seed)
 
     with phases.timed("prepare"):
         log("owner: folding, encoding and masking the weights; sending W - U to the user")
-        bar = progress_bar(None, "owner: preparing weights", progress)
+        total = len(fam.linear_shapes(offer.arch))
+        bar = progress_bar(total, "owner: preparing weights", unit="weight", enabled=progress)
         prepared = fam.owner_weights(weights, seed, progress=bar.update)
         bar.close()
         del weights  # only the prepared weights stay in memory for the session

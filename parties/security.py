@@ -1,14 +1,19 @@
 """CURVE keys for the ZeroMQ channels: encryption and mutual authentication of every socket.
 
-`permllm keygen --out DIR --name ROLE` writes ROLE.key (secret, mode 0600) and ROLE.pub. Each role is
-given its own secret key and the public key of every peer it accepts. Binding sockets are CURVE
+`permllm keygen --role ROLE --out DIR` writes ROLE.key (secret, mode 0600) and ROLE.pub (mode 0644).
+Custody: each machine generates its own role's pair and only public keys are exchanged; a role refuses a
+keys folder holding another role's secret key (whoever holds two roles' secrets can break
+non-collusion) and a secret key that group or others may read. Binding sockets are CURVE
 servers and only accept the peer key configured for them (checked by a ZAP handler: an unknown key
 is refused and logged); connecting sockets are CURVE clients that know the server's public key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from permllm.errors import ConfigError
 
+ROLES = ("owner", "user", "helper")
 INSECURE_WARNING = (
     "WARNING: --insecure: the channels are NOT encrypted or authenticated. Anyone on the network path can "
     "read and alter every share. Use this only for local experiments."
@@ -24,18 +30,71 @@ INSECURE_WARNING = (
 
 
 def generate_keypair(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Write NAME.key (z85 secret key, mode 0600) and NAME.pub (z85 public key) into out_dir."""
+    """Write NAME.key (z85 secret key, mode 0600) and NAME.pub (z85 public key, mode 0644) into out_dir.
+    Each file is written to a fresh O_EXCL temporary file with its final mode, fsynced and renamed over
+    the old one, so a secret key is never readable by others, not even when it replaces an older file."""
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise ConfigError(f"key name must be letters, digits, '-' or '_', got {name!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.curve_keypair()
     secret_path, public_path = out / f"{name}.key", out / f"{name}.pub"
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret + b"\n")
-    public_path.write_bytes(public + b"\n")
+    _write_atomically(secret_path, secret + b"\n", 0o600)
+    _write_atomically(public_path, public + b"\n", 0o644)
     return secret_path, public_path
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may only have narrowed it; 0644 for a public key is deliberate
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_secret_key_custody(keys_dir: str | os.PathLike, role: str, roles=ROLES) -> Path:
+    """ROLE.key in keys_dir, after checking the custody rules: no other role's secret key in the folder
+    and no group or other access to this one. ConfigError naming the file and the fix otherwise."""
+    folder = Path(keys_dir)
+    for other in roles:
+        foreign = folder / f"{other}.key"
+        if other != role and foreign.exists():
+            raise ConfigError(
+                f"{foreign} is the {other}'s secret key, but this folder is the {role}'s: each role must hold "
+                f"only its own secret key (whoever holds two roles' secrets can break non-collusion). Move "
+                f"{foreign.name} to the {other}'s machine and keep only {role}.key and the peers' .pub files here"
+            )
+    secret = folder / f"{role}.key"
+    try:
+        mode = stat.S_IMODE(secret.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the secret key {secret}: {exc.strerror} (make it with `permllm keygen --role {role} "
+            f"--out {folder}`)"
+        ) from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"the secret key {secret} is readable by group or others (mode {mode:04o}); run `chmod 600 {secret}`"
+        )
+    return secret
 
 
 def _read_key(path: str | os.PathLike, what: str) -> bytes:

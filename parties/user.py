@@ -13,6 +13,7 @@ from parties.families import family
 from parties.handshake import SEED_TAG, Plan, check_welcome, first_answer
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
+from parties.pinning import check_model_fingerprint
 from parties.progress import progress_bar
 from parties.user_input import UserRequest
 from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
@@ -20,6 +21,7 @@ from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.selection import BFV
 
 
 @dataclass
@@ -65,10 +67,11 @@ def run_user(
     owner, helper = channels["owner"], channels["helper"]
     phases = Phases()
     prompt_ids, max_new_tokens = fam.user_input(tokenizer, request)
-    plan = Plan(fam.name, len(prompt_ids), max_new_tokens)
+    plan = Plan(fam.name, len(prompt_ids), max_new_tokens, selection=request.selection)
 
     arch, welcome = handshake(owner, fam, plan, setup_timeout)
-    lookup = fam.user_lookup(owner, arch)
+    check_model_fingerprint(welcome, request.expect_fingerprint, log)
+    lookup = fam.user_lookup(owner, arch) if plan.selection == BFV else None
     seed = fresh_seed()
     send_json(helper, "user-plan", plan.for_helper(welcome["fingerprint"]))
     helper.send(SEED_TAG, seed)
@@ -108,7 +111,7 @@ def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: boo
     """owner -> user: every masked weight W - U, as the user's `LinearWeight`s by name."""
     shapes = fam.linear_shapes(arch)
     weights = {}
-    bar = progress_bar(len(shapes), "user: receiving masked weights", progress, unit="weight")
+    bar = progress_bar(len(shapes), "user: receiving masked weights", unit="weight", enabled=progress)
     for name, (d_in, d_out, _) in shapes.items():
         array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
         weights[name] = fam.user_weight(name, arch, torch.from_numpy(array))
@@ -120,7 +123,7 @@ def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: boo
 def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool) -> QueuedMaterial:
     """helper -> user: the material stream for the whole session."""
     material = QueuedMaterial(seed)
-    bar = progress_bar(None, "user: receiving offline material", progress, unit="call")
+    bar = progress_bar(None, "user: receiving offline material", unit="call", enabled=progress)
 
     def keep(record):
         material.extend([record])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from permllm.errors import ConfigError
+from protocols.selection import TABLE
 
 
 @dataclass
@@ -16,6 +17,8 @@ class UserRequest:
     prompt: str
     max_new_tokens: int
     sampling: object = None
+    expect_fingerprint: str | None = None
+    selection: str = TABLE
 
 
 def check_text(text, what: str) -> None:

@@ -1,10 +1,15 @@
 """What the parties exchange outside the protocols: JSON control messages, masked weights and
 streamed offline material. Everything is a framed message (no pickle): JSON travels as UTF-8 bytes.
+
+What a peer sends here is bounded before it is used: control messages by size, nesting depth and
+integer length (`parse_json`), material streams by record count, tensors per record and header size
+(`recv_records`); every violation is a ProtocolError.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -13,26 +18,67 @@ import torch
 from permllm.errors import ProtocolError
 from protocols.material import MaterialRecord
 
-MAX_JSON_BYTES = 1 << 20
+MAX_JSON_BYTES = 64 << 10
+"""Largest control message accepted (hello, plans, welcome: a few hundred bytes to a few KiB)."""
+MAX_JSON_DEPTH = 16
+MAX_JSON_INT_DIGITS = 40
 MAX_RECORD_HEADER = 4096
+MAX_RECORDS = 1 << 24
+"""Most material records one stream may carry unless the caller states a tighter bound."""
+MAX_RECORD_TENSORS = 64
 SETUP_TIMEOUT_S = 900.0
 """Receives during set-up wait this long: the other side may be loading a model or dealing."""
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 def send_json(channel, tag: str, message: dict) -> None:
     channel.send(tag, json.dumps(message, sort_keys=True).encode("utf-8"))
 
 
-def recv_json(channel, tag: str, *, timeout: float | None = SETUP_TIMEOUT_S) -> dict:
-    raw = channel.recv_bytes(tag, max_len=MAX_JSON_BYTES, timeout=timeout)
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of arrays and objects in JSON text, strings skipped (no recursion, about
+    eight bytes of scratch memory per byte of text)."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    steps = (skeleton == ord("[")).view(np.int8) + (skeleton == ord("{")).view(np.int8)
+    steps -= (skeleton == ord("]")).view(np.int8) + (skeleton == ord("}")).view(np.int8)
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits, at most {MAX_JSON_INT_DIGITS}")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes, sender: str, tag: str) -> dict:
+    """Parse a control message: a JSON object of at most MAX_JSON_BYTES bytes, MAX_JSON_DEPTH levels
+    and MAX_JSON_INT_DIGITS-digit integers (no NaN/Infinity). Every failure is a ProtocolError."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{sender} sent a {tag!r} message of {len(raw)} bytes, at most {MAX_JSON_BYTES}")
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"{sender} sent a {tag!r} message nested {depth} deep, at most {MAX_JSON_DEPTH}")
     try:
-        message = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{channel.peer} sent a malformed {tag!r} message: {exc}") from None
+        message = json.loads(raw.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError, OverflowError) as exc:
+        raise ProtocolError(f"{sender} sent a malformed {tag!r} message: {str(exc)[:200]}") from None
     if not isinstance(message, dict):
-        raise ProtocolError(f"{channel.peer} sent a {tag!r} message that is not a JSON object")
+        raise ProtocolError(f"{sender} sent a {tag!r} message that is not a JSON object")
+    return message
+
+
+def recv_json(channel, tag: str, *, timeout: float | None = SETUP_TIMEOUT_S) -> dict:
+    """Receive a control message (see `parse_json`); a message carrying "error" raises ProtocolError."""
+    raw = channel.recv_bytes(tag, max_len=MAX_JSON_BYTES, timeout=timeout)
+    message = parse_json(raw, channel.peer, tag)
     if "error" in message:
-        raise ProtocolError(f"{channel.peer} ended the session: {message['error']}")
+        raise ProtocolError(f"{channel.peer} ended the session: {str(message['error'])[:1000]}")
     return message
 
 
@@ -71,8 +117,23 @@ def abort_records(channel, reason: str) -> None:
     channel.send("mat", ("error\t" + reason).encode("utf-8")[:MAX_RECORD_HEADER])
 
 
-def recv_records(channel, on_record: Callable[[MaterialRecord], None], *, timeout: float = SETUP_TIMEOUT_S) -> int:
-    """Receive streamed records until the end marker; returns the count. Checks call order."""
+def _count(text: str) -> int:
+    """A record index or count: 1..20 ASCII digits (no sign, space or underscore)."""
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"not a record count: {text[:40]!r}")
+    return int(text)
+
+
+def recv_records(
+    channel,
+    on_record: Callable[[MaterialRecord], None],
+    *,
+    timeout: float = SETUP_TIMEOUT_S,
+    max_records: int = MAX_RECORDS,
+) -> int:
+    """Receive streamed records until the end marker; returns the count. Checks call order, and that
+    the stream holds at most `max_records` records of at most MAX_RECORD_TENSORS tensors each
+    (ProtocolError as soon as a record header goes over)."""
     expected = 0
     while True:
         header = channel.recv_bytes("mat", max_len=MAX_RECORD_HEADER, timeout=timeout)
@@ -82,19 +143,26 @@ def recv_records(channel, on_record: Callable[[MaterialRecord], None], *, timeou
         try:
             fields = header.decode("ascii").split("\t")
             if fields[0] == "end" and len(fields) == 2:
-                announced = int(fields[1])
+                announced = _count(fields[1])
                 if announced != expected:
                     raise ProtocolError(f"the helper announced {announced} records but sent {expected}")
                 channel.send("mat.ok", str(expected).encode("ascii"))  # the receipt the sender waits for
                 return expected
             index_text, kind, key, names = fields
-            index = int(index_text)
+            index = _count(index_text)
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError("the helper sent a malformed material record header") from None
         if index != expected:
             raise ProtocolError(f"the helper sent material for call {index}, expected call {expected}")
+        if expected >= max_records:
+            raise ProtocolError(f"the helper sent more than the {max_records} material records this session allows")
+        names = [name for name in names.split(",") if name]
+        if len(names) > MAX_RECORD_TENSORS or len(set(names)) != len(names):
+            raise ProtocolError(
+                f"material record {index} names {len(names)} tensors (distinct, at most {MAX_RECORD_TENSORS})"
+            )
         tensors = {}
-        for name in filter(None, names.split(",")):
+        for name in names:
             array = channel.recv("mat.t", dtype=np.int64, timeout=timeout)
             tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
         on_record(MaterialRecord(index, kind, key, tensors))

@@ -66,6 +66,19 @@ import numpy as np
 import tenseal as ts
 
 from permllm.errors import ConfigError, ProtocolError
+from permllm.he_params import (
+    COEFF_MODULUS_CHAIN_BITS,
+    DEFAULT_MAX_CONTEXT_BYTES,
+    MAX_VOCAB_SIZE,
+    SUPPORTED_POLY_MODULUS_DEGREES,
+    batching_prime,
+    check_expectations,
+    check_int,
+    describe_error,
+    load_public_context,
+    max_ciphertext_bytes,
+)
+from permllm.he_params import is_prime as _is_prime  # noqa: F401  (importable from here as before)
 
 __all__ = [
     "IndexLookupClient",
@@ -73,71 +86,16 @@ __all__ = [
     "SUPPORTED_POLY_MODULUS_DEGREES",
     "MAX_VOCAB_SIZE",
     "DEFAULT_MAX_CONTEXT_BYTES",
+    "COEFF_MODULUS_CHAIN_BITS",
     "batching_prime",
     "max_ciphertext_bytes",
 ]
 
-SUPPORTED_POLY_MODULUS_DEGREES = (4096, 8192)
-#: Largest vocabulary whose plain modulus (<= ~2^18) still leaves a safe noise budget at N = 4096.
-MAX_VOCAB_SIZE = 1 << 18
-#: Cap on a public context accepted by the owner (room for an N=8192 context and its Galois keys).
-DEFAULT_MAX_CONTEXT_BYTES = 96 << 20
 #: Bits of decryption noise budget the flood must leave untouched (measured estimates are within a
 #: few bits; a negative budget would silently decrypt to a wrong token id).
 _FLOOD_MARGIN_BITS = 12
 #: Target gap between the flood and the table-dependent noise (statistical flooding needs ~40).
 _FLOOD_TARGET_BITS = 40
-_SERIALIZATION_SLACK = 16 << 10  # SEAL header + TenSEAL protobuf framing
-
-
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
-    for p in small:
-        if n % p == 0:
-            return n == p
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d //= 2
-        s += 1
-    for a in small:  # deterministic for n < 3.3e24
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def batching_prime(poly_modulus_degree: int, at_least: int) -> int:
-    """Smallest prime t with t = 1 (mod 2N) and t >= at_least (BFV batching plain modulus)."""
-    step = 2 * poly_modulus_degree
-    t = step * max(1, -(-(at_least - 1) // step)) + 1
-    while not _is_prime(t):
-        t += step
-    return t
-
-
-def max_ciphertext_bytes(poly_modulus_degree: int, n_data_primes: int) -> int:
-    """Upper bound on a serialized fresh 2-component ciphertext (uncompressed size + framing)."""
-    return 2 * poly_modulus_degree * n_data_primes * 8 + _SERIALIZATION_SLACK
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first[:200]}"
-
-
-def _check_int(name: str, value, error=ConfigError) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise error(f"{name} must be an integer, got {type(value).__name__}")
-    return int(value)
 
 
 class IndexLookupClient:
@@ -158,10 +116,10 @@ class IndexLookupClient:
     """
 
     def __init__(self, vocab_size: int, *, poly_modulus_degree: int = 4096, seed=None) -> None:
-        vocab_size = _check_int("vocab_size", vocab_size)
+        vocab_size = check_int("vocab_size", vocab_size)
         if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
             raise ConfigError(f"vocab_size must be in [1, {MAX_VOCAB_SIZE}], got {vocab_size}")
-        n = _check_int("poly_modulus_degree", poly_modulus_degree)
+        n = check_int("poly_modulus_degree", poly_modulus_degree)
         if n not in SUPPORTED_POLY_MODULUS_DEGREES:
             raise ConfigError(f"poly_modulus_degree must be one of {SUPPORTED_POLY_MODULUS_DEGREES}, got {n}")
         self.vocab_size = vocab_size
@@ -191,7 +149,7 @@ class IndexLookupClient:
 
     def query(self, j: int) -> list[bytes]:
         """Encrypt one-hot(j) as ``n_chunks`` ciphertexts of ``chunk_slots`` slots each."""
-        j = _check_int("j", j)
+        j = check_int("j", j)
         if not 0 <= j < self.vocab_size:
             raise ConfigError(f"j must be in [0, {self.vocab_size}), got {j}")
         s = self.chunk_slots
@@ -222,7 +180,7 @@ class IndexLookupClient:
         except ProtocolError:
             raise
         except Exception as exc:  # TenSEAL/SEAL raise ValueError/RuntimeError/TypeError
-            raise ProtocolError(f"malformed reply ciphertext ({_describe(exc)})") from None
+            raise ProtocolError(f"malformed reply ciphertext ({describe_error(exc)})") from None
         if value >= self.vocab_size:
             raise ProtocolError(
                 f"reply decodes to {value}, outside [0, {self.vocab_size}): wrong table or corrupted reply"
@@ -239,8 +197,18 @@ class IndexLookupServer:
         Bytes from :meth:`IndexLookupClient.public_context`. Must be a BFV batching context with
         public key and Galois keys and WITHOUT secret key (refused otherwise), N in
         SUPPORTED_POLY_MODULUS_DEGREES, at most ``max_context_bytes`` long.
+    vocab_size:
+        The table size the owner will answer for. When given, the plain modulus must be exactly
+        ``batching_prime(N, max(vocab_size, 2))`` (what IndexLookupClient picks) and queries must
+        have ``ceil(vocab_size / (N/2))`` chunks; otherwise any batching prime up to the one for
+        MAX_VOCAB_SIZE is accepted.
+    poly_modulus_degree:
+        When given, the only accepted N (else any of SUPPORTED_POLY_MODULUS_DEGREES).
     max_context_bytes:
         Size cap applied before parsing.
+
+    The coefficient modulus must be SEAL's default for N (COEFF_MODULUS_CHAIN_BITS), whatever the
+    arguments: a peer choosing its own modulus could weaken the keys or the noise flood.
 
     ``answer`` computes sum_c query_c * table_c, row-sums it (every slot of row 0 = table[j], row 1
     = 0), then adds ``Enc_pk(0) * R`` for a secret random R (see the module docstring: re-randomizes
@@ -248,43 +216,28 @@ class IndexLookupServer:
     key-holding user can still read table-dependent decryption noise, heavily at N=4096).
     """
 
-    def __init__(self, public_context: bytes, *, max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES) -> None:
-        if not isinstance(public_context, (bytes, bytearray, memoryview)):
-            raise ProtocolError(f"public context must be bytes, got {type(public_context).__name__}")
-        if not 0 < len(public_context) <= max_context_bytes:
-            raise ProtocolError(f"public context has {len(public_context)} bytes, accepted 1..{max_context_bytes}")
-        try:
-            ctx = ts.context_from(bytes(public_context))
-        except Exception as exc:
-            raise ProtocolError(f"public context is not a TenSEAL context ({_describe(exc)})") from None
-        if ctx.is_private() or ctx.has_secret_key():
-            raise ProtocolError("public context carries a secret key; the owner refuses to hold it")
-        try:
-            first = ctx.seal_context().data.first_context_data()
-            parms = first.parms()
-            scheme = parms.scheme()
-            n = int(parms.poly_modulus_degree())
-            batching = bool(first.qualifiers().using_batching)
-            t = 2 * int(first.plain_upper_half_threshold()) - 1
-            log_q = int(first.total_coeff_modulus_bit_count())
-            n_data_primes = int(first.chain_index()) + 1
-            first_parms_id = ctx.seal_context().data.first_parms_id()
-        except Exception as exc:
-            raise ProtocolError(f"public context has unreadable parameters ({_describe(exc)})") from None
-        if scheme != ts.SCHEME_TYPE.BFV.value:
-            raise ProtocolError(f"public context must use BFV, got {scheme}")
-        if n not in SUPPORTED_POLY_MODULUS_DEGREES:
-            raise ProtocolError(f"poly_modulus_degree {n} not in {SUPPORTED_POLY_MODULUS_DEGREES}")
-        if not batching or t % (2 * n) != 1:
-            raise ProtocolError(f"plain modulus {t} does not support batching for N={n}")
-        if not ctx.has_public_key():
-            raise ProtocolError("public context lacks the public key")
-        if not ctx.has_galois_keys():
-            raise ProtocolError("public context lacks Galois keys (needed for the slot sum)")
+    def __init__(
+        self,
+        public_context: bytes,
+        *,
+        vocab_size: int | None = None,
+        poly_modulus_degree: int | None = None,
+        max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+    ) -> None:
+        vocab_size = check_expectations(vocab_size, poly_modulus_degree)
+        params = load_public_context(
+            public_context,
+            vocab_size=vocab_size,
+            poly_modulus_degree=poly_modulus_degree,
+            max_context_bytes=max_context_bytes,
+        )
+        ctx, n, t = params.context, params.poly_modulus_degree, params.plain_modulus
+        log_q, n_data_primes, first_parms_id = params.log_q, params.n_data_primes, params.first_parms_id
         self._ctx = ctx
         self.poly_modulus_degree = n
         self.plain_modulus = t
         self.chunk_slots = n // 2
+        self.vocab_size = vocab_size
         self._log_q = log_q
         self._first_parms_id = first_parms_id
         self.max_chunk_bytes = max_ciphertext_bytes(n, n_data_primes)
@@ -296,6 +249,13 @@ class IndexLookupServer:
 
     def expected_chunks(self, table_size: int) -> int:
         return -(-int(table_size) // self.chunk_slots)
+
+    def check_query_count(self, count: int, table_size: int) -> None:
+        """Refuse (ProtocolError) a query announcing other than expected_chunks(table_size) ciphertexts,
+        before any of them is received."""
+        expected = self.expected_chunks(table_size)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count != expected:
+            raise ProtocolError(f"query has {count!r} chunks (ciphertexts), expected {expected}")
 
     def _flood_factors(self, n_chunks: int) -> list[int]:
         """Secret random factors whose product R scales a fresh Enc(0) into the noise flood.
@@ -319,8 +279,7 @@ class IndexLookupServer:
     def _load_chunks(self, query: Sequence[bytes], expected: int) -> list:
         if not isinstance(query, (list, tuple)):
             raise ProtocolError(f"query must be a list of bytes, got {type(query).__name__}")
-        if len(query) != expected:
-            raise ProtocolError(f"query has {len(query)} chunks, expected {expected}")
+        self.check_query_count(len(query), expected * self.chunk_slots)
         for i, chunk in enumerate(query):
             if not isinstance(chunk, (bytes, bytearray, memoryview)):
                 raise ProtocolError(f"query chunk {i} must be bytes, got {type(chunk).__name__}")
@@ -339,7 +298,7 @@ class IndexLookupServer:
                     and cts[0].parms_id() == self._first_parms_id
                 )
             except Exception as exc:
-                raise ProtocolError(f"query chunk {i} is not a BFV ciphertext ({_describe(exc)})") from None
+                raise ProtocolError(f"query chunk {i} is not a BFV ciphertext ({describe_error(exc)})") from None
             if not ok:
                 raise ProtocolError(
                     f"query chunk {i} must be one fresh 2-component ciphertext of {self.chunk_slots} slots"
@@ -350,6 +309,8 @@ class IndexLookupServer:
     def _check_table(self, table: np.ndarray) -> np.ndarray:
         if not isinstance(table, np.ndarray) or table.ndim != 1 or table.size == 0:
             raise ConfigError("table must be a non-empty 1-D numpy array")
+        if self.vocab_size is not None and table.size != self.vocab_size:
+            raise ConfigError(f"table has {table.size} entries, this server was pinned to vocab {self.vocab_size}")
         if not np.issubdtype(table.dtype, np.integer):
             raise ConfigError(f"table must have an integer dtype, got {table.dtype}")
         table = table.astype(np.int64, copy=False)
@@ -385,4 +346,4 @@ class IndexLookupServer:
             result.add_(flood)
             return result.serialize()
         except Exception as exc:
-            raise ProtocolError(f"homomorphic evaluation failed on this query ({_describe(exc)})") from None
+            raise ProtocolError(f"homomorphic evaluation failed on this query ({describe_error(exc)})") from None

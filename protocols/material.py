@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from permllm.errors import MaterialExhausted, MaterialMismatch
+from permllm.errors import MaterialExhausted, MaterialMismatch, ProtocolError
 from permllm.prg import Prg
 
 
@@ -92,15 +92,26 @@ class QueuedMaterial:
 
     seed: the 128-bit seed this party shares with the helper.
     records: the dealt records, in call order (more can be appended with `extend`).
+    max_records: most records this queue ever accepts (the session's bound on protocol calls;
+        None = no bound); `extend` past it raises ProtocolError and keeps none of the extra records.
     """
 
-    def __init__(self, seed: bytes, records=()):
+    def __init__(self, seed: bytes, records=(), *, max_records: int | None = None):
         self._seed = seed
-        self._queue: deque[MaterialRecord] = deque(records)
+        self._queue: deque[MaterialRecord] = deque()
         self.calls_taken = 0
+        self.max_records = max_records
+        self._accepted = 0
+        self.extend(records)
 
     def extend(self, records) -> None:
+        records = list(records)
+        if self.max_records is not None and self._accepted + len(records) > self.max_records:
+            raise ProtocolError(
+                f"the helper dealt more than the {self.max_records} material records this session allows"
+            )
         self._queue.extend(records)
+        self._accepted += len(records)
 
     @property
     def remaining(self) -> int:

@@ -3,8 +3,8 @@
 `Transcript.wrap(channel)` returns a `RecordingChannel`: a Channel that delegates to the wrapped one
 (like `netsim.NetSim`, through the `_send` / `_receive` hooks) and keeps a copy of every frame it
 receives, with the receiving party, the sender, the tag, the dtype, the shape and the payload bytes.
-It can be passed as `wrap_channel` to `parties.inprocess.run_pair` / `private_generate_inprocess`, or
-wrapped around the channels of the three roles of `parties.roles`.
+It can be passed as `wrap_channel` to `parties.inprocess.run_pair` /
+`parties.session.private_generate_inprocess`, or wrapped around the channels of the three roles of `parties.roles`.
 
 `record_permutations` and `record_dealt` patch (with pytest's monkeypatch) the places where the
 owner draws its permutations and where the in-process dealer hands out material, so tests can see

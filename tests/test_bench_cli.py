@@ -5,34 +5,38 @@ No model runs here: every summary is fabricated. The scenarios themselves are in
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
 
 import pytest
 
-from parties import bench
-from parties.cli import build_parser, main
+from parties import cli, cli_options
 from permllm.errors import ConfigError
+from permllm_bench import analysis, config, cost_model, inprocess_runs, plot, report, tables
+from permllm_bench.cli import COMMAND
 
 
 def _args(*argv):
-    return build_parser().parse_args(["bench", *argv])
+    parser = argparse.ArgumentParser(prog="permllm bench")
+    COMMAND.add_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 # ------------------------------------------------------------------------------ floor
 def test_floor_adds_compute_one_way_delays_and_transmission():
     # wan: 366 flights x 5 ms + 7.9 MB at 1 Gbit/s on top of 0.5 s of compute
-    floor = bench.floor_seconds(0.5, 366, 10.0, 7.9e6, 1000.0)
+    floor = cost_model.floor_seconds(0.5, 366, 10.0, 7.9e6, 1000.0)
     assert floor == pytest.approx(0.5 + 366 * 0.005 + 7.9e6 * 8 / 1e9)
     assert floor == pytest.approx(2.3932)
     # wan-slow
-    assert bench.floor_seconds(0.5, 366, 50.0, 7.9e6, 100.0) == pytest.approx(0.5 + 9.15 + 0.632)
+    assert cost_model.floor_seconds(0.5, 366, 50.0, 7.9e6, 100.0) == pytest.approx(0.5 + 9.15 + 0.632)
 
 
 def test_floor_without_delay_is_the_no_delay_latency():
-    assert bench.floor_seconds(0.7, 366, 0.0, 8e6, None) == 0.7
-    assert bench.floor_seconds(0.7, 366, 0.0, 8e6, math.inf) == 0.7
+    assert cost_model.floor_seconds(0.7, 366, 0.0, 8e6, None) == 0.7
+    assert cost_model.floor_seconds(0.7, 366, 0.0, 8e6, math.inf) == 0.7
 
 
 @pytest.mark.parametrize(
@@ -48,25 +52,27 @@ def test_floor_without_delay_is_the_no_delay_latency():
 )
 def test_floor_rejects_impossible_inputs(bad):
     with pytest.raises(ValueError):
-        bench.floor_seconds(*bad)
+        cost_model.floor_seconds(*bad)
 
 
 def test_ratio():
-    assert bench.ratio(3.0, 2.4) == pytest.approx(1.25)
-    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, None) is None and bench.ratio(1.0, 0) is None
+    assert cost_model.ratio(3.0, 2.4) == pytest.approx(1.25)
+    assert (
+        cost_model.ratio(None, 2.0) is None and cost_model.ratio(1.0, None) is None and cost_model.ratio(1.0, 0) is None
+    )
 
 
 def test_profile_figures():
-    assert bench.profile_figures("wan") == {"name": "wan", "rtt_ms": 10.0, "mbit_s": 1000.0}
-    assert bench.profile_figures("wan-slow") == {"name": "wan-slow", "rtt_ms": 50.0, "mbit_s": 100.0}
-    assert bench.profile_figures("none") == {"name": "none", "rtt_ms": 0.0, "mbit_s": None}
-    assert bench.profile_figures("lan")["rtt_ms"] == pytest.approx(0.2)
+    assert cost_model.profile_figures("wan") == {"name": "wan", "rtt_ms": 10.0, "mbit_s": 1000.0}
+    assert cost_model.profile_figures("wan-slow") == {"name": "wan-slow", "rtt_ms": 50.0, "mbit_s": 100.0}
+    assert cost_model.profile_figures("none") == {"name": "none", "rtt_ms": 0.0, "mbit_s": None}
+    assert cost_model.profile_figures("lan")["rtt_ms"] == pytest.approx(0.2)
 
 
 # ------------------------------------------------------------------------------ PermLLM's cost
 def test_permllm_cost_for_smollm2_shape():
     h, layers, heads, inter, vocab, cache = 576, 30, 9, 1536, 49152, 50
-    cost = bench.permllm_cost(h, layers, heads, inter, vocab, cache)
+    cost = cost_model.permllm_cost(h, layers, heads, inter, vocab, cache)
     per_layer = 15 * h + 4 * inter + 5 * heads * cache
     assert cost["elements_per_layer"] == per_layer == 8640 + 6144 + 2250
     assert cost["elements_outside_layers"] == 3 * vocab + 4 * h
@@ -77,16 +83,16 @@ def test_permllm_cost_for_smollm2_shape():
 
 
 def test_permllm_cost_grows_with_the_cache_and_adds_bfv():
-    a = bench.permllm_cost(576, 30, 9, 1536, 49152, 17)
-    b = bench.permllm_cost(576, 30, 9, 1536, 49152, 145)
+    a = cost_model.permllm_cost(576, 30, 9, 1536, 49152, 17)
+    b = cost_model.permllm_cost(576, 30, 9, 1536, 49152, 145)
     assert b["bytes_per_token"] - a["bytes_per_token"] == 4 * 30 * 5 * 9 * (145 - 17)
-    c = bench.permllm_cost(576, 30, 9, 1536, 49152, 17, he_bytes=1234)
+    c = cost_model.permllm_cost(576, 30, 9, 1536, 49152, 17, he_bytes=1234)
     assert c["bytes_per_token"] == a["bytes_per_token"] + 1234 and c["he_bytes"] == 1234
 
 
 def test_permllm_formula_matches_the_papers_chatglm_figure():
     # ChatGLM-6B (hidden 4096, 28 layers, 32 heads, MLP 16384, vocab 130528): the paper reports ~20 MB/token
-    cost = bench.permllm_cost(4096, 28, 32, 16384, 130528, 100)
+    cost = cost_model.permllm_cost(4096, 28, 32, 16384, 130528, 100)
     assert 15e6 < cost["bytes_per_token"] < 22e6
 
 
@@ -95,7 +101,7 @@ def test_permllm_cost_rejects_bad_shapes(kwargs):
     shape = dict(hidden=576, layers=30, heads=9, intermediate=1536, vocab=49152, cache_len=50)
     shape.update(kwargs)
     with pytest.raises(ValueError):
-        bench.permllm_cost(**shape)
+        cost_model.permllm_cost(**shape)
 
 
 # ------------------------------------------------------------------------------ fabricated summary
@@ -129,7 +135,7 @@ def _session(name, rtt_ms, mbit_s, decode):
 
 def fabricated_summary():
     return {
-        "schema": bench.SCHEMA,
+        "schema": config.SCHEMA,
         "date": "2025-01-01T00:00:00+00:00",
         "command": "permllm bench --quick",
         "quick": True,
@@ -163,12 +169,12 @@ def fabricated_summary():
             "parts": [
                 {
                     "part": p,
-                    "seconds": 0.9 / len(bench.BREAKDOWN_ORDER),
+                    "seconds": 0.9 / len(analysis.BREAKDOWN_ORDER),
                     "flights": 1,
                     "bytes_user_to_owner": 1000,
                     "bytes_owner_to_user": 500,
                 }
-                for p in bench.BREAKDOWN_ORDER
+                for p in analysis.BREAKDOWN_ORDER
             ],
             "offline_per_token": {"seconds": 0.3, "bytes": 4.9e6},
         },
@@ -209,7 +215,7 @@ def fabricated_summary():
 
 
 def test_complete_summary_adds_floors_ratios_and_per_layer_flights():
-    s = bench.complete_summary(fabricated_summary())
+    s = cost_model.complete_summary(fabricated_summary())
     by = {p["name"]: p for p in s["profiles"]}
     assert by["none"]["floor_s_per_token"] == pytest.approx(0.6) and by["none"]["ratio"] == pytest.approx(1.0)
     wan_floor = 0.6 + 366 * 0.005 + 8e6 * 8 / 1e9
@@ -221,7 +227,7 @@ def test_complete_summary_adds_floors_ratios_and_per_layer_flights():
     for p in s["profiles"]:
         assert p["flights_per_layer"] == 12
         assert p["offline_bytes_per_token"] == pytest.approx(4e8 / 8)
-        assert set(bench.PROFILE_KEYS) <= set(p)
+        assert set(cost_model.PROFILE_KEYS) <= set(p)
     sweep = {q["rtt_ms"]: q for q in s["sweep"]["points"]}
     assert sweep[0.0]["ratio"] == pytest.approx(1.0)
     assert sweep[10.0]["floor_s_per_token"] == pytest.approx(1.0 + 1.83 + 7.6e6 * 8 / 1e9)
@@ -230,20 +236,20 @@ def test_complete_summary_adds_floors_ratios_and_per_layer_flights():
 def test_complete_summary_without_breakdown_uses_the_documented_outside_flights():
     s = fabricated_summary()
     del s["breakdown"]
-    bench.complete_summary(s)
+    cost_model.complete_summary(s)
     assert s["profiles"][0]["flights_per_layer"] == (366 - 6) / 30
 
 
 def test_complete_summary_without_no_delay_run_has_no_floor():
     s = fabricated_summary()
     s["profiles"] = s["profiles"][1:]
-    bench.complete_summary(s)
+    cost_model.complete_summary(s)
     assert all(p["floor_s_per_token"] is None and p["ratio"] is None for p in s["profiles"])
 
 
 def test_summary_is_json_with_the_promised_keys():
-    s = bench.complete_summary(fabricated_summary())
-    s["permllm"] = bench.permllm_cost(576, 30, 9, 1536, 49152, 53)
+    s = cost_model.complete_summary(fabricated_summary())
+    s["permllm"] = cost_model.permllm_cost(576, 30, 9, 1536, 49152, 53)
     back = json.loads(json.dumps(s))
     for p in back["profiles"]:
         for key in (
@@ -263,10 +269,10 @@ def test_summary_is_json_with_the_promised_keys():
 
 
 def test_table_shows_every_section_and_flags_ratios_above_the_limit():
-    s = bench.complete_summary(fabricated_summary())
-    s["permllm"] = bench.permllm_cost(576, 30, 9, 1536, 49152, 53, he_bytes=2_000_000)
+    s = cost_model.complete_summary(fabricated_summary())
+    s["permllm"] = cost_model.permllm_cost(576, 30, 9, 1536, 49152, 53, he_bytes=2_000_000)
     s["permllm"]["ours"] = {"flights_per_layer": 12, "flights_per_token": 366, "bytes_per_token": 8e6}
-    table = bench.format_table(s)
+    table = report.format_table(s)
     for text in (
         "none",
         "lan",
@@ -303,28 +309,28 @@ def test_table_of_a_partial_summary():
     s = fabricated_summary()
     for key in ("breakdown", "scaling", "sweep", "plaintext"):
         del s[key]
-    table = bench.format_table(bench.complete_summary(s))
+    table = report.format_table(cost_model.complete_summary(s))
     assert "decode s/token" in table and "breakdown of one decode step" not in table
 
 
 def test_curve_cost_is_the_difference_of_two_sessions_and_is_shown():
     on, off = _session("none", 0.0, None, 0.62), _session("none", 0.0, None, 0.60)
     on.update(prepare_s=18.0, wall_s=61.0)
-    cost = bench.curve_cost(on, off)
+    cost = cost_model.curve_cost(on, off)
     assert cost["added"]["decode_s_per_token"] == pytest.approx(0.02)
     assert cost["added"]["prepare_s"] == pytest.approx(3.0) and cost["added"]["ttft_s"] == 0
     assert cost["same_tokens"] is True
     off["token_ids"] = [1, 2, 4]
-    assert bench.curve_cost(on, off)["same_tokens"] is False
-    s = bench.complete_summary(fabricated_summary())
+    assert cost_model.curve_cost(on, off)["same_tokens"] is False
+    s = cost_model.complete_summary(fabricated_summary())
     s["curve"] = cost
-    table = bench.format_table(s)
+    table = report.format_table(s)
     assert "cost of CURVE encryption" in table and "+3.000 s" in table and "+20.0 ms" in table
 
 
 def test_results_page_names_date_machine_command_and_embeds_the_plot(tmp_path):
-    s = bench.complete_summary(fabricated_summary())
-    page = bench.results_markdown(
+    s = cost_model.complete_summary(fabricated_summary())
+    page = report.results_markdown(
         s,
         str(tmp_path / "bench" / "RESULTS.md"),
         str(tmp_path / "bench" / "results" / "p.png"),
@@ -336,21 +342,23 @@ def test_results_page_names_date_machine_command_and_embeds_the_plot(tmp_path):
     assert "![decode seconds per token against RTT, with the floor](results/p.png)" in page
     assert "[latest.json](results/latest.json)" in page
     assert "Within 1.25 x floor: none, lan, wan. Above: wan-slow (1.35)" in page
-    assert bench.format_table(s) in page
+    assert report.format_table(s) in page
 
 
 def test_formatters():
-    assert bench.fmt_bytes(7_890_000) == "7.89 MB" and bench.fmt_bytes(512) == "512 B" and bench.fmt_bytes(None) == "-"
-    assert bench.fmt_s(2.8541) == "2.854 s" and bench.fmt_s(0.0123) == "12.3 ms" and bench.fmt_s(None) == "-"
-    assert bench.fmt_ratio(1.3) == "1.30 !" and bench.fmt_ratio(1.1) == "1.10"
-    assert bench.fmt_signed_s(-0.0123) == "-12.3 ms" and bench.fmt_signed_s(2.5) == "+2.500 s"
+    assert (
+        tables.fmt_bytes(7_890_000) == "7.89 MB" and tables.fmt_bytes(512) == "512 B" and tables.fmt_bytes(None) == "-"
+    )
+    assert tables.fmt_s(2.8541) == "2.854 s" and tables.fmt_s(0.0123) == "12.3 ms" and tables.fmt_s(None) == "-"
+    assert tables.fmt_ratio(1.3) == "1.30 !" and tables.fmt_ratio(1.1) == "1.10"
+    assert tables.fmt_signed_s(-0.0123) == "-12.3 ms" and tables.fmt_signed_s(2.5) == "+2.500 s"
 
 
 def test_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    s = bench.complete_summary(fabricated_summary())
+    s = cost_model.complete_summary(fabricated_summary())
     out = tmp_path / "p.png"
-    bench.write_plot(s, str(out))
+    plot.write_plot(s, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -361,7 +369,7 @@ class _Trace:
 
 
 def _recorder(forwards):
-    rec = bench.PartRecorder()
+    rec = inprocess_runs.PartRecorder()
     t = 0.0
     depth = sent = recv = 0
     for parts in forwards:
@@ -391,7 +399,7 @@ def test_breakdown_attributes_the_rest_of_the_step_to_selection():
     times = [0.0, f_s + 0.1, 2 * (f_s + 0.1)]
     depths = [0, f_flights + 4, 2 * (f_flights + 4)]
     marks = [(0, 0), (f_up + 100, f_down + 50), (2 * (f_up + 100), 2 * (f_down + 50))]
-    run = bench.InProcessRun(
+    run = inprocess_runs.InProcessRun(
         tokens=[1, 2, 3],
         trace=_Trace(times, depths, marks),
         user_parts=rec,
@@ -400,9 +408,9 @@ def test_breakdown_attributes_the_rest_of_the_step_to_selection():
         deal_s=1.6,
         wall_s=2.0,
     )
-    bd = bench.breakdown_from_run(run, layers=2, prompt_tokens=10)
+    bd = analysis.breakdown_from_run(run, layers=2, prompt_tokens=10)
     parts = {p["part"]: p for p in bd["parts"]}
-    assert [p["part"] for p in bd["parts"]] == list(bench.BREAKDOWN_ORDER)
+    assert [p["part"] for p in bd["parts"]] == list(analysis.BREAKDOWN_ORDER)
     assert parts["selection"]["seconds"] == pytest.approx(0.1)
     assert parts["selection"]["flights"] == 4
     assert parts["selection"]["bytes_user_to_owner"] == 100 and parts["selection"]["bytes_owner_to_user"] == 50
@@ -415,7 +423,7 @@ def test_breakdown_attributes_the_rest_of_the_step_to_selection():
 
 def test_scaling_rows_take_the_window_from_each_position():
     times = [0.0, 1.0, 2.1, 3.3, 4.6, 6.0]  # steps 1.0, 1.1, 1.2, 1.3, 1.4
-    run = bench.InProcessRun(
+    run = inprocess_runs.InProcessRun(
         tokens=[0] * 6,
         trace=_Trace(times, [0, 1, 2, 3, 4, 5], [(0, 0)] * 6),
         user_parts=None,
@@ -424,7 +432,7 @@ def test_scaling_rows_take_the_window_from_each_position():
         deal_s=0,
         wall_s=0,
     )
-    rows = bench.scaling_rows(run, 16, [1, 4, 9])
+    rows = analysis.scaling_rows(run, 16, [1, 4, 9])
     assert [r["position"] for r in rows] == [1, 4]
     assert rows[0]["decode_s_per_token"] == pytest.approx(1.1) and rows[0]["cache_length"] == 17
     assert rows[1]["decode_s_per_token"] == pytest.approx(1.35) and rows[1]["offline_bytes"] == 4
@@ -432,29 +440,29 @@ def test_scaling_rows_take_the_window_from_each_position():
 
 # ------------------------------------------------------------------------------ arguments
 def test_defaults_full_and_quick():
-    full = bench.config_from_args(_args())
+    full = config.config_from_args(_args())
     assert full.profiles == ["none", "lan", "wan", "wan-slow"] and full.max_new_tokens == 32
     assert full.scaling_prompts == [16, 64, 256] and full.scaling_positions == [1, 32, 128]
     assert full.sweep_rtt_ms == [0.2, 1.0, 5.0, 10.0, 20.0, 50.0]
-    quick = bench.config_from_args(_args("--quick"))
+    quick = config.config_from_args(_args("--quick"))
     assert quick.max_new_tokens == 4 and quick.sweep_tokens < full.sweep_tokens
     assert len(quick.scaling_prompts) < len(full.scaling_prompts)
-    assert bench.config_from_args(_args("--quick", "--max-new-tokens", "12")).max_new_tokens == 12
+    assert config.config_from_args(_args("--quick", "--max-new-tokens", "12")).max_new_tokens == 12
 
 
 def test_profiles_always_start_with_the_no_delay_run():
-    cfg = bench.config_from_args(_args("--profiles", "wan, 5:200"))
+    cfg = config.config_from_args(_args("--profiles", "wan, 5:200"))
     assert cfg.profiles == ["none", "wan", "5,200"]
-    assert bench.config_from_args(_args("--profiles", "wan,none")).profiles == ["none", "wan"]
+    assert config.config_from_args(_args("--profiles", "wan,none")).profiles == ["none", "wan"]
 
 
 def test_skip_and_outputs(tmp_path):
-    cfg = bench.config_from_args(_args("--skip", "scaling,plaintext", "--json", str(tmp_path / "a.json")))
+    cfg = config.config_from_args(_args("--skip", "scaling,plaintext", "--json", str(tmp_path / "a.json")))
     assert cfg.parts == ("sessions", "curve", "breakdown", "sweep") and cfg.json_path == str(tmp_path / "a.json")
     # the CURVE comparison re-runs the 'none' session: no sessions, no comparison; --quick leaves it out
-    assert bench.config_from_args(_args("--skip", "sessions")).parts == ("plaintext", "breakdown", "scaling", "sweep")
-    assert "curve" not in bench.config_from_args(_args("--quick")).parts
-    assert "curve" in bench.config_from_args(_args()).parts
+    assert config.config_from_args(_args("--skip", "sessions")).parts == ("plaintext", "breakdown", "scaling", "sweep")
+    assert "curve" not in config.config_from_args(_args("--quick")).parts
+    assert "curve" in config.config_from_args(_args()).parts
 
 
 @pytest.mark.parametrize(
@@ -484,16 +492,81 @@ def test_skip_and_outputs(tmp_path):
 )
 def test_bad_arguments_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):
-        bench.config_from_args(_args(*argv))
+        config.config_from_args(_args(*argv))
 
 
 def test_output_path_that_is_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="folder"):
-        bench.config_from_args(_args("--json", str(tmp_path)))
+        config.config_from_args(_args("--json", str(tmp_path)))
 
 
-def test_cli_reports_bad_arguments_before_any_work(capsys):
+def test_cli_reports_bad_arguments_before_any_work(capsys, monkeypatch):
+    # `permllm` finds `bench` through the "permllm.commands" entry points; here the lookup is stood in for
+    monkeypatch.setattr(cli_options, "plugin_commands", lambda: {"bench": COMMAND})
     start = time.perf_counter()
-    assert main(["bench", "--max-new-tokens", "1"]) == 2
+    assert cli.main(["bench", "--max-new-tokens", "1"]) == 2
     assert "permllm bench: error: --max-new-tokens" in capsys.readouterr().err
     assert time.perf_counter() - start < 5
+
+
+def test_cli_dispatches_to_the_discovered_command(monkeypatch):
+    seen = []
+
+    class Probe:
+        help = description = "a stand-in command"
+
+        def add_arguments(self, parser):
+            parser.add_argument("--flag", type=int, default=0)
+
+        def run(self, args):
+            seen.append(args.flag)
+            return 7
+
+    monkeypatch.setattr(cli_options, "plugin_commands", lambda: {"probe": Probe()})
+    assert cli.main(["probe", "--flag", "3"]) == 7
+    assert seen == [3]
+
+
+def test_bench_is_declared_as_an_entry_point():
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"][cli.COMMAND_GROUP] == {"bench": "permllm_bench.cli:COMMAND"}
+
+
+# ------------------------------------------------------------------------------ in-process runs (tiny model)
+def test_inprocess_runs_draw_fresh_dealer_seeds_and_count_every_forward(monkeypatch):
+    import parties.session
+    from parties.session import prepare_model
+    from tests.tiny_model import tiny_decoder
+
+    dealt_with = []
+    real = parties.session.deal_records
+
+    def recording(dry_run, seeds, weight_mask=None):
+        dealt_with.append(seeds)
+        return real(dry_run, seeds, weight_mask)
+
+    monkeypatch.setattr(parties.session, "deal_records", recording)
+    prepared = prepare_model(tiny_decoder(seed=3), seed=bytes(16))
+    first = inprocess_runs.run_generation(prepared, [1, 5, 7], 3, parts=True, desc="tiny")
+    second = inprocess_runs.run_generation(prepared, [1, 5, 7], 3, desc="tiny")
+    assert first.tokens == second.tokens and len(first.tokens) == 3
+    assert first.steps("depth") == second.steps("depth") == [30, 30]
+    # ring shares are the same size in every run; only the compressed BFV ciphertexts vary a little
+    assert first.steps("bytes") == pytest.approx(second.steps("bytes"), rel=0.01)
+    # a fresh pair of dealer seeds per run, never the weights' mask seed
+    assert len(dealt_with) == 2 and len({s.owner for s in dealt_with} | {s.user for s in dealt_with}) == 4
+    assert prepared.seed not in {s.owner for s in dealt_with}
+    # one dealing entry per forward (prefill + 2 decode steps), each with material
+    assert len(first.dealing) == 3 and all(d["calls"] > 0 and d["bytes"] > 0 for d in first.dealing)
+    assert len(first.user_parts.forwards()) == 3 and second.user_parts is None
+
+
+def test_module_entry_reports_bad_arguments(capsys):
+    from permllm_bench.cli import main as bench_main
+
+    assert bench_main(["--sweep-tokens", "0"]) == 2
+    assert "permllm bench: error: --sweep-tokens" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def test_owner_refuses_a_user_over_its_budget_in_the_handshake(tmp_path):
     assert budget.usage("user-key-1") == {"sessions": 1, "positions": positions}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "options,message",
     [
@@ -142,3 +143,70 @@ def test_owner_budget_options_are_checked_before_any_work(tmp_path, options, mes
     err = proc.stderr.decode()
     assert proc.returncode == 2 and "permllm owner: error:" in err and message in err, err[-800:]
     assert "Traceback" not in err and time.monotonic() - start < 30
+
+
+def test_the_ledger_is_private_fsynced_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ledger = tmp_path / "b.json"
+    ledger.write_text('{"version": 1, "keys": {}}')
+    os.chmod(ledger, 0o644)
+    QueryBudget(ledger, max_sessions=3).reserve("k", 5)
+    assert stat.S_IMODE(os.stat(ledger).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "b.json.lock").st_mode) == 0o600
+    assert synced == ["file", "folder"]  # the new file before the rename, the folder after it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.json.lock"]
+
+
+def test_a_session_is_charged_to_the_key_the_channel_authenticated(tmp_path):
+    """CURVE for real: the owner's server channel accepts the user's key; whatever key name the caller
+    passes, ChargedToPeer charges the z85 public key the ZAP handler accepted for the hello."""
+    from parties.budget import ChargedToPeer
+    from parties.security import Curve, generate_keypair, load_public_key
+    from parties.wire import recv_json, send_json
+    from permllm.transport import ZmqChannel
+
+    for role in ("owner", "user"):
+        generate_keypair(tmp_path, role)
+    owner = Curve(tmp_path / "owner.key", {"user": tmp_path / "user.pub"}, log=lambda msg: None)
+    user = Curve(tmp_path / "user.key", {"owner": tmp_path / "owner.pub"})
+    server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=10, **owner.socket_options("user", True))
+    client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=10, **user.socket_options("owner", False))
+    try:
+        budget = ChargedToPeer(QueryBudget(tmp_path / "b.json", max_sessions=1), server)
+        assert server.peer_user_id is None
+        with pytest.raises(ProtocolError, match="no authenticated CURVE key"):
+            budget.reserve("configured-name", 3)  # nothing received yet: no key to charge, so no session
+        send_json(client, "hello", {"n": 1})
+        assert recv_json(server, "hello") == {"n": 1}
+        budget.reserve("configured-name", 3)
+    finally:
+        for c in (client, server, owner, user):
+            c.close()
+    user_key = load_public_key(tmp_path / "user.pub").decode("ascii")
+    assert server.peer_user_id == user_key
+    assert budget.usage(user_key) == {"sessions": 1, "positions": 3}
+    assert budget.usage("configured-name") == {"sessions": 0, "positions": 0}
+
+
+def test_an_insecure_channel_has_no_authenticated_key():
+    from permllm.transport import ZmqChannel
+
+    server = ZmqChannel.bind("tcp://127.0.0.1:0", peer="user", timeout=5)
+    client = ZmqChannel.connect(server.endpoint, peer="owner", timeout=5)
+    try:
+        client.send("hello", b"x")
+        assert server.recv_bytes("hello", max_len=8) == b"x"
+        assert server.peer_user_id is None
+    finally:
+        client.close()
+        server.close()

@@ -100,12 +100,14 @@ def _permllm(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "parties.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.processes
 def test_roles_refuse_to_start_without_keys_or_insecure():
     proc = _permllm("helper", "--owner", "tcp://127.0.0.1:1", "--user", "tcp://127.0.0.1:2")
     assert proc.returncode == 2
     assert "give --keys DIR" in proc.stderr and "--insecure" in proc.stderr
 
 
+@pytest.mark.processes
 def test_insecure_says_so_loudly():
     proc = _permllm(
         "helper",
@@ -125,7 +127,8 @@ def test_insecure_says_so_loudly():
     assert "timed out" in proc.stderr
 
 
+@pytest.mark.processes
 def test_keygen_command(tmp_path):
-    proc = _permllm("keygen", "--out", str(tmp_path), "--name", "owner")
+    proc = _permllm("keygen", "--role", "owner", "--out", str(tmp_path))
     assert proc.returncode == 0
     assert (tmp_path / "owner.key").exists() and (tmp_path / "owner.pub").exists()

@@ -12,7 +12,7 @@ import pytest
 
 from permllm.transport.frames import header_length
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.model]
 
 SMOLLM2_LAYERS, SMOLLM2_VOCAB, SMOLLM2_HIDDEN = 30, 49152, 576
 
@@ -49,6 +49,7 @@ def _masked_weight_bytes() -> int:
     )
 
 
+@pytest.mark.timeout(1200)  # the demo itself may take its 900 s
 def test_demo_runs_three_processes_and_answers_like_the_plaintext_model(tmp_path):
     out = tmp_path / "demo.json"
     proc = subprocess.run(

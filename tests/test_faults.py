@@ -34,6 +34,8 @@ import pytest
 
 from parties.launcher import free_ports
 
+pytestmark = pytest.mark.processes  # every test here starts OS processes
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5
 MARGIN_S = 15  # the role channels linger 5 s at close (parties/cli.py _channel), plus process teardown
@@ -83,19 +85,19 @@ def _left_running(marker: str, grace_s: float = 5.0) -> list[str]:
     return alive
 
 
-def _security_args(tmp_path) -> list[str]:
-    """CURVE keys for the three roles when the CLI has --keys (the default, secure set-up)."""
+def _security_args(tmp_path, role: str) -> list[str]:
+    """The role's CURVE keys folder (its secret key, the peers' public keys) when the CLI has --keys."""
     from parties.cli import build_parser
 
     user_parser = build_parser()._subparsers._group_actions[0].choices["user"]
     if not any("--keys" in action.option_strings for action in user_parser._actions):
         return []
-    from parties.security import generate_keypair
+    from parties.launcher import role_key_folders
 
     keys = tmp_path / "keys"
-    for role in ("owner", "user", "helper"):
-        generate_keypair(keys, role)
-    return ["--keys", str(keys)]
+    if not keys.exists():
+        role_key_folders(keys)
+    return ["--keys", str(keys / role)]
 
 
 class _Output:
@@ -130,7 +132,7 @@ class Session:
         ports = free_ports(3)
         self.marker = uuid.uuid4().hex
         owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
-        common = ["--network", network] + _security_args(tmp_path)
+        common = ["--network", network]
         timeout = ["--timeout", str(TIMEOUT_S)]
         # The helper streams its material while the owner and the user are still preparing, and its sends
         # are bounded by --timeout, not --setup-timeout (see test_helper_streams_material_within_the_setup_
@@ -139,10 +141,15 @@ class Session:
         helper_timeout = ["--timeout", str(HELPER_TIMEOUT_S)]
         base = [sys.executable, "-m", "parties.cli"]
         commands = {
-            "owner": base + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper] + common + timeout,
+            "owner": base
+            + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper]
+            + common
+            + _security_args(tmp_path, "owner")
+            + timeout,
             "helper": base
             + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet"]
             + common
+            + _security_args(tmp_path, "helper")
             + helper_timeout,
             "user": base
             + [
@@ -157,6 +164,7 @@ class Session:
                 str(max_new_tokens),
             ]
             + common
+            + _security_args(tmp_path, "user")
             + timeout,
         }
         self.procs: dict[str, subprocess.Popen] = {}
@@ -248,7 +256,7 @@ def _assert_nothing_left(s: Session) -> None:
     assert _left_running(s.marker) == []
 
 
-@pytest.mark.processes
+@pytest.mark.model
 def test_owner_killed_mid_prefill(session_factory):
     s = session_factory(max_new_tokens=1, network="20,100000")
     s.wait_until(s.user_in_prefill, SET_UP_LIMIT_S, "start of the user's prefill")
@@ -264,36 +272,24 @@ def test_owner_killed_mid_prefill(session_factory):
     _assert_nothing_left(s)
 
 
-@pytest.mark.processes
-def test_owner_killed_mid_decode(session_factory):
+@pytest.mark.model
+@pytest.mark.parametrize("killed, survivor", [("owner", "user"), ("user", "owner")], ids=["owner", "user"])
+def test_party_killed_mid_decode(session_factory, killed, survivor):
+    """One party dies after the user's first token; the other, waiting for its next message, gives up within
+    its timeout and names the dead party."""
     s = session_factory(max_new_tokens=4)
     s.wait_until(s.user_printed_a_token, SET_UP_LIMIT_S, "first token")
-    s.procs["owner"].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    code, elapsed = s.wait_user_exit(killed)
-    last = _assert_user_lost_the_owner(s, code, elapsed)
+    s.procs[killed].send_signal(signal.SIGKILL)
+    since = time.monotonic()
+    code, elapsed = s.wait_exit(survivor, since)
+    last = _assert_lost(s, survivor, killed, code, elapsed)
     assert ONLINE_TAG.search(last), last
     assert s.out["user"].text().strip(), "no token was printed"
     assert s.procs["helper"].wait(5) == 0
     _assert_nothing_left(s)
 
 
-@pytest.mark.processes
-def test_user_killed_mid_decode(session_factory):
-    """The other direction: the user dies after its first token; the owner, waiting for the user's next
-    message, gives up within its timeout and names the user."""
-    s = session_factory(max_new_tokens=4)
-    s.wait_until(s.user_printed_a_token, SET_UP_LIMIT_S, "first token")
-    s.procs["user"].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    code, elapsed = s.wait_exit("owner", killed)
-    last = _assert_lost(s, "owner", "user", code, elapsed)
-    assert ONLINE_TAG.search(last), last
-    assert s.procs["helper"].wait(5) == 0
-    _assert_nothing_left(s)
-
-
-@pytest.mark.processes
+@pytest.mark.model
 def test_owner_that_stops_answering(session_factory):
     s = session_factory(max_new_tokens=3)
     s.wait_until(s.user_printed_a_token, SET_UP_LIMIT_S, "first token")
@@ -330,7 +326,7 @@ def test_demo_stops_every_role_when_one_fails(monkeypatch, capsys):
     assert _left_running(marker) == []
 
 
-@pytest.mark.processes
+@pytest.mark.model
 def test_demo_with_a_role_rejecting_its_options_fails_and_leaves_nothing(tmp_path):
     """--top-p 2 is refused by the user role (the launcher does not check sampling options itself, so the
     three processes start): the demo must exit non-zero, pass the user's message on, stop the owner
@@ -408,6 +404,7 @@ def _until_processes_start(command, marker, limit_s=60) -> tuple[int | None, str
     return proc.returncode, err.text(), started
 
 
+@pytest.mark.model
 def test_demo_rejects_a_prompt_longer_than_the_context_before_starting_the_roles():
     """~9000 tokens for 8192 positions: the launcher tokenizes the prompt (public tokenizer, a few seconds)
     and refuses before any role starts; a launcher that started the roles is stopped at once."""
@@ -440,41 +437,43 @@ def _user_role(*args: str | bytes, tmp_path) -> tuple[subprocess.CompletedProces
         "3",
         "--setup-timeout",
         "20",
-        *_security_args(tmp_path),
+        *_security_args(tmp_path, "user"),
         *args,
     )
 
 
-@pytest.mark.processes
-def test_user_role_rejects_an_empty_prompt_before_connecting(tmp_path):
-    proc, elapsed = _user_role("--prompt", "  ", tmp_path=tmp_path)
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "prompt, message",
+    [("  ", "the prompt is empty"), (b"caf\xff\xfe", "the prompt is not valid UTF-8")],
+    ids=["empty", "utf8"],
+)
+def test_user_role_rejects_a_bad_prompt_before_connecting(tmp_path, prompt, message):
+    proc, elapsed = _user_role("--prompt", prompt, tmp_path=tmp_path)
     err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == 2 and "permllm user: error: the prompt is empty" in err, err[-2000:]
+    assert proc.returncode == 2 and f"permllm user: error: {message}" in err, err[-2000:]
+    assert "Traceback" not in err
     assert elapsed < 20, elapsed  # the tokenizer load (~3-7 s) and no wait for the owner (20 s set-up timeout)
 
 
-@pytest.mark.processes
-def test_user_role_rejects_invalid_utf8_with_a_clear_error(tmp_path):
-    proc, elapsed = _user_role(b"--prompt", b"caf\xff\xfe", tmp_path=tmp_path)
-    err = proc.stderr.decode(errors="replace")
-    assert elapsed < 20, elapsed
-    assert proc.returncode == 2 and "permllm user: error: the prompt is not valid UTF-8" in err, err[-1500:]
-    assert "Traceback" not in err
-
-
-def test_roles_reject_an_absurd_network_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    "role, addresses, spec",
+    [
+        ("helper", ["--owner", "tcp://127.0.0.1:{a}", "--user", "tcp://127.0.0.1:{b}"], "foo"),
+        ("user", ["--owner", "tcp://127.0.0.1:{a}", "--listen-helper", "tcp://127.0.0.1:{b}"], "-5,100"),
+        ("owner", ["--listen-user", "tcp://127.0.0.1:{a}", "--listen-helper", "tcp://127.0.0.1:{b}"], "10,0"),
+    ],
+    ids=["helper", "user", "owner"],
+)
+def test_roles_reject_an_absurd_network_with_a_clear_error(tmp_path, role, addresses, spec):
     """Every role checks --network when it parses its arguments, before keys, sockets or the tokenizer."""
     a, b = free_ports(2)
-    for role, addresses, spec in (
-        ("helper", ["--owner", f"tcp://127.0.0.1:{a}", "--user", f"tcp://127.0.0.1:{b}"], "foo"),
-        ("user", ["--owner", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "-5,100"),
-        ("owner", ["--listen-user", f"tcp://127.0.0.1:{a}", "--listen-helper", f"tcp://127.0.0.1:{b}"], "10,0"),
-    ):
-        proc, elapsed = _cli(role, *addresses, "--quiet", f"--network={spec}", *_security_args(tmp_path))
-        err = proc.stderr.decode(errors="replace")
-        assert elapsed < 15, elapsed
-        assert proc.returncode == 2 and "--network" in err and spec in err, err[-1500:]
-        assert "Traceback" not in err
+    addresses = [address.format(a=a, b=b) for address in addresses]
+    proc, elapsed = _cli(role, *addresses, "--quiet", f"--network={spec}", *_security_args(tmp_path, role))
+    err = proc.stderr.decode(errors="replace")
+    assert elapsed < 15, elapsed
+    assert proc.returncode == 2 and "--network" in err and spec in err, err[-1500:]
+    assert "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------ the helper's stream
@@ -598,17 +597,14 @@ def test_helper_waits_for_busy_parties_within_the_setup_timeout():
     assert isinstance(r["owner"], int) and r["owner"] == r["user"] > 0, r
 
 
-def test_helper_last_records_survive_its_exit():
+def test_helper_last_records_survive_its_exit(tiny_decoder_arch):
     """Tiny model, 120 tokens (~2.7 MB in ~7000 frames for the user): dealing takes ~2 s, the parties start
     reading after 8 s, so the helper has queued its last records (and the end marker) long before anyone
     reads. ZeroMQ drops what is still queued when a socket closes: with linger 0 the user waited for the
     set-up timeout, and with the roles' 5 s linger (parties/cli.py _channel) a user busy longer than that
     (taking in the masked weights under `wan`, seen in the bench) did too. The helper now stays until
     each receiver confirms the whole stream (`parties.wire.await_receipt`)."""
-    from protocols.model.decoder_weights import DecoderArch
-    from tests.tiny_model import tiny_decoder
-
-    arch = DecoderArch.from_config(tiny_decoder().config)
-    r = _helper_process_with_stand_ins(arch, 8, 120, helper_args=[], read_after_s=8.0)
+    r = _helper_process_with_stand_ins(tiny_decoder_arch, 8, 120, helper_args=[], read_after_s=8.0)
     assert r["helper"] == 0, r["stderr"][-1500:]
-    assert r["owner"] == r["user"] == 3360, f"received: owner {r['owner']!r}, user {r['user']!r}"
+    # 29 dealt calls per token on the 2-layer model: 27 in the forward pass, the reveal and the table selection
+    assert r["owner"] == r["user"] == 120 * 29, f"received: owner {r['owner']!r}, user {r['user']!r}"

@@ -23,8 +23,9 @@ import os
 
 import pytest
 
-from parties import fidelity
+from parties.session import prepare_model
 from permllm.model.prompts import FIDELITY_PROMPTS, chat_token_ids
+from permllm_bench import fidelity, fidelity_cli, fidelity_report
 from tests.tiny_model import tiny_decoder
 
 # The reduced CI set: (FIDELITY_PROMPTS index, chat-templated length).
@@ -43,14 +44,14 @@ FULL_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_gguf):
     """(weights, tokenizer, prepared owner/user weights, reference): loaded and prepared once."""
-    from permllm.model.loading import decoder_weights_from_hf, find_smollm2_gguf, load_hf_decoder
+    from permllm.model.loading import decoder_weights_from_hf, load_hf_decoder
 
-    hf_model, tokenizer = load_hf_decoder(find_smollm2_gguf())
+    hf_model, tokenizer = load_hf_decoder(smollm2_gguf)
     weights = decoder_weights_from_hf(hf_model)
     reference = fidelity.TransformersReference(hf_model, weights.config.eos_token_id)
-    return weights, tokenizer, fidelity.prepare_weights(weights), reference
+    return weights, tokenizer, prepare_model(weights), reference
 
 
 def _ids(tokenizer, index: int) -> list[int]:
@@ -66,7 +67,7 @@ def _ids(tokenizer, index: int) -> list[int]:
 def test_greedy_continuation_identical_reduced(smollm2, kind):
     weights, tokenizer, prepared, ref = smollm2
     ids = _ids(tokenizer, GREEDY_CI[kind])
-    # the short prompt goes through parties.inprocess.private_generate_inprocess itself (it prepares
+    # the short prompt goes through parties.session.private_generate_inprocess itself (it prepares
     # the weights again); the others reuse the prepared weights in the same session code
     secure, plain = fidelity.greedy_agreement(
         weights, ids, GREEDY_CI_TOKENS, reference=ref, prepared=None if kind == "short" else prepared
@@ -116,7 +117,7 @@ class _ToyTokenizer:
 def test_report_on_tiny_model():
     weights = tiny_decoder(seed=3)
     prompts = ["ab", "a longer toy prompt"]
-    report = fidelity.fidelity_report(
+    report = fidelity_report.fidelity_report(
         weights, _ToyTokenizer(), prompts, 4, teacher_forced_tokens=3, progress=False, prompt_indices=[7, 9]
     )
     rows, summary = report["rows"], report["summary"]
@@ -130,7 +131,7 @@ def test_report_on_tiny_model():
     assert summary["prompts"] == 2 and summary["fraction_identical"] == 1.0 and summary["tf_agreement"] == 1.0
     assert 0 < summary["max_abs_logit_error"] < 1e-2
     json.dumps(report)  # JSON-serialisable as written by the CLI
-    table = fidelity.format_table(report)
+    table = fidelity_report.format_table(report)
     assert "2/2 (100.0 %)" in table and "a longer toy prompt" in table
 
 
@@ -138,9 +139,9 @@ def test_helpers():
     assert fidelity.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert fidelity.first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert fidelity.first_divergence([1, 2], [1, 2, 2]) == 2
-    assert fidelity._select("all", 5) == [0, 1, 2, 3, 4]
-    assert fidelity._select("3", 5) == [0, 1, 2]
-    assert fidelity._select("0,2-4", 5) == [0, 2, 3, 4]
+    assert fidelity_cli.select_prompts("all", 5) == [0, 1, 2, 3, 4]
+    assert fidelity_cli.select_prompts("3", 5) == [0, 1, 2]
+    assert fidelity_cli.select_prompts("0,2-4", 5) == [0, 2, 3, 4]
     with pytest.raises(ValueError):
         fidelity.teacher_forced(tiny_decoder(seed=1), [1, 2], [])
 
@@ -151,14 +152,15 @@ def test_helpers():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)  # 81 minutes on 2 cores (README, Fidelity)
 def test_full_fidelity_report(smollm2):
     weights, tokenizer, prepared, ref = smollm2
     assert len(FIDELITY_PROMPTS) >= 20
-    report = fidelity.fidelity_report(
+    report = fidelity_report.fidelity_report(
         weights, tokenizer, FIDELITY_PROMPTS, FULL_TOKENS, prepared=prepared, reference=ref
     )
     assert report["summary"]["plaintext_reference"] == fidelity.TRANSFORMERS_REFERENCE
-    print("\n" + fidelity.format_table(report))
+    print("\n" + fidelity_report.format_table(report))
     if os.environ.get("PERMLLM_FIDELITY_JSON"):
         with open(os.environ["PERMLLM_FIDELITY_JSON"], "w") as f:
             json.dump(report, f, indent=1)

@@ -46,6 +46,21 @@ def test_every_mismatch_is_named(field, value, message):
         check_hello(_hello(**{field: value}), "smollm2", max_positions=100)
 
 
+def test_the_hello_names_the_token_selection_and_the_owner_offers_only_the_table():
+    assert _hello()["selection"] == "table"
+    assert check_hello(_hello(), "smollm2", max_positions=100).selection == "table"
+    hello = _hello()
+    del hello["selection"]  # a hello without one asks for the default
+    assert check_hello(hello, "smollm2", max_positions=100).selection == "table"
+    # the BFV reply does not hide the permutation from the user yet (SECURITY.md): refused by default
+    with pytest.raises(ProtocolError, match="token selection 'bfv' is not offered .the owner offers table."):
+        check_hello(_hello(selection="bfv"), "smollm2", max_positions=100)
+    offered = ("table", "bfv")
+    assert check_hello(_hello(selection="bfv"), "smollm2", max_positions=100, offered=offered).selection == "bfv"
+    with pytest.raises(ProtocolError, match="token selection \\['table'\\] is not offered"):
+        check_hello(_hello(selection=["table"]), "smollm2", max_positions=100)
+
+
 def test_error_messages_end_the_session_on_the_other_side():
     a, b = MemoryChannel.pair("owner", "user", timeout=2)
     send_json(a, "welcome", {"error": "model mismatch: the user has 'x', the owner 'smollm2'"})
@@ -124,6 +139,7 @@ def test_helper_accepts_matching_plans():
         ({"arch": {"hidden": 32}}, "the owner sent a bad architecture: .*missing fields"),
         ({"arch": {**_arch(), "vocab": 1 << 30}}, "field 'vocab' has an invalid value"),
         ({"arch": {**_arch(), "hidden": 1 << 20, "vocab": 1 << 20}}, "linear-weight elements"),
+        ({"selection": "bfv"}, "selection mismatch between the owner .'bfv'. and the user .'table'."),
     ],
 )
 def test_helper_names_every_mismatch_between_the_plans(changes, message):
@@ -135,6 +151,17 @@ def test_helper_names_every_mismatch_between_the_plans(changes, message):
         user["fingerprint"] = owner["fingerprint"]
     with pytest.raises((ProtocolError, ConfigError), match=message):
         _check_plans(owner, user)
+
+
+def test_helper_takes_the_selection_from_the_plans():
+    from parties.roles import _check_plans
+
+    owner, user = _plans()
+    assert _check_plans(owner, user)[2].selection == "table"  # plans without one mean the table
+    _, _, plan = _check_plans({**owner, "selection": "bfv"}, {**user, "selection": "bfv"})
+    assert plan.selection == "bfv"
+    with pytest.raises(ProtocolError, match="unknown token selection 'clear'"):
+        _check_plans({**owner, "selection": "clear"}, {**user, "selection": "clear"})
 
 
 def test_a_refused_session_reaches_both_parties_at_once():

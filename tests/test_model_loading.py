@@ -47,9 +47,9 @@ def _single_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def smollm2(_single_torch_thread):
+def smollm2(_single_torch_thread, smollm2_gguf):
     """(hf_model, tokenizer, DecoderWeights): one GGUF load for the whole module."""
-    hf, tok = loading.load_hf_decoder(loading.find_smollm2_gguf())
+    hf, tok = loading.load_hf_decoder(smollm2_gguf)
     weights = loading.decoder_weights_from_hf(hf)
     return hf, tok, weights
 
@@ -60,10 +60,9 @@ def ref(smollm2):
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    model_dir = loading.find_minilm_dir()
-    hf, tok = loading.load_hf_encoder(model_dir)
-    weights, tok2 = loading.load_encoder(model_dir)
+def minilm(minilm_dir):
+    hf, tok = loading.load_hf_encoder(minilm_dir)
+    weights, tok2 = loading.load_encoder(minilm_dir)
     return hf, tok, weights
 
 
@@ -72,6 +71,7 @@ def minilm():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_find_bundled_checkpoints():
     gguf = loading.find_smollm2_gguf()
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.is_file()
@@ -332,6 +332,7 @@ def test_minilm_embedding_matches_hf(minilm):
     torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), ours, rtol=0, atol=1e-12)
 
 
+@pytest.mark.model
 def test_load_model_minilm():
     w, tok = loading.load_model("minilm")
     assert isinstance(w, EncoderWeights) and w.num_parameters() > 22_000_000
@@ -367,6 +368,7 @@ def test_chat_token_ids_accepts_all_return_types():
         assert prompts.chat_token_ids(Fake(result), "q") == [5, 6, 7]
 
 
+@pytest.mark.model
 def test_the_tokenizer_cache_gives_the_same_tokens(tmp_path, monkeypatch):
     """The GGUF tokenizer saved once in the cache and read back: the same ids, chat template, eos and text."""
     from parties.models import load_tokenizer
@@ -385,6 +387,7 @@ def test_the_tokenizer_cache_gives_the_same_tokens(tmp_path, monkeypatch):
     assert list((tmp_path / "tokenizers").iterdir()) == cached  # nothing written the second time
 
 
+@pytest.mark.model
 def test_a_damaged_tokenizer_cache_is_rebuilt(tmp_path, monkeypatch):
     """A cache whose files were cut short is thrown away and rebuilt from the GGUF file, not an error."""
     from parties.models import load_tokenizer
@@ -398,7 +401,7 @@ def test_a_damaged_tokenizer_cache_is_rebuilt(tmp_path, monkeypatch):
     assert json.loads((cached / "tokenizer_config.json").read_text())  # the rebuilt cache is whole again
 
 
-def test_the_config_cache_gives_the_same_config(tmp_path, monkeypatch):
+def test_the_config_cache_gives_the_same_config(tmp_path, monkeypatch, smollm2_gguf):
     """The GGUF model config saved once and read back equals the one transformers reads from the file
     (all fields but the folder it was read from), and maps to the same DecoderConfig and context length."""
     from transformers import AutoConfig
@@ -406,7 +409,7 @@ def test_the_config_cache_gives_the_same_config(tmp_path, monkeypatch):
     from parties.models import max_positions
 
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
-    gguf = loading.find_smollm2_gguf()
+    gguf = smollm2_gguf
     direct = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     loading.load_decoder_config(gguf)  # built and saved
     assert [p.parent.name for p in tmp_path.glob("*/*")] == ["configs"]
@@ -418,12 +421,12 @@ def test_the_config_cache_gives_the_same_config(tmp_path, monkeypatch):
     assert gguf_cache.entry_folder(tmp_path / "missing.gguf", "configs") is None
 
 
-def test_the_weight_cache_gives_the_same_model(tmp_path, monkeypatch):
+def test_the_weight_cache_gives_the_same_model(tmp_path, monkeypatch, smollm2_gguf):
     """The owner's GGUF weights, dequantized once by transformers and saved as a plain checkpoint, read
     back bit for bit: every tensor, the tied lm_head, the generation config and the logits are equal."""
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(gguf_cache.WEIGHT_CACHE_ENV, raising=False)
-    gguf = loading.find_smollm2_gguf()
+    gguf = smollm2_gguf
     direct, tok = loading.load_hf_decoder(gguf, tokenizer=False)  # transformers' GGUF load, then saved
     assert tok is None
     (entry,) = (tmp_path / "checkpoints").iterdir()

@@ -160,9 +160,9 @@ def test_ping_pong_costs_half_rtt_per_message(rounds):
     assert max(a.clock.depth, b.clock.depth) == rounds
 
 
-def test_deliver_at_is_stamped_in_the_header():
+def test_deliver_at_is_stamped_in_the_header(memory_channels):
     clock = FakeClock(start_ns=SECOND)
-    inner_a, inner_b = MemoryChannel.pair()
+    inner_a, inner_b = memory_channels
     sim_a = NetSim(inner_a, "wan", clock)
     sim_a.send("t", b"abc")
     received = inner_b._receive("t", 1.0)  # unwrapped receiver sees the raw stamp
@@ -170,18 +170,18 @@ def test_deliver_at_is_stamped_in_the_header():
     assert received.header.deliver_at_ns == expected
 
 
-def test_unstamped_frames_are_not_delayed():
+def test_unstamped_frames_are_not_delayed(memory_channels):
     clock = FakeClock(start_ns=SECOND)
-    inner_a, inner_b = MemoryChannel.pair()
+    inner_a, inner_b = memory_channels
     sim_b = NetSim(inner_b, "wan-slow", clock)
     inner_a.send("t", b"x")  # from a sender without netsim: deliver_at_ns == 0
     assert sim_b.recv_bytes("t") == b"x"
     assert clock.now_ns() == SECOND
 
 
-def test_stats_depth_and_peer_pass_through_without_double_counting():
+def test_stats_depth_and_peer_pass_through_without_double_counting(memory_channels):
     clock = FakeClock()
-    inner_a, inner_b = MemoryChannel.pair("owner", "user")
+    inner_a, inner_b = memory_channels
     a, b = NetSim(inner_a, "lan", clock), NetSim(inner_b, "lan", clock)
     assert a.stats is inner_a.stats and a.clock is inner_a.clock and a.peer == "user"
     sent = np.zeros((4, 4), dtype=np.float32)

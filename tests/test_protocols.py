@@ -25,7 +25,7 @@ from protocols.permute import (
     permuted_reveal_later,
 )
 from protocols.trunc import trunc
-from tests.protocol_helpers import SEEDS, random_ring, run_call, share, wire_bytes
+from tests.protocol_helpers import random_ring, run_call, share, wire_bytes
 
 
 def _linear_setup(m=3, d_in=5, d_out=4, seed=0, bias=True):
@@ -257,14 +257,14 @@ def test_appending_product_is_bit_exact_as_the_operand_grows(transpose):
     assert run.bytes_owner_to_user == run.bytes_user_to_owner == per_direction
 
 
-def test_share_and_reveal():
+def test_share_and_reveal(seeds):
     x = random_ring((5,), 21)
 
     def session(ctx, value):
         s = share_input(ctx, Role.USER, value, (5,), 0)
         return reveal_to(ctx, Role.OWNER, s), reveal_to_both(ctx, s)
 
-    owner_mat, user_mat = deal(lambda ctx: None, SEEDS)
+    owner_mat, user_mat = deal(lambda ctx: None, seeds)
     run = run_pair(lambda ctx: session(ctx, None), lambda ctx: session(ctx, x), owner_mat, user_mat)
     assert torch.equal(run.owner[0], x) and run.user[0] is None
     assert torch.equal(run.owner[1], x) and torch.equal(run.user[1], x)
@@ -275,10 +275,10 @@ def test_share_and_reveal():
     assert run.bytes_owner_to_user == wire_bytes("open", (5,))
 
 
-def test_running_out_of_material_is_a_clear_error():
+def test_running_out_of_material_is_a_clear_error(seeds):
     n = 4
     xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
-    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), SEEDS)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), seeds)
 
     def twice(ctx, inp):
         trunc(ctx, inp, 8)
@@ -288,15 +288,15 @@ def test_running_out_of_material_is_a_clear_error():
         run_pair(lambda ctx: twice(ctx, xo), lambda ctx: twice(ctx, xu), owner_mat, user_mat, timeout=10)
 
 
-def test_mismatched_material_is_a_clear_error():
+def test_mismatched_material_is_a_clear_error(seeds):
     n = 4
     xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
-    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), SEEDS)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), seeds)
     with pytest.raises(MaterialMismatch, match="asked for trunc"):
         run_pair(lambda ctx: trunc(ctx, xo, 9), lambda ctx: trunc(ctx, xu, 9), owner_mat, user_mat, timeout=10)
 
 
-def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
+def test_lookup_gives_the_rows_of_the_user_tokens_exactly(seeds):
     from protocols.linear import lookup
 
     vocab, d_out = 11, 4
@@ -309,7 +309,7 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
     }
     helper_w = LinearWeight("E", 32, vocab, d_out)
     tokens = [3, 0, 10, 3]
-    owner_mat, user_mat = deal(lambda ctx: lookup(ctx, None, 4, helper_w), SEEDS, lambda name: u)
+    owner_mat, user_mat = deal(lambda ctx: lookup(ctx, None, 4, helper_w), seeds, lambda name: u)
     run = run_pair(
         lambda ctx: lookup(ctx, None, 4, weights[ctx.role]),
         lambda ctx: lookup(ctx, tokens, 4, weights[ctx.role]),
@@ -321,8 +321,9 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly():
     assert run.bytes_user_to_owner == wire_bytes("lin.E", (4, vocab)) and run.bytes_owner_to_user == 0
 
 
-def test_token_selection_recovers_the_chosen_id_under_the_permutation():
-    """select_token on shared logits: the user gets the true argmax id, the owner nothing. 4 flights:
+def test_bfv_token_selection_recovers_the_chosen_id_under_the_permutation():
+    """select_token(mode="bfv") on shared logits (the path kept for a helper-free mode; the table mode
+    is tested in tests/test_selection.py): the user gets the true argmax id, the owner nothing. 4 flights:
     the permuted reveal (user -> owner, owner -> user), the BFV query, the BFV reply. Ring messages are
     exact; a BFV ciphertext's serialized size varies slightly (TenSEAL compresses it), so those carry
     the bounds of tests/test_he.py (one query chunk and one reply at most 100 000 bytes each)."""
@@ -339,9 +340,10 @@ def test_token_selection_recovers_the_chosen_id_under_the_permutation():
 
     def call(ctx, logits):
         if ctx.dealing:
-            return select_token(ctx, logits)
+            return select_token(ctx, logits, mode="bfv")
         user = ctx.role is Role.USER
-        return select_token(ctx, logits, (lambda v: int(np.argmax(v))) if user else None, client if user else server)
+        choose = (lambda v: int(np.argmax(v))) if user else None
+        return select_token(ctx, logits, choose, client if user else server, mode="bfv")
 
     run = run_call(call, lo, lu, Shared.placeholder((1, vocab), LINEAR_BITS))
     assert run.user == int(torch.argmax(z)) and run.owner is None

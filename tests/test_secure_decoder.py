@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, deal, private_generate_inprocess, run_pair
+from parties.inprocess import Seeds, deal, run_pair
+from parties.session import private_generate_inprocess
 from permllm.errors import ProtocolError
 from permllm.fixed import decode
-from permllm.he import IndexLookupClient, IndexLookupServer
 from permllm.model.reference import DecoderReference
 from protocols.basic import reveal_to
 from protocols.context import Role
@@ -83,10 +83,8 @@ def _generate(weights, prompt, budget, *, sampling, fold_norms=True):
         )
 
     owner_mat, user_mat = deal(party(helper_weights(arch)), SEEDS, masks.__getitem__)
-    client = IndexLookupClient(arch.vocab)
-    server = IndexLookupServer(client.public_context())
-    user = party(user_w, prompt_ids=list(prompt), choose=token_chooser(sampling), lookup=client)
-    run = run_pair(party(owner_w, lookup=server), user, owner_mat, user_mat)
+    user = party(user_w, prompt_ids=list(prompt), choose=token_chooser(sampling))
+    run = run_pair(party(owner_w), user, owner_mat, user_mat)
     return run.user, run
 
 

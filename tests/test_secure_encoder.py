@@ -6,29 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, deal, private_embed_inprocess, run_pair
+from parties.inprocess import deal, run_pair
+from parties.session import private_embed_inprocess
 from permllm.model.reference import encoder_embed
 from permllm.transport.frames import header_length
 from protocols.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
 from protocols.model.secure_encoder import SecureEncoder
 from tests.tiny_encoder import tiny_encoder
 
-SEEDS = Seeds(owner=bytes(16), user=bytes([1]) * 16)
-
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def _secure_embedding(weights, ids):
+def _secure_embedding(weights, ids, seeds):
     """One sentence through deal + run_pair, checking that the dry run dealt exactly what was taken."""
     arch = EncoderArch.from_config(weights.config)
     n = len(ids)
-    owner_w = owner_weights(weights, SEEDS.owner)
+    owner_w = owner_weights(weights, seeds.owner)
     user_w = {name: user_weight(name, arch, w.local - w.mask) for name, w in owner_w.items()}
     masks = {name: w.mask for name, w in owner_w.items()}
     owner_mat, user_mat = deal(
-        lambda ctx: SecureEncoder(arch, helper_weights(arch), n).embed(ctx, None, n), SEEDS, masks.__getitem__
+        lambda ctx: SecureEncoder(arch, helper_weights(arch), n).embed(ctx, None, n), seeds, masks.__getitem__
     )
     dealt = owner_mat.remaining
     run = run_pair(
@@ -68,10 +67,10 @@ def _header_bytes(arch: EncoderArch) -> int:
     return sum(header_length(len(tag), ndim) for tag, ndim in messages)
 
 
-def test_tiny_secure_embedding_matches_float64_reference():
+def test_tiny_secure_embedding_matches_float64_reference(seeds):
     weights = tiny_encoder(seed=1)
     ids = [2, 17, 5, 33, 8, 41, 49, 3]
-    got, run, dealt = _secure_embedding(weights, ids)
+    got, run, dealt = _secure_embedding(weights, ids, seeds)
     want = encoder_embed(weights, ids).numpy()
     assert got.shape == (weights.config.hidden_size,)
     # fixed-point error: LN outputs and softmax/GeLU outputs re-shared at 2^-17 (half an ulp at 16 bits),
@@ -86,12 +85,12 @@ def test_tiny_secure_embedding_matches_float64_reference():
     assert dealt == 3 + 12 * arch.layers
 
 
-def test_tiny_flights_and_bytes_of_one_embedding():
+def test_tiny_flights_and_bytes_of_one_embedding(seeds):
     weights = tiny_encoder(seed=2)
     arch = EncoderArch.from_config(weights.config)
     ids = [4, 9, 16, 25, 36, 49, 1]
     n = len(ids)
-    _, run, _ = _secure_embedding(weights, ids)
+    _, run, _ = _secure_embedding(weights, ids, seeds)
     # 17 messages per layer in sequence, but 5 (the user's mask message of the softmax, the output
     # projection, both LNs and the GeLU) leave the user right after its previous message (its share
     # is already known to it), so the critical path is 12 per layer; outside the layers: the one-hot
@@ -109,11 +108,11 @@ def test_tiny_flights_and_bytes_of_one_embedding():
     assert run.bytes_owner_to_user < run.bytes_user_to_owner
 
 
-def test_tiny_batch_session_and_unnormalized_mean_pool():
+def test_tiny_batch_session_and_unnormalized_mean_pool(seeds):
     weights = tiny_encoder(seed=3)
     arch = EncoderArch.from_config(weights.config)
     sentences = [[2, 11, 7, 3], [2, 30, 31, 32, 33, 34, 35, 36, 37, 3], [5]]
-    result = private_embed_inprocess(weights, sentences, seeds=SEEDS, normalize=False)
+    result = private_embed_inprocess(weights, sentences, seeds=seeds, normalize=False)
     assert result.embedding.shape == (3, arch.hidden)
     for got, ids in zip(result.embedding, sentences):
         want = encoder_embed(weights, ids, normalize=False).numpy()
@@ -125,17 +124,17 @@ def test_tiny_batch_session_and_unnormalized_mean_pool():
     assert result.dealt_calls == 3 * (3 + 12 * arch.layers)
     # same seeds: the first sentence of the session takes the same material as a session of its own,
     # so its (exact ring) result is identical; only the user's final division and normalisation differ
-    single = private_embed_inprocess(weights, sentences[0], seeds=SEEDS)
+    single = private_embed_inprocess(weights, sentences[0], seeds=seeds)
     first = result.embedding[0]
     np.testing.assert_allclose(single.embedding, first / np.linalg.norm(first), rtol=0, atol=1e-15)
     assert single.run.flights == 4 + 12 * arch.layers
 
 
-def test_tiny_owner_weights_hide_norm_parameters_and_fold_them_exactly():
+def test_tiny_owner_weights_hide_norm_parameters_and_fold_them_exactly(seeds):
     """The user's W~ is masked and carries no bias; the owner's folded layers reproduce the LN."""
     weights = tiny_encoder(seed=4)
     arch = EncoderArch.from_config(weights.config)
-    owner_w = owner_weights(weights, SEEDS.owner)
+    owner_w = owner_weights(weights, seeds.owner)
     for name, w in owner_w.items():
         user = user_weight(name, arch, w.local - w.mask)
         assert user.bias is None and user.mask is None
@@ -157,9 +156,8 @@ def test_tiny_owner_weights_hide_norm_parameters_and_fold_them_exactly():
     torch.testing.assert_close(x_hat @ w_cat + b_cat, torch.cat([ln, ln @ layer.w_in + layer.b_in], dim=1))
 
 
-def test_prepared_length_is_enforced():
-    weights = tiny_encoder(seed=5)
-    arch = EncoderArch.from_config(weights.config)
+def test_prepared_length_is_enforced(tiny_encoder_weights):
+    arch = EncoderArch.from_config(tiny_encoder_weights.config)
     with pytest.raises(ValueError):
         SecureEncoder(arch, helper_weights(arch), arch.max_positions + 1)
     encoder = SecureEncoder(arch, helper_weights(arch), 4)
@@ -173,10 +171,10 @@ def test_prepared_length_is_enforced():
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from permllm.model.loading import load_model
+def minilm(minilm_dir):
+    from permllm.model.loading import load_encoder
 
-    return load_model("minilm")
+    return load_encoder(minilm_dir)
 
 
 def _minilm_token_ids(tokenizer, sentences):
@@ -184,12 +182,12 @@ def _minilm_token_ids(tokenizer, sentences):
     return [list(tokenizer(s, truncation=True)["input_ids"]) for s in sentences]
 
 
-def _check_minilm(minilm, sentences):
+def _check_minilm(minilm, sentences, seeds):
     weights, tokenizer = minilm
     arch = EncoderArch.from_config(weights.config)
     ids = _minilm_token_ids(tokenizer, sentences)
     assert all(s[0] == tokenizer.cls_token_id and s[-1] == tokenizer.sep_token_id for s in ids)
-    result = private_embed_inprocess(weights, ids, seeds=SEEDS)
+    result = private_embed_inprocess(weights, ids, seeds=seeds)
     for got, sentence_ids in zip(result.embedding, ids):
         want = encoder_embed(weights, sentence_ids).numpy()
         # the issue's requirement is 0.999; observed >= 0.99999986 (max abs error <= 1.1e-4)
@@ -200,15 +198,15 @@ def _check_minilm(minilm, sentences):
     assert result.run.bytes_total == payload + len(ids) * _header_bytes(arch)
 
 
-def test_minilm_secure_embeddings_match_plaintext_ci(minilm):
+def test_minilm_secure_embeddings_match_plaintext_ci(minilm, seeds):
     from permllm.model.prompts import MINILM_SENTENCES
 
     # short, medium, the longest (code, 37 tokens) and the shortest
-    _check_minilm(minilm, [MINILM_SENTENCES[i] for i in (0, 2, 7, 9)])
+    _check_minilm(minilm, [MINILM_SENTENCES[i] for i in (0, 2, 7, 9)], seeds)
 
 
 @pytest.mark.slow
-def test_minilm_secure_embeddings_match_plaintext_all(minilm):
+def test_minilm_secure_embeddings_match_plaintext_all(minilm, seeds):
     from permllm.model.prompts import MINILM_SENTENCES
 
-    _check_minilm(minilm, MINILM_SENTENCES)
+    _check_minilm(minilm, MINILM_SENTENCES, seeds)

@@ -1,6 +1,6 @@
 """What each party actually receives in a real session, checked against what it must not learn.
 
-Sessions run end to end (prefill, token-by-token generation, BFV token selection) on the tiny model
+Sessions run end to end (prefill, token-by-token generation, table token selection) on the tiny model
 of tests/tiny_model.py: once with `private_generate_inprocess(..., wrap_channel=...)` (owner and user
 over a recorded in-memory channel, in-process dealing), once as the three roles of `parties.roles`
 (owner, user and helper over three recorded in-memory channel pairs: hello, plans, seeds, masked
@@ -9,14 +9,14 @@ weights, streamed material, online phase), and once on the real SmolLM2-135M for
 
 What a party receives falls into three kinds, and every frame is classified (an unknown tag fails):
   * ring payloads: int64 tensors in Z_2^64 (masked shares, masked openings, masked weights, dealt
-    material). These must look uniform and be independent of the other party's secrets.
-  * BFV ciphertexts (raw bytes, tags sel.q*, sel.r) and the BFV public context: RLWE ciphertexts
-    under the user's key. Their bytes are NOT uniform (TenSEAL/SEAL serialization headers, and
-    coefficients below 36-37-bit primes in 64-bit words), so byte statistics would fail for reasons
-    that have nothing to do with leakage; their security is RLWE's, see permllm/he.py.
-  * control frames: JSON (hello/welcome/plans), 16-byte seeds, material record headers, and two
-    int64 control values: "sel.n" (the number of query ciphertexts, a public constant) and
+    material, the selection's padded table sel.table). These must look uniform and be independent of
+    the other party's secrets.
+  * indices in [0, V): the selection's shift "sel.delta" (user -> owner) and the dealt index "jstar"
+    (helper -> user). Uniform over the vocabulary, not over the ring, so they are checked for range
+    here and for uniformity and independence in tests/test_selection.py.
+  * control frames: JSON (hello/welcome/plans), 16-byte seeds, material record headers, and the int64
     "continue" (the stop flag, which reveals the number of generated tokens, public by design).
+  No BFV ciphertext travels: the sessions use the default table selection.
 
 Statistical bounds (each states its false-positive probability under the uniform hypothesis):
   * per-bit balance: every one of the 64 bit positions has |z| <= 6, z = (ones - N/2) / (sqrt(N)/2);
@@ -38,7 +38,8 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import Seeds, private_generate_inprocess
+from parties.inprocess import Seeds
+from parties.session import private_generate_inprocess
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.kernels import scatter_rows
 from permllm.prg import Prg
@@ -72,9 +73,9 @@ OWNER_RING_TAGS = re.compile(
     r"trunc|prod\.L\d+\.[kv])$"
 )
 # tags the user may receive from the owner during the online phase
-USER_RING_TAGS = re.compile(r"^(L\d+\.(n1|n2|sm|act)\.perm|fnorm\.perm|sel\.perm|trunc|prod\.L\d+\.[kv])$")
-CONTROL_INT64_TAGS = {"sel.n", "continue"}
-CIPHERTEXT_TAGS = re.compile(r"^sel\.(q\d+|r)$")
+USER_RING_TAGS = re.compile(r"^(L\d+\.(n1|n2|sm|act)\.perm|fnorm\.perm|sel\.perm|sel\.table|trunc|prod\.L\d+\.[kv])$")
+CONTROL_INT64_TAGS = {"sel.delta", "continue"}
+CIPHERTEXT_TAGS = re.compile(r"^sel\.(q\d+|r)$")  # the "bfv" selection only; none in these sessions
 
 
 def _uniformity(words: np.ndarray, what: str, seeds: Seeds | None = None) -> tuple[float, float]:
@@ -220,23 +221,21 @@ def tiny_session() -> InProcessSession:
     return _run_inprocess(tiny_decoder(seed=3), PROMPT, NEW_TOKENS, Seeds.fresh())
 
 
-def test_owner_receives_masked_ring_words_ciphertexts_and_public_control_values_only(tiny_session):
+def test_owner_receives_masked_ring_words_shifts_and_public_control_values_only(tiny_session):
     s = tiny_session
     vocab = s.weights.config.vocab_size
     ring, control, ciphertexts = _classify_owner_received(s.transcript.received_by("owner"))
-    assert ring and ciphertexts
+    assert ring and not ciphertexts
     steps = len(s.tokens)
-    # sel.n: the number of query ciphertexts, the same public constant at every step (1 chunk for 97 ids)
-    counts = [int(m.array()[0]) for m in control if m.tag == "sel.n"]
-    assert counts == [1] * steps
+    # sel.delta: one shift in [0, V) per chosen token (uniform: tests/test_selection.py)
+    shifts = [int(m.array()[0]) for m in control if m.tag == "sel.delta"]
+    assert len(shifts) == steps and all(0 <= d < vocab for d in shifts)
     # continue: one 0/1 flag after each token but the last by budget; it makes the answer length public
     flags = [int(m.array()[0]) for m in control if m.tag == "continue"]
     if steps < NEW_TOKENS:  # stopped at an end-of-sequence token
         assert flags == [1] * (steps - 1) + [0]
     else:
         assert flags in ([1] * (NEW_TOKENS - 1), [1] * (steps - 1))
-    # the ciphertext query has the same number of chunks at every step, whatever token was chosen
-    assert [m.tag for m in ciphertexts] == ["sel.q0"] * steps
     # the embedding input of every step is the right shape and is not the plaintext one-hot
     embeds = [m for m in ring if m.tag == "lin.embed"]
     assert [m.shape for m in embeds] == [(len(s.prompt), vocab)] + [(1, vocab)] * (steps - 1)
@@ -248,12 +247,18 @@ def test_owner_ring_words_are_uniform(tiny_session):
     _uniformity(s.transcript.ring_words(ring), "owner's online ring words", s.seeds)
 
 
+def _dealt_ring_words(records) -> np.ndarray:
+    """Every dealt ring word; the selection's index j* (in [0, V), not a ring word) is left out."""
+    words = [t.numpy().reshape(-1) for r in records for name, t in r.tensors.items() if name != "jstar"]
+    return np.concatenate(words)
+
+
 def test_owner_dealt_material_is_uniform(tiny_session):
     """In-process dealing has no channel: the records the dealer hands the owner stand for the helper's
     messages to the owner (the three-role test below checks the same over a channel)."""
     s = tiny_session
-    words = np.concatenate([t.numpy().reshape(-1) for r in s.dealt["owner"] for t in r.tensors.values()])
-    _uniformity(words, "owner's dealt material", s.seeds)
+    assert not any("jstar" in r.tensors for r in s.dealt["owner"])
+    _uniformity(_dealt_ring_words(s.dealt["owner"]), "owner's dealt material", s.seeds)
 
 
 def test_owner_never_receives_token_ids_one_hots_or_embedding_rows(tiny_session):
@@ -349,13 +354,15 @@ def test_owner_cannot_recover_normalized_activations_from_its_view(tiny_session)
 def test_user_receives_nothing_correlated_with_the_weights(tiny_session):
     s = tiny_session
     ring, ciphertexts = _classify_user_received(s.transcript.received_by("user"))
-    assert ring and len([m for m in ciphertexts if m.tag == "sel.r"]) == len(s.tokens)
+    assert ring and not ciphertexts and len([m for m in ring if m.tag == "sel.table"]) == len(s.tokens)
     total = max(m.words().size for m in ring)
     worst, checked = _max_weight_correlation(ring, _reference_words(s.weights, total))
     assert checked >= 30
     _uniformity(s.transcript.ring_words(ring), "user's online ring words", s.seeds)
-    dealt = np.concatenate([t.numpy().reshape(-1) for r in s.dealt["user"] for t in r.tensors.values()])
-    _uniformity(dealt, "user's dealt material", s.seeds)
+    _uniformity(_dealt_ring_words(s.dealt["user"]), "user's dealt material", s.seeds)
+    vocab = s.weights.config.vocab_size
+    jstars = [int(r.tensors["jstar"][0]) for r in s.dealt["user"] if "jstar" in r.tensors]
+    assert len(jstars) == len(s.tokens) and all(0 <= j < vocab for j in jstars)
 
 
 def test_norm_gains_never_reach_the_user(tiny_session):
@@ -423,9 +430,19 @@ def test_helper_receives_exactly_the_public_plans_and_two_seeds(roles_session):
     owner_plan, user_plan = json.loads(owner_plan), json.loads(user_plan)
     arch = DecoderArch.from_config(roles_session.weights.config)
     # exactly the public model card: name, architecture and its fingerprint, plus the session id
-    assert set(owner_plan) == {"protocol", "session", "model", "arch", "fingerprint", "prompt_tokens", "max_new_tokens"}
+    assert set(owner_plan) == {
+        "protocol",
+        "session",
+        "model",
+        "arch",
+        "fingerprint",
+        "prompt_tokens",
+        "max_new_tokens",
+        "selection",
+    }
     assert owner_plan["model"] == "smollm2" and owner_plan["arch"] == arch.to_dict()  # no weight
-    assert set(user_plan) == {"protocol", "session", "fingerprint", "prompt_tokens", "max_new_tokens"}
+    assert set(user_plan) == {"protocol", "session", "fingerprint", "prompt_tokens", "max_new_tokens", "selection"}
+    assert owner_plan["selection"] == user_plan["selection"] == "table"
     assert user_plan["prompt_tokens"] == len(roles_session.prompt_ids)  # the prompt length is public, not the prompt
     assert (
         owner_plan["prompt_tokens"] == user_plan["prompt_tokens"]
@@ -478,15 +495,26 @@ def test_user_receives_only_public_data_and_masked_values_from_the_owner(roles_s
     _max_weight_correlation(ring, _reference_words(s.weights, max(m.words().size for m in ring)))
 
 
-def test_owner_receives_only_the_public_plan_the_bfv_context_and_masked_values(roles_session):
+def test_owner_receives_only_the_public_plan_and_masked_values(roles_session):
     import json
 
     s = roles_session
     received = s.transcript.received_by("owner", sender="user")
-    assert [m.tag for m in received[:2]] == ["hello", "he.context"]
+    assert received[0].tag == "hello" and "he.context" not in {m.tag for m in received}
     hello = json.loads(received[0].payload)
-    assert set(hello) == {"protocol", "model", "prompt_tokens", "max_new_tokens", "act_bits", "weight_bits", "session"}
-    ring, _, _ = _classify_owner_received(received[2:])
+    assert set(hello) == {
+        "protocol",
+        "model",
+        "prompt_tokens",
+        "max_new_tokens",
+        "act_bits",
+        "weight_bits",
+        "session",
+        "selection",
+    }
+    assert hello["selection"] == "table"
+    ring, _, ciphertexts = _classify_owner_received(received[1:])
+    assert not ciphertexts
     tokens = s.reports["user"]["token_ids"]
     _check_owner_never_sees_plaintext(ring, s.weights, s.prompt_ids, tokens, s.weights.config.vocab_size)
     _uniformity(s.transcript.ring_words(ring), "owner's online ring words (three roles)")
@@ -494,6 +522,7 @@ def test_owner_receives_only_the_public_plan_the_bfv_context_and_masked_values(r
 
 # ------------------------------------------------------------------------------------------ SmolLM2
 @pytest.mark.slow
+@pytest.mark.model
 def test_smollm2_transcript_for_two_tokens():
     """The real model, 31 prompt tokens and 2 generated: the owner's words are uniform and hold no token,
     the user's hold no gain and nothing correlated with the weights, permutations are fresh.

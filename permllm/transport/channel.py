@@ -7,8 +7,9 @@ A concrete transport (MemoryChannel, ZmqChannel) implements three primitives onl
   arrived within `timeout_s` seconds (None = wait forever); raises PeerGone when the peer has gone;
 * `_close_transport()` releases the transport's resources.
 
-Everything else lives here: payload conversion, headers, sequence numbers, flight depth, byte
-counters, and validation of what arrives (tag, dtype, shape, size, order).
+Everything else is shared: payload conversion (`codec`), headers and their bounds (`frames`), and,
+here, sequence numbers, flight depth, byte counters and validation of what arrives (tag, dtype,
+shape, size, depth, order), all before anything is allocated or reshaped for the payload.
 
 Wrappers such as `netsim.NetSim` override `_send` (which takes a `deliver_at_ns` keyword that is
 stamped into the header) and `_receive` (which returns the validated header along with the payload)
@@ -23,30 +24,23 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from permllm.errors import ChannelTimeout, PeerGone, ProtocolError
+from permllm.transport.codec import as_byte_view, expected_dtype, payload_array, to_wire_array
 from permllm.transport.frames import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_FLIGHT_DEPTH,
     Header,
     check_payload,
+    check_shape,
     check_tag,
     decode_header,
     encode_header,
-    wire_dtype,
 )
 
-DEFAULT_TIMEOUT_S = 60.0
+__all__ = ["DEFAULT_TIMEOUT_S", "Channel", "ChannelStats", "FlightClock", "Received", "to_wire_array"]
 
-_TORCH_TO_NUMPY = {
-    torch.int64: np.dtype("<i8"),
-    torch.float64: np.dtype("<f8"),
-    torch.float32: np.dtype("<f4"),
-    torch.int32: np.dtype("<i4"),
-    torch.uint8: np.dtype("u1"),
-}
-if hasattr(torch, "uint64"):
-    _TORCH_TO_NUMPY[torch.uint64] = np.dtype("<u8")
+DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -101,7 +95,12 @@ class FlightClock:
             return self._depth + 1
 
     def observe(self, depth: int) -> None:
-        """Record the depth carried by a received frame."""
+        """Record the depth carried by a received frame.
+
+        Raises ProtocolError, leaving the clock as it was, for a depth over MAX_FLIGHT_DEPTH (a peer
+        claiming 2^32 - 1 would otherwise make every later send of this party unencodable)."""
+        if not 0 <= depth <= MAX_FLIGHT_DEPTH:
+            raise ProtocolError(f"flight depth {depth} outside 0..{MAX_FLIGHT_DEPTH}")
         with self._lock:
             if depth > self._depth:
                 self._depth = depth
@@ -113,45 +112,6 @@ class Received:
 
     header: Header
     payload: object
-
-
-def to_wire_array(payload) -> np.ndarray:
-    """Convert a payload to a C-contiguous little-endian numpy array of a supported dtype.
-
-    payload: numpy array or scalar, CPU torch tensor (moved to the CPU and made contiguous when
-    needed; no copy otherwise), or bytes / bytearray / memoryview (sent as a 1-D uint8 array).
-    Returns a numpy array that may share memory with `payload`.
-    Raises ProtocolError for an unsupported dtype, TypeError for any other kind of object.
-    """
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return np.frombuffer(payload, dtype=np.uint8)
-    if isinstance(payload, torch.Tensor):
-        dtype = _TORCH_TO_NUMPY.get(payload.dtype)
-        if dtype is None:
-            raise ProtocolError(
-                f"unsupported torch dtype {payload.dtype}; supported: {sorted(map(str, _TORCH_TO_NUMPY))}"
-            )
-        tensor = payload.detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
-        if tensor.is_conj() or tensor.is_neg():
-            tensor = tensor.resolve_conj().resolve_neg()
-        payload = tensor.contiguous().numpy()
-    elif isinstance(payload, np.generic):
-        payload = np.asarray(payload)
-    if not isinstance(payload, np.ndarray):
-        raise TypeError(f"payload must be a numpy array, torch tensor or bytes, got {type(payload).__name__}")
-    dtype = wire_dtype(payload.dtype)
-    if payload.dtype != dtype:
-        payload = payload.astype(dtype)
-    if not payload.flags.c_contiguous:
-        payload = payload.copy(order="C")
-    return payload
-
-
-def _as_byte_view(array: np.ndarray) -> memoryview:
-    """A flat byte memoryview over a C-contiguous array (works for 0-d and empty arrays)."""
-    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 class Channel(ABC):
@@ -244,7 +204,7 @@ class Channel(ABC):
         message = self._receive(tag, timeout)
         header = message.header
         if dtype is not None:
-            expected = _expected_dtype(dtype)
+            expected = expected_dtype(dtype)
             if header.dtype != expected:
                 raise ProtocolError(
                     f"peer {self.peer!r}, tag {tag!r}: expected dtype {expected}, "
@@ -257,10 +217,7 @@ class Channel(ABC):
                     f"peer {self.peer!r}, tag {tag!r}: expected shape {expected_shape}, "
                     f"received {header.shape} ({header.dtype})"
                 )
-        array = np.frombuffer(message.payload, dtype=header.dtype).reshape(header.shape)
-        if not array.flags.aligned or not array.flags.writeable:
-            array = array.copy()
-        return array
+        return payload_array(header, message.payload, self.peer)
 
     def recv_bytes(self, tag: str, *, max_len: int | None = None, timeout: float | None = None) -> bytes:
         """Receive the next message, which must be raw bytes under `tag`, and return them.
@@ -310,7 +267,8 @@ class Channel(ABC):
                 f"tag {tag!r} to peer {self.peer!r}: payload of {array.nbytes} bytes "
                 f"is over the maximum of {self._max_payload_bytes}"
             )
-        body = _as_byte_view(array)
+        check_shape(tag, array.shape, array.dtype, self._max_payload_bytes)
+        body = as_byte_view(array)
         with self._send_lock:
             if self._closed:
                 raise PeerGone(f"cannot send tag {tag!r}: this end of the channel to peer {self.peer!r} is closed")
@@ -395,13 +353,3 @@ def _check_timeout(timeout: float) -> float:
     if not value > 0:
         raise ValueError(f"timeout must be a positive number of seconds (math.inf for none), got {timeout!r}")
     return value
-
-
-def _expected_dtype(dtype) -> np.dtype:
-    """Resolve a dtype given as a numpy dtype/type/name or a torch dtype to its wire dtype."""
-    if isinstance(dtype, torch.dtype):
-        resolved = _TORCH_TO_NUMPY.get(dtype)
-        if resolved is None:
-            raise ProtocolError(f"unsupported torch dtype {dtype}")
-        return resolved
-    return wire_dtype(dtype)

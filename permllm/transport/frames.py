@@ -33,6 +33,9 @@ FRAME_VERSION = 1
 MAX_NDIM = 8
 MAX_TAG_LEN = 64
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024**3
+MAX_FLIGHT_DEPTH = 2**31
+"""Largest flight depth a receiver accepts: far beyond any session, and far enough below the u32
+field's limit that the depth + 1 this party stamps next always fits."""
 
 _FIXED = struct.Struct("<4sBBBBQIQ")
 FIXED_HEADER_LEN = _FIXED.size  # 28
@@ -191,20 +194,45 @@ def decode_header(buf) -> Header:
     )
 
 
-def check_payload(header: Header, payload_len: int, max_payload_bytes: int) -> None:
-    """Check a payload length against its header and the receiver's size limit.
+def check_shape(tag: str, shape: tuple[int, ...], dtype: np.dtype, max_payload_bytes: int) -> None:
+    """Check that a shape fits `max_payload_bytes` dimension by dimension, zero dimensions included.
 
-    The declared size is compared with `max_payload_bytes` first, using exact integers, so a header
-    claiming e.g. 2^60 bytes is rejected before anything is allocated for it.
-    Raises ProtocolError on an oversized declaration or when `payload_len` differs from the
-    declared prod(shape) * itemsize.
+    The product of the dimensions, each counted as at least 1, times the itemsize must be at most
+    `max_payload_bytes`: so a shape like (0, 2^63), whose payload is empty, is refused as well, and
+    numpy never sees a dimension it cannot index. Exact integers, nothing allocated.
+    Raises ProtocolError naming the tag and the shape.
     """
-    declared = header.payload_nbytes
+    if len(shape) > MAX_NDIM:
+        raise ProtocolError(f"frame {tag!r} has {len(shape)} dimensions, at most {MAX_NDIM}")
+    declared = math.prod(shape) * dtype.itemsize
     if declared > max_payload_bytes:
         raise ProtocolError(
-            f"frame {header.tag!r} declares {declared} payload bytes (shape {header.shape}, {header.dtype}), "
+            f"frame {tag!r} declares {declared} payload bytes (shape {shape}, {dtype}), "
             f"over the maximum of {max_payload_bytes}"
         )
+    extent = math.prod(max(dim, 1) for dim in shape) * dtype.itemsize
+    if extent > max_payload_bytes:
+        raise ProtocolError(
+            f"frame {tag!r} declares shape {shape} ({dtype}) with a dimension spanning {extent} bytes, "
+            f"over the maximum of {max_payload_bytes}"
+        )
+
+
+def check_payload(header: Header, payload_len: int, max_payload_bytes: int) -> None:
+    """Check a received header's shape, size and depth against its payload and the receiver's limits.
+
+    Every dimension is checked against `max_payload_bytes` first (`check_shape`), using exact
+    integers, so a header claiming e.g. 2^60 bytes, or a (0, 2^63) shape, is rejected before
+    anything is allocated or reshaped for it. Raises ProtocolError on an oversized or unbounded
+    shape, a flight depth over MAX_FLIGHT_DEPTH, or when `payload_len` differs from the declared
+    prod(shape) * itemsize.
+    """
+    check_shape(header.tag, header.shape, header.dtype, max_payload_bytes)
+    if header.depth > MAX_FLIGHT_DEPTH:
+        raise ProtocolError(
+            f"frame {header.tag!r} claims flight depth {header.depth}, over the maximum of {MAX_FLIGHT_DEPTH}"
+        )
+    declared = header.payload_nbytes
     if payload_len != declared:
         kind = "truncated" if payload_len < declared else "overlong"
         raise ProtocolError(

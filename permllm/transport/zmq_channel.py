@@ -12,8 +12,14 @@ the socket closes with the configured linger, 0 s by default, which may drop it)
 
 Memory bound: the socket's ZMQ_MAXMSGSIZE is set to max_payload_bytes (at least the largest header),
 so libzmq drops a connection that tries to send a larger message part instead of allocating it;
-the receiver then sees a ChannelTimeout. Declared sizes within that bound are checked against the
-header before the payload is interpreted.
+the receiver then sees a ChannelTimeout. ZMQ_MAXMSGSIZE is fixed when a connection is made, so a
+channel that only carries control messages should be opened with a small max_payload_bytes; the
+per-message limits of `recv` / `recv_bytes` apply after libzmq has taken the frame in. The receive
+high-water mark is RECEIVE_HWM frames (the send side holds SEND_HWM of its own frames instead, so
+as much traffic can be in flight as with libzmq's defaults): what a peer can make this end hold is
+about RECEIVE_HWM * max_payload_bytes. Parts are read one by one: a message of more than two parts
+is refused at its third part, and the channel then refuses every later receive (it is out of step).
+Declared sizes within that bound are checked against the header before the payload is interpreted.
 
 Encryption hook: pass CURVE keys (z85 text or 32 raw bytes, e.g. from `zmq.curve_keypair()`):
 the server side (usually the binding one) passes `curve_server=True, curve_secret_key=...`, the
@@ -40,6 +46,8 @@ GOODBYE = b"PLM1-BYE"
 ZERO_COPY_MIN_BYTES = zmq.COPY_THRESHOLD
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 _HANDSHAKE_EVENTS = _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+RECEIVE_HWM = 8
+SEND_HWM = 2000
 
 
 class ZmqChannel(Channel):
@@ -64,8 +72,13 @@ class ZmqChannel(Channel):
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
         self._monitor = None
+        self._out_of_step = False
         self.failed_handshakes = 0
         """CURVE handshakes that failed since the last one that succeeded (clients only)."""
+        self.peer_user_id: str | None = None
+        """CURVE servers: the User-Id the ZAP handler gave the connection the last message came in on
+        (pyzmq's authenticators: the client's public key in z85), None before that or without one."""
+        self._reads_user_id = False
 
     def _watch_handshakes(self) -> None:
         """Follow this CURVE client socket's handshake events (see the module docstring)."""
@@ -137,6 +150,8 @@ class ZmqChannel(Channel):
         try:
             socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
             socket.setsockopt(zmq.MAXMSGSIZE, max(int(max_payload_bytes), MAX_HEADER_LEN))
+            socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+            socket.setsockopt(zmq.SNDHWM, SEND_HWM)
             send_timeout_s = float(timeout)
             socket.setsockopt(
                 zmq.SNDTIMEO, -1 if send_timeout_s == float("inf") else max(1, int(send_timeout_s * 1000))
@@ -153,6 +168,7 @@ class ZmqChannel(Channel):
             )
             if curve_server_key is not None:
                 channel._watch_handshakes()
+            channel._reads_user_id = curve_server
             if binding:
                 socket.bind(addr)
             else:
@@ -189,7 +205,10 @@ class ZmqChannel(Channel):
 
     def _recv_frame(self, timeout_s: float | None):
         """Poll for the next message; return (header_buffer, payload_buffer) or None on timeout.
-        Raises PeerGone on the peer's goodbye, ProtocolError on a message that is not 2 parts."""
+        Raises PeerGone on the peer's goodbye, ProtocolError on a message that is not 2 parts (read
+        part by part: a third part is refused before any further part is taken)."""
+        if self._out_of_step:
+            raise ProtocolError(f"the channel to peer {self.peer!r} is out of step after a malformed message")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -200,14 +219,21 @@ class ZmqChannel(Channel):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 return None
-        parts = self._socket.recv_multipart(copy=False)
-        if len(parts) == 1 and parts[0].bytes == GOODBYE:
-            raise PeerGone(f"peer {self.peer!r} closed the channel")
-        if len(parts) != 2:
+        header = self._socket.recv(copy=False)
+        if self._reads_user_id:
+            self.peer_user_id = _user_id(header)
+        if not header.more:
+            if header.bytes == GOODBYE:
+                raise PeerGone(f"peer {self.peer!r} closed the channel")
+            raise ProtocolError(f"expected a 2-part frame [header, payload] from peer {self.peer!r}, received 1 part")
+        payload = self._socket.recv(copy=False)
+        if payload.more:
+            self._out_of_step = True
             raise ProtocolError(
-                f"expected a 2-part frame [header, payload] from peer {self.peer!r}, received {len(parts)} parts"
+                f"expected a 2-part frame [header, payload] from peer {self.peer!r}, received 3 parts "
+                "(refused at the third, the rest left unread)"
             )
-        return parts[0].buffer, parts[1].buffer
+        return header.buffer, payload.buffer
 
     def _close_transport(self) -> None:
         """Send the goodbye message (best effort), close the socket and any private context."""
@@ -222,6 +248,13 @@ class ZmqChannel(Channel):
         self._socket.close()
         if self._owned_context is not None:
             self._owned_context.term()
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:  # no ZAP handler gave one
+        return None
 
 
 def _curve_options(secret_key, public_key, server_key, server: bool) -> list[tuple[int, object]]:

@@ -7,6 +7,8 @@
 Stopping: after each chosen token the user tells the owner whether to go on (one int64 sent in the
 same flight as the next embedding message, so it adds no flight). This reveals the answer's length
 to the owner, as any protocol that stops early must.
+Token selection: `selection` names the mode of `protocols.selection.select_token` ("table", with
+helper-dealt material, by default; "bfv" takes a `lookup` on both parties and is not secure yet).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from permllm.errors import ConfigError
-from protocols.selection import select_token
+from protocols.selection import TABLE, select_token
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ def generate(
     prompt_ids: list[int] | None = None,
     eos_ids: frozenset[int] = frozenset(),
     choose: Callable[[np.ndarray], int] | None = None,
+    selection: str = TABLE,
     lookup=None,
     on_token: Callable[[int], None] | None = None,
     trace: GenerationTrace | None = None,
@@ -83,7 +86,7 @@ def generate(
     choose = decoder.normalized_chooser(choose)  # the final norm of a decode step is folded into the choice
     tokens: list[int] = []
     for step in range(max_new_tokens):
-        token = select_token(ctx, logits, choose, lookup)
+        token = select_token(ctx, logits, choose, lookup, mode=selection)
         last_by_budget = step == max_new_tokens - 1
         if not ctx.dealing and trace is not None:
             trace.mark(ctx)

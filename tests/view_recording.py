@@ -1,0 +1,187 @@
+"""Each party's whole view of a protocol run, as tests/view_attacks.py attacks it.
+
+A party's view of protocol call i (a `CallView`) holds, as `words`:
+  own:in0, own:in1, own:out   its input and output shares
+  draw:NAME                   what it drew from the seed it shares with the helper
+  dealt:NAME                  what the helper dealt it
+  recv:TAG                    every ring tensor it received from the other party
+  and what it derives from them the way the protocol does: dU = d @ U (linear, owner), c and
+  c_high = floor(c / 2^k) - 2^(62-k) (truncation), E_X and E_Y (appending product),
+  scatter_e = pi^-1(e) (permuted evaluation, owner).
+`perms` holds its permutations, `known` what it may learn in the clear (the user's permuted
+plaintext z = pi(x)). Weights are static pseudo-calls of kind "weight" (tests/test_views.py).
+`ViewRecorder` fills the views by patching (with pytest's monkeypatch) the material, the receive path
+and, through `wrap`, the protocol functions; `derive` adds the derived words; `secrets_of` gives what
+a party must not learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from permllm.kernels import gather_rows, scatter_rows
+from permllm.ring import logical_rshift
+
+
+class LeakFound(AssertionError):
+    """A view test's attack succeeded (distinct from a failed correctness assertion)."""
+
+
+@dataclass
+class CallView:
+    index: int
+    kind: str
+    key: str
+    words: dict[str, torch.Tensor] = field(default_factory=dict)
+    known: dict[str, torch.Tensor] = field(default_factory=dict)
+    perms: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+class ViewRecorder:
+    """Patches the material, the receive path and the protocol functions to fill each party's CallViews."""
+
+    def __init__(self, monkeypatch):
+        from protocols.context import PartyContext
+        from protocols.material import CallMaterial
+
+        self.calls: dict[str, dict[int, CallView]] = {"owner": {}, "user": {}}
+        self.current: dict[str, CallView] = {}
+        take, draw, permutation, dealt, receive = (
+            PartyContext.take,
+            CallMaterial.draw,
+            CallMaterial.permutation,
+            CallMaterial.dealt,
+            PartyContext.receive,
+        )
+        recorder = self
+
+        def rec_take(ctx, kind, key):
+            mat = take(ctx, kind, key)
+            view = CallView(mat.index, kind, key)
+            recorder.calls[ctx.role.value][mat.index] = recorder.current[ctx.role.value] = view
+            mat.view = view
+            return mat
+
+        def rec_draw(mat, name, shape):
+            t = draw(mat, name, shape)
+            mat.view.words[f"draw:{name}"] = t
+            return t
+
+        def rec_permutation(mat, name, lengths):
+            p = permutation(mat, name, lengths)
+            mat.view.perms[name] = np.array(p, copy=True)
+            return p
+
+        def rec_dealt(mat, name, shape=None):
+            t = dealt(mat, name, shape)
+            mat.view.words[f"dealt:{name}"] = t
+            return t
+
+        def rec_receive(ctx, tag, shape):
+            t = receive(ctx, tag, shape)
+            recorder.current[ctx.role.value].words[f"recv:{tag}"] = t
+            return t
+
+        monkeypatch.setattr(PartyContext, "take", rec_take)
+        monkeypatch.setattr(CallMaterial, "draw", rec_draw)
+        monkeypatch.setattr(CallMaterial, "permutation", rec_permutation)
+        monkeypatch.setattr(CallMaterial, "dealt", rec_dealt)
+        monkeypatch.setattr(PartyContext, "receive", rec_receive)
+
+    def wrap(self, fn):
+        """fn(ctx, ...) recording its Shared inputs, its output share, token ids and weight name."""
+        from permllm.sharing import Shared
+        from protocols.linear import LinearWeight
+
+        def recorded(ctx, *args, **kwargs):
+            out = fn(ctx, *args, **kwargs)
+            if ctx.dealing:
+                return out
+            view = self.current[ctx.role.value]
+            shared = [a for a in args if isinstance(a, Shared)]
+            for j, a in enumerate(shared):
+                view.words[f"own:in{j}"] = a.local
+                view.info[f"bits{j}"] = a.bits
+            for a in args:
+                if isinstance(a, LinearWeight):
+                    view.info["weight"] = a.name
+            if fn.__name__ == "lookup" and args[0] is not None:
+                view.info["tokens"] = [int(t) for t in args[0]]
+            if isinstance(out, Shared):
+                view.words["own:out"] = out.local
+                view.info["out_bits"] = out.bits
+            elif isinstance(out, tuple) and out[0] is not None:  # permuted_reveal on the user's side
+                view.known["z"] = out[0]
+            return out
+
+        return recorded
+
+
+# ------------------------------------------------------------------------------------ derived words
+def derive(views: dict[str, dict[int, CallView]], masks: dict[str, torch.Tensor]) -> None:
+    """Add the words each party derives the way the protocol does, and the user's legitimate plaintext.
+    masks: the owner's weight masks U by name."""
+    for role, calls in views.items():
+        for view in calls.values():
+            w = view.words
+            if view.kind.startswith("linear:") and role == "owner":
+                d = _first(w, "recv:lin.")
+                if d is not None:
+                    w["dU"] = d @ masks[view.kind[len("linear:") :]]
+            elif view.kind == "trunc":
+                k = view.info["bits0"] - view.info["out_bits"]
+                offset = (1 << 62) if role == "owner" else 0
+                c = w["own:in0"] + w["draw:r"] + w["recv:trunc"] + offset
+                w["c"] = c
+                w["c_high"] = logical_rshift(c, k) - (1 << (62 - k))
+            elif view.kind.startswith("product:"):
+                x, y = w["own:in0"], w["own:in1"]
+                mine = torch.cat([(x - w["draw:A"]).reshape(-1), (y - w["draw:B"]).reshape(-1)])
+                opened = mine + _first(w, "recv:prod.")
+                w["E_X"], w["E_Y"] = opened[: x.numel()].reshape(x.shape), opened[x.numel() :].reshape(y.shape)
+            elif view.kind == "reveal" or view.kind.startswith("nonlinear:"):
+                if role == "owner":
+                    e = _first(w, "recv:", ".reshare")
+                    if e is not None:
+                        w["scatter_e"] = scatter_rows(e, torch.from_numpy(view.perms["pi"]))
+                else:
+                    view.known["z"] = _first(w, "recv:", ".perm") + w["dealt:c1"]
+
+
+def _first(words, prefix: str, suffix: str = ""):
+    found = [t for name, t in words.items() if name.startswith(prefix) and name.endswith(suffix)]
+    return found[0] if found else None
+
+
+def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
+    """The other party's secrets per call index, as `party` must not learn them: the plaintext inputs
+    and output of each call, and for the owner also x_u @ U (linear), one-hot(t) and U[t] (embedding),
+    z = pi(x) and Y = pi(y) (permuted evaluation: the user's plaintext)."""
+    owner, user = views["owner"], views["user"]
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for index, o in owner.items():
+        u = user[index]
+        s: dict[str, torch.Tensor] = {}
+        for name in ("in0", "in1", "out"):
+            if f"own:{name}" in o.words and f"own:{name}" in u.words:
+                s[name] = o.words[f"own:{name}"] + u.words[f"own:{name}"]
+        if party == "owner":
+            if o.kind.startswith("linear:") and "own:in0" in u.words:
+                s["x_u@U"] = u.words["own:in0"] @ masks[o.kind[len("linear:") :]]
+            if "tokens" in u.info:
+                u_mask = masks[o.kind[len("linear:") :]]
+                ids = torch.as_tensor(u.info["tokens"])
+                s["onehot"] = torch.nn.functional.one_hot(ids, u_mask.shape[0]).to(torch.int64)
+                s["U[t]"] = u_mask[ids]
+            if "pi" in o.perms and "in0" in s:
+                pi = torch.from_numpy(o.perms["pi"])
+                n = pi.numel()
+                s["z"] = gather_rows(s["in0"].reshape(n, -1).contiguous(), pi)
+                if "out" in s:
+                    s["Y"] = gather_rows(s["out"].reshape(n, -1).contiguous(), pi)
+        out[index] = s
+    return out
