@@ -20,6 +20,7 @@ reason. Run everything from the repository root with
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from contextlib import contextmanager
@@ -28,8 +29,10 @@ import numpy as np
 import torch
 
 from permllm.prg import Prg
+from tests.protocol_helpers import SEEDS
 
-CALL_STREAMS = ("v", "s", "r", "alpha", "rho", "a", "a2", "b", "b2", "A", "B", "C")
+# K: the token selection's one-time pad (its index j* is covered by tests/test_selection.py's power check)
+CALL_STREAMS = ("v", "s", "r", "alpha", "rho", "a", "a2", "b", "b2", "A", "B", "C", "K")
 MUTATIONS = ("zero", "narrow", "reuse")
 
 # which view test (in tests/test_views.py) catches each mutation
@@ -72,6 +75,9 @@ CATCHERS = {
     ("B", "zero"): "test_appending_product_views",
     ("B", "narrow"): "test_appending_product_views",
     ("B", "reuse"): "test_appending_product_views",
+    ("K", "zero"): "test_token_selection_views",
+    ("K", "narrow"): "test_token_selection_views",
+    ("K", "reuse"): "test_token_selection_views",
     ("input", "zero"): "test_input_sharing_views",
     ("input", "narrow"): "test_input_sharing_views",
 }
@@ -89,7 +95,7 @@ UNCAUGHT: dict[tuple[str, str], str] = {("C", kind): _C_REASON for kind in MUTAT
 _LINEAR = ["test_linear_is_bit_exact_and_costs_one_activation_sized_flight", "test_linear_on_dealt_input_sends_nothing"]
 _PERMUTE = [
     "test_swiglu_permutes_gate_and_up_jointly",
-    "test_token_selection_recovers_the_chosen_id_under_the_permutation",
+    "test_table_selection_gives_the_argmax_id_in_four_flights_and_exact_bytes",
 ]
 CORRECTNESS = {
     "v": _LINEAR + ["test_lookup_gives_the_rows_of_the_user_tokens_exactly"],
@@ -106,6 +112,7 @@ CORRECTNESS = {
     "A": ["test_appending_product_is_bit_exact_as_the_operand_grows"],
     "B": ["test_appending_product_is_bit_exact_as_the_operand_grows"],
     "C": ["test_appending_product_is_bit_exact_as_the_operand_grows"],
+    "K": ["test_table_selection_gives_the_argmax_id_in_four_flights_and_exact_bytes"],
     "input": ["test_share_and_reveal"],
 }
 
@@ -161,15 +168,18 @@ def mutated(name: str, kind: str):
 
 
 def _correctness_functions(name: str):
-    from tests import test_protocols, test_secure_decoder
+    from tests import test_protocols, test_secure_decoder, test_selection
 
     functions = []
     for test in CORRECTNESS[name]:
-        fn = getattr(test_protocols, test, None) or getattr(test_secure_decoder, test)
+        modules = (test_protocols, test_selection, test_secure_decoder)
+        fn = next(getattr(m, test) for m in modules if hasattr(m, test))
         if test == "test_trunc_is_exact_to_one_unit_and_never_fails":
             functions.append((test, lambda fn=fn: fn(16)))
         elif test == "test_appending_product_is_bit_exact_as_the_operand_grows":
             functions.append((test, lambda fn=fn: (fn(True), fn(False))))
+        elif "seeds" in inspect.signature(fn).parameters:  # the conftest fixture of the same name
+            functions.append((test, lambda fn=fn: fn(seeds=SEEDS)))
         else:
             functions.append((test, fn))
     return functions

@@ -41,6 +41,7 @@ def test_keygen_over_a_world_readable_secret_key_leaves_it_private(tmp_path):
     assert old.read_bytes() != b"x" * 40 + b"\n"
 
 
+@pytest.mark.processes
 def test_keygen_command_writes_one_role(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "parties.cli", "keygen", "--role", "helper", "--out", str(tmp_path)],
@@ -85,6 +86,7 @@ def test_a_missing_secret_key_names_the_keygen_command(tmp_path):
         check_secret_key_custody(tmp_path, "owner")
 
 
+@pytest.mark.processes
 def test_a_role_process_refuses_a_shared_keys_folder_before_opening_sockets(tmp_path):
     for role in ("owner", "user", "helper"):
         generate_keypair(tmp_path, role)

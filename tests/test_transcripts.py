@@ -486,7 +486,10 @@ def test_user_receives_only_public_data_and_masked_values_from_the_owner(roles_s
     received = s.transcript.received_by("user", sender="owner")
     welcome = json.loads(received[0].payload)
     assert received[0].tag == "welcome"
-    assert set(welcome) == {"protocol", "model", "arch", "fingerprint", "session", "max_positions", "eos_token_id"}
+    public = {"protocol", "model", "arch", "fingerprint", "weights_digest", "session", "max_positions", "eos_token_id"}
+    assert set(welcome) == public
+    # the weights appear in the welcome only as a SHA-256 digest (the model pin), never as values
+    assert len(welcome["weights_digest"]) == 64 and int(welcome["weights_digest"], 16) >= 0
     online = [m for m in received[1:] if not m.tag.startswith("w.")]
     ring, _ = _classify_user_received(online)
     words = [(m.tag, m.words()) for m in received[1:] if m.is_ring]

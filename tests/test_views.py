@@ -202,24 +202,22 @@ def test_permuted_nonlinear_views():
 def test_token_selection_views():
     """Three token selections over 96 logits (the second close to the first, as consecutive steps).
     The owner attacks x_o + d against the logits; the user attacks c1 against its draw a, the revealed
-    logits in place and aligned across calls. The BFV query and answer are the user's ciphertexts and
-    are not part of these attacks (their security is RLWE's, see permllm/he.py)."""
-    from permllm.he import IndexLookupClient, IndexLookupServer
-
+    logits in place and aligned across calls, and its table T = pi(shifted) + K, of which it can
+    unmask only T[j*] (with the dealt K[j*]): every other word must look uniform, alone and across
+    calls. (The power check for a fixed j*, where the owner's shift would be j itself, is in
+    tests/test_selection.py.)"""
     vocab = 96
     g = torch.Generator().manual_seed(90)
     base = torch.randn(1, vocab, generator=g, dtype=torch.float64) * 4
     logits = [base, base + 0.05 * torch.randn(1, vocab, generator=g, dtype=torch.float64)]
     logits.append(torch.randn(1, vocab, generator=g, dtype=torch.float64) * 4)
     shares = [share(encode(z, LINEAR_BITS), LINEAR_BITS, seed=91 + i) for i, z in enumerate(logits)]
-    client = IndexLookupClient(vocab)
-    server = IndexLookupServer(client.public_context())
 
     def owner(ctx, recorder):
-        return [select_token(ctx, s[0], None, server) for s in shares]
+        return [select_token(ctx, s[0], None) for s in shares]
 
     def user(ctx, recorder):
-        return [select_token(ctx, s[1], lambda v: int(np.argmax(v)), client) for s in shares]
+        return [select_token(ctx, s[1], lambda v: int(np.argmax(v))) for s in shares]
 
     def dry(ctx):
         for _ in shares:
@@ -228,8 +226,9 @@ def test_token_selection_views():
     run, views = _session(owner, user, dry, patch=[("protocols.selection.permuted_reveal", permuted_reveal)])
     assert run.user == [int(torch.argmax(z)) for z in logits] and run.owner == [None] * len(logits)
     assert run.flights == 4 * len(logits)  # each selection waits for the previous answer
-    ring_up = wire_bytes("sel.mask", (vocab, 1)) + wire_bytes("sel.n", (1,))
-    assert run.bytes_user_to_owner > len(logits) * ring_up
+    up = wire_bytes("sel.mask", (vocab, 1)) + wire_bytes("sel.delta", (1,))
+    down = wire_bytes("sel.perm", (vocab, 1)) + wire_bytes("sel.table", (vocab,))
+    assert (run.bytes_user_to_owner, run.bytes_owner_to_user) == (len(logits) * up, len(logits) * down)
     assert_no_leak(attack_all(views, {}))
 
 
@@ -300,7 +299,10 @@ DECODER_SEEDS = Seeds(owner=bytes(range(100, 116)), user=bytes(range(200, 216)))
 
 def test_decoder_session_views():
     """A whole session of the tiny decoder (2 layers): prefill of 4 tokens and 2 generated tokens with
-    token selection. Every call of every layer is attacked as in the tests above, plus the masked
+    token selection, on the unfused program (`fold_norms=False`): the recorder does not yet split the
+    folded decode step (`permuted_apply_scaled`, `permuted_reveal_later`) into its calls; the folded
+    step's view is pi'(h) plus the unfused step's values times a scalar the user already knows
+    (SECURITY.md, argued). Every call of every layer is attacked as in the tests above, plus the masked
     weights W~ of every layer (alone and in same-shaped pairs, e.g. L0.qkv against L1.qkv)."""
     from permllm.model.reference import DecoderReference
     from protocols.model import secure_decoder
@@ -314,12 +316,16 @@ def test_decoder_session_views():
         for name in ("linear", "lookup", "trunc", "product", "permuted_apply"):
             mp.setattr(secure_decoder, name, recorder.wrap(getattr(secure_decoder, name)))
         mp.setattr("protocols.selection.permuted_reveal", recorder.wrap(permuted_reveal))
+        unfused = secure_decoder.SecureDecoder.__init__
+        mp.setattr(
+            secure_decoder.SecureDecoder, "__init__", lambda self, *a, **k: unfused(self, *a, **k, fold_norms=False)
+        )
         result = private_generate_inprocess(weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300)
     want = DecoderReference(weights).generate_greedy(prompt, budget, stop_at_eos=True)
     assert result.tokens == want
     layers = weights.config.num_layers
     stopped_early = 1 if len(want) < budget else 0
-    assert result.run.flights == len(want) * (3 + 12 * layers + 3) + stopped_early  # tests/test_secure_decoder.py
+    assert result.run.flights == len(want) * (6 + 12 * layers) + stopped_early  # unfused: 12 per layer + 6
 
     owner_w = owner_weights(weights, DECODER_SEEDS.owner)
     masks = {name: w.mask for name, w in owner_w.items()}
