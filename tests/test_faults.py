@@ -578,18 +578,9 @@ def test_helper_waits_for_busy_parties_within_the_setup_timeout():
     the owner and the user start reading only after 4 s; the helper's sends must wait for them (they are
     set-up traffic), not give up after the 1 s online timeout."""
     from protocols.model.decoder_weights import DecoderArch
+    from tests.tiny_model import decoder_config
 
-    arch = DecoderArch(
-        hidden=256,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        head_dim=64,
-        intermediate=1024,
-        vocab=8192,
-        rms_eps=1e-5,
-        rope_theta=1e4,
-    )
+    arch = DecoderArch.from_config(decoder_config(hidden=256, head_dim=64, intermediate=1024, vocab=8192))
     r = _helper_process_with_stand_ins(
         arch, 256, 2, helper_args=["--timeout", "1", "--setup-timeout", "60"], read_after_s=4.0
     )
