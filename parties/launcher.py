@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from parties.formats import fmt_bytes, fmt_num, fmt_s
 from permllm.errors import ConfigError
 
 ROLES = ("owner", "helper", "user")
@@ -328,35 +329,18 @@ def merge_reports(reports: dict, network: str) -> dict:
     return {**common, **{k: user[k] for k in keys + ("flights_per_token", "prefill_flights", "prefill_bytes")}}
 
 
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-
-
-def _fmt_count(x) -> str:
-    return "-" if x is None else (f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}")
-
-
-def _fmt_s(x) -> str:
-    return "-" if x is None else f"{x:.3f} s"
-
-
 def format_summary(s: dict) -> str:
     if "embedding" in s:
         rows = [
             ("sentence tokens", s["prompt_tokens"]),
             (
                 "online time / bytes / flights",
-                f"{_fmt_s(s['online_s'])} / {_fmt_bytes(s['online_bytes'])} / {s['online_flights']}",
+                f"{fmt_s(s['online_s'])} / {fmt_bytes(s['online_bytes'])} / {s['online_flights']}",
             ),
-            ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
+            ("offline (helper): time / bytes", f"{fmt_s(s['offline_s'])} / {fmt_bytes(s['offline_bytes'])}"),
             (
                 "preparation (masked weights): time / bytes",
-                f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}",
+                f"{fmt_s(s['prepare_s'])} / {fmt_bytes(s['prepare_bytes'])}",
             ),
             (
                 "peak RSS owner / user / helper",
@@ -368,13 +352,13 @@ def format_summary(s: dict) -> str:
     rows = [
         ("prompt tokens", s["prompt_tokens"]),
         ("generated tokens", s["generated_tokens"]),
-        ("time to first token", _fmt_s(s["ttft_s"])),
-        ("online s per generated token (median)", _fmt_s(s["decode_s_per_token"])),
-        ("online bytes per token", _fmt_bytes(s["online_bytes_per_token"])),
-        ("flights per token", _fmt_count(s["flights_per_token"])),
-        ("prefill: flights / bytes", f"{s['prefill_flights']} / {_fmt_bytes(s['prefill_bytes'])}"),
-        ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
-        ("preparation (masked weights): time / bytes", f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}"),
+        ("time to first token", fmt_s(s["ttft_s"])),
+        ("online s per generated token (median)", fmt_s(s["decode_s_per_token"])),
+        ("online bytes per token", fmt_bytes(s["online_bytes_per_token"])),
+        ("flights per token", fmt_num(s["flights_per_token"])),
+        ("prefill: flights / bytes", f"{s['prefill_flights']} / {fmt_bytes(s['prefill_bytes'])}"),
+        ("offline (helper): time / bytes", f"{fmt_s(s['offline_s'])} / {fmt_bytes(s['offline_bytes'])}"),
+        ("preparation (masked weights): time / bytes", f"{fmt_s(s['prepare_s'])} / {fmt_bytes(s['prepare_bytes'])}"),
         (
             "peak RSS owner / user / helper",
             " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper")),
