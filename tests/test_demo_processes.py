@@ -46,14 +46,7 @@ def _masked_weight_bytes() -> int:
     from tests.tiny_model import decoder_config
 
     smollm2 = decoder_config(
-        layers=SMOLLM2_LAYERS,
-        hidden=SMOLLM2_HIDDEN,
-        heads=9,
-        kv_heads=3,
-        head_dim=64,
-        intermediate=1536,
-        vocab=SMOLLM2_VOCAB,
-        rope_theta=100000.0,
+        layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152, rope_theta=1e5
     )
     arch = DecoderArch.from_config(smollm2)
     return sum(
