@@ -69,12 +69,23 @@ def _check_prompt_fits(model: str, prompt: str, max_new_tokens: int) -> None:
     prepare_prompt(load_tokenizer(model), prompt, max_new_tokens, max_positions(model))
 
 
+def role_addresses(ports) -> dict[str, list[str]]:
+    """Each role's address options on three loopback ports: the owner binds for the user and for the helper,
+    the user binds for the helper and connects to the owner, the helper connects to both."""
+    owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
+    return {
+        "owner": ["--listen-user", owner_user, "--listen-helper", owner_helper],
+        "helper": ["--owner", owner_helper, "--user", user_helper],
+        "user": ["--owner", owner_user, "--listen-helper", user_helper],
+    }
+
+
 def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     """The three roles' command lines for one session: `args` holds the demo's options (network, timeouts,
     threads, insecure, model, prompt, max_new_tokens, sampling flags), `ports` three free loopback ports,
     `reports` a private folder for the keys and each role's JSON report (`<role>.json`)."""
     base = [sys.executable, "-m", "parties.cli"]
-    owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
+    addresses = role_addresses(ports)
     # three roles share this machine's cores: one compute thread each avoids oversubscription
     threads = args.threads if args.threads is not None else 1
     common = [
@@ -94,24 +105,8 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         from permllm.model.prompts import MINILM_SENTENCES
 
         args.prompt = MINILM_SENTENCES[0]
-    user = (
-        base
-        + [
-            "user",
-            "--owner",
-            owner_user,
-            "--listen-helper",
-            user_helper,
-            "--max-new-tokens",
-            str(args.max_new_tokens),
-            "--model",
-            args.model,
-            "--report",
-            str(reports / "user.json"),
-        ]
-        + common
-        + security["user"]
-    )
+    user = ["user", *addresses["user"], "--max-new-tokens", str(args.max_new_tokens), "--model", args.model]
+    user = base + user + ["--report", str(reports / "user.json")] + common + security["user"]
     if args.prompt is not None:
         user += ["--prompt-file", str(_private_file(reports / "prompt.txt", args.prompt.encode("utf-8")))]
     elif getattr(args, "prompt_file", None) is not None:
@@ -124,34 +119,11 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
             user += [f"--{flag.replace('_', '-')}", str(value)]
     if args.sample:
         user.append("--sample")
+    owner = ["owner", *addresses["owner"], "--model", args.model, "--report", str(reports / "owner.json")]
+    helper = ["helper", *addresses["helper"], "--quiet", "--report", str(reports / "helper.json")]
     return {
-        "owner": base
-        + [
-            "owner",
-            "--listen-user",
-            owner_user,
-            "--listen-helper",
-            owner_helper,
-            "--model",
-            args.model,
-            "--report",
-            str(reports / "owner.json"),
-        ]
-        + common
-        + security["owner"],
-        "helper": base
-        + [
-            "helper",
-            "--owner",
-            owner_helper,
-            "--user",
-            user_helper,
-            "--quiet",
-            "--report",
-            str(reports / "helper.json"),
-        ]
-        + common
-        + security["helper"],
+        "owner": base + owner + common + security["owner"],
+        "helper": base + helper + common + security["helper"],
         "user": user,
     }
 

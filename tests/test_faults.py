@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from parties.launcher import free_ports
+from parties.launcher import free_ports, role_addresses
 
 pytestmark = pytest.mark.processes  # every test here starts OS processes
 
@@ -129,9 +129,8 @@ class Session:
     """owner, helper and user started by hand, as parties.launcher does, on fresh loopback ports."""
 
     def __init__(self, tmp_path, *, max_new_tokens: int, network: str = "none", prompt: str = "Hi"):
-        ports = free_ports(3)
+        addresses = role_addresses(free_ports(3))
         self.marker = uuid.uuid4().hex
-        owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
         common = ["--network", network]
         timeout = ["--timeout", str(TIMEOUT_S)]
         # The helper streams its material while the owner and the user are still preparing, and its sends
@@ -141,28 +140,14 @@ class Session:
         helper_timeout = ["--timeout", str(HELPER_TIMEOUT_S)]
         base = [sys.executable, "-m", "parties.cli"]
         commands = {
-            "owner": base
-            + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper]
-            + common
-            + _security_args(tmp_path, "owner")
-            + timeout,
+            "owner": base + ["owner", *addresses["owner"]] + common + _security_args(tmp_path, "owner") + timeout,
             "helper": base
-            + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet"]
+            + ["helper", *addresses["helper"], "--quiet"]
             + common
             + _security_args(tmp_path, "helper")
             + helper_timeout,
             "user": base
-            + [
-                "user",
-                "--owner",
-                owner_user,
-                "--listen-helper",
-                user_helper,
-                "--prompt",
-                prompt,
-                "--max-new-tokens",
-                str(max_new_tokens),
-            ]
+            + ["user", *addresses["user"], "--prompt", prompt, "--max-new-tokens", str(max_new_tokens)]
             + common
             + _security_args(tmp_path, "user")
             + timeout,
