@@ -85,28 +85,7 @@ def test_session_under_profile(benchmark, profile):
             _no_delay["s"], s["flights_per_token"], s["rtt_ms"], s["online_bytes_per_token"], s["mbit_s"]
         )
         s["ratio"] = cost_model.ratio(s["decode_s_per_token"], s["floor_s_per_token"])
-    _record(
-        benchmark,
-        s,
-        (
-            "rtt_ms",
-            "mbit_s",
-            "ttft_s",
-            "decode_s_per_token",
-            "decode_s_per_token_p90",
-            "floor_s_per_token",
-            "ratio",
-            "flights_per_token",
-            "online_bytes_per_token",
-            "online_bytes_per_token_up",
-            "online_bytes_per_token_down",
-            "offline_s",
-            "offline_bytes",
-            "prepare_s",
-            "prepare_bytes",
-            "generated_tokens",
-        ),
-    )
+    _record(benchmark, s, (*cost_model.PROFILE_KEYS, "generated_tokens"))
     for role, mb in s["peak_rss_mb"].items():
         benchmark.extra_info[f"peak_rss_mb_{role}"] = mb
     assert s["generated_tokens"] == TOKENS

@@ -22,6 +22,7 @@ from netsim.profiles import Profile, parse_profile
 from permllm.errors import ChannelTimeout, ProtocolError
 from permllm.transport.channel import Channel, Received, to_wire_array
 from permllm.transport.frames import check_tag, header_length
+from permllm.transport.wrapper import WrappingChannel
 
 MAX_SIMULATED_DELAY_S = 86400.0
 """Longest simulated delay a receiver accepts from a frame's stamp (one day)."""
@@ -43,7 +44,7 @@ class Link:
             return self._free_ns + self.profile.one_way_ns
 
 
-class NetSim(Channel):
+class NetSim(WrappingChannel):
     """A Channel that delays another channel's traffic as if it crossed a link with `profile`.
 
     inner: the channel carrying the frames (any Channel; NetSim owns it and closes it).
@@ -57,21 +58,9 @@ class NetSim(Channel):
     """
 
     def __init__(self, inner: Channel, profile: Profile | str, clock: Clock | None = None) -> None:
-        super().__init__(
-            inner.peer,
-            clock=inner.clock,
-            stats=inner.stats,
-            timeout=inner.timeout,
-            max_payload_bytes=inner.max_payload_bytes,
-        )
-        self._inner = inner
+        super().__init__(inner)
         self._time = clock if clock is not None else RealClock()
         self._link = Link(parse_profile(profile))
-
-    @property
-    def inner(self) -> Channel:
-        """The wrapped channel."""
-        return self._inner
 
     @property
     def profile(self) -> Profile:
@@ -83,11 +72,6 @@ class NetSim(Channel):
 
         Frames already stamped keep their delivery times; the new link starts free."""
         self._link = Link(parse_profile(profile))
-
-    @property
-    def closed(self) -> bool:
-        """True once this wrapper or the inner channel was closed."""
-        return self._closed or self._inner.closed
 
     @property
     def time_source(self) -> Clock:
@@ -129,15 +113,3 @@ class NetSim(Channel):
                 )
             self._time.sleep_until(deliver_at_ns)
         return message
-
-    def _send_frame(self, header: bytes, payload: memoryview) -> None:
-        """Raw, unsimulated: passes a frame straight to the inner channel (for tests of bad frames)."""
-        self._inner._send_frame(header, payload)
-
-    def _recv_frame(self, timeout_s: float | None):
-        """Raw, unsimulated: takes a frame straight from the inner channel."""
-        return self._inner._recv_frame(timeout_s)
-
-    def _close_transport(self) -> None:
-        """Close the inner channel."""
-        self._inner.close()

@@ -149,6 +149,18 @@ def _add_debug(p):
     )
 
 
+def _role_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    """The subcommand of one role, its epilog showing the three roles on separate machines."""
+    return sub.add_parser(
+        name, help=help_text, epilog=TWO_MACHINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _add_role_output(p):
+    p.add_argument("--report", default=None, help="write this role's report (JSON) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from parties.security import ROLES
 
@@ -184,12 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(plugin)
         plugin.set_defaults(plugin_command=command)
 
-    owner = sub.add_parser(
-        "owner",
-        help="the model owner (holds the weights)",
-        epilog=TWO_MACHINE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    owner = _role_parser(sub, "owner", "the model owner (holds the weights)")
     owner.add_argument("--model", default="smollm2", type=_model_spec, help=MODEL_HELP)
     owner.add_argument("--listen-user", required=True, help="ZeroMQ address to bind for the user")
     owner.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
@@ -217,35 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a session that would take a user key past N positions in all (prompt tokens "
         "plus generated tokens, counted in --budget-file)",
     )
-    owner.add_argument("--report", default=None, help="write this role's report (JSON) here")
-    owner.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    _add_role_output(owner)
 
-    user = sub.add_parser(
-        "user",
-        help="the user (holds the prompt, sees the answer)",
-        epilog=TWO_MACHINE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    user = _role_parser(sub, "user", "the user (holds the prompt, sees the answer)")
     _add_generation(user)
     user.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the user")
     user.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
     _add_network(user, "none")
     _add_security(user)
-    user.add_argument("--report", default=None, help="write this role's report (JSON) here")
-    user.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    _add_role_output(user)
 
-    helper = sub.add_parser(
-        "helper",
-        help="the offline helper (deals correlated randomness)",
-        epilog=TWO_MACHINE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    helper = _role_parser(sub, "helper", "the offline helper (deals correlated randomness)")
     helper.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the helper")
     helper.add_argument("--user", required=True, help="the user's ZeroMQ address for the helper")
     _add_network(helper, "none")
     _add_security(helper)
-    helper.add_argument("--report", default=None, help="write this role's report (JSON) here")
-    helper.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    _add_role_output(helper)
     for command in sub.choices.values():
         _add_debug(command)
     return parser

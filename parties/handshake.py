@@ -87,17 +87,8 @@ class Offer:
         }
 
     def for_helper(self, plan: Plan) -> dict:
-        """owner -> helper: the architecture and the plan (`check_plans`)."""
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "session": plan.session,
-            "arch": self.arch.to_dict(),
-            "fingerprint": self.fingerprint,
-            "model": self.model,
-            "prompt_tokens": plan.prompt_tokens,
-            "max_new_tokens": plan.max_new_tokens,
-            "selection": plan.selection,
-        }
+        """owner -> helper: the plan as the user sends it, with the model and its architecture (`check_plans`)."""
+        return {**plan.for_helper(self.fingerprint), "arch": self.arch.to_dict(), "model": self.model}
 
 
 OFFERED_SELECTIONS = (TABLE,)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from parties.formats import fmt_bytes, fmt_num, fmt_s
 from permllm.errors import ConfigError
 
 ROLES = ("owner", "helper", "user")
@@ -68,12 +69,23 @@ def _check_prompt_fits(model: str, prompt: str, max_new_tokens: int) -> None:
     prepare_prompt(load_tokenizer(model), prompt, max_new_tokens, max_positions(model))
 
 
+def role_addresses(ports) -> dict[str, list[str]]:
+    """Each role's address options on three loopback ports: the owner binds for the user and for the helper,
+    the user binds for the helper and connects to the owner, the helper connects to both."""
+    owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
+    return {
+        "owner": ["--listen-user", owner_user, "--listen-helper", owner_helper],
+        "helper": ["--owner", owner_helper, "--user", user_helper],
+        "user": ["--owner", owner_user, "--listen-helper", user_helper],
+    }
+
+
 def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     """The three roles' command lines for one session: `args` holds the demo's options (network, timeouts,
     threads, insecure, model, prompt, max_new_tokens, sampling flags), `ports` three free loopback ports,
     `reports` a private folder for the keys and each role's JSON report (`<role>.json`)."""
     base = [sys.executable, "-m", "parties.cli"]
-    owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
+    addresses = role_addresses(ports)
     # three roles share this machine's cores: one compute thread each avoids oversubscription
     threads = args.threads if args.threads is not None else 1
     common = [
@@ -93,24 +105,8 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         from permllm.model.prompts import MINILM_SENTENCES
 
         args.prompt = MINILM_SENTENCES[0]
-    user = (
-        base
-        + [
-            "user",
-            "--owner",
-            owner_user,
-            "--listen-helper",
-            user_helper,
-            "--max-new-tokens",
-            str(args.max_new_tokens),
-            "--model",
-            args.model,
-            "--report",
-            str(reports / "user.json"),
-        ]
-        + common
-        + security["user"]
-    )
+    user = ["user", *addresses["user"], "--max-new-tokens", str(args.max_new_tokens), "--model", args.model]
+    user = base + user + ["--report", str(reports / "user.json")] + common + security["user"]
     if args.prompt is not None:
         user += ["--prompt-file", str(_private_file(reports / "prompt.txt", args.prompt.encode("utf-8")))]
     elif getattr(args, "prompt_file", None) is not None:
@@ -123,34 +119,11 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
             user += [f"--{flag.replace('_', '-')}", str(value)]
     if args.sample:
         user.append("--sample")
+    owner = ["owner", *addresses["owner"], "--model", args.model, "--report", str(reports / "owner.json")]
+    helper = ["helper", *addresses["helper"], "--quiet", "--report", str(reports / "helper.json")]
     return {
-        "owner": base
-        + [
-            "owner",
-            "--listen-user",
-            owner_user,
-            "--listen-helper",
-            owner_helper,
-            "--model",
-            args.model,
-            "--report",
-            str(reports / "owner.json"),
-        ]
-        + common
-        + security["owner"],
-        "helper": base
-        + [
-            "helper",
-            "--owner",
-            owner_helper,
-            "--user",
-            user_helper,
-            "--quiet",
-            "--report",
-            str(reports / "helper.json"),
-        ]
-        + common
-        + security["helper"],
+        "owner": base + owner + common + security["owner"],
+        "helper": base + helper + common + security["helper"],
         "user": user,
     }
 
@@ -328,35 +301,18 @@ def merge_reports(reports: dict, network: str) -> dict:
     return {**common, **{k: user[k] for k in keys + ("flights_per_token", "prefill_flights", "prefill_bytes")}}
 
 
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-
-
-def _fmt_count(x) -> str:
-    return "-" if x is None else (f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}")
-
-
-def _fmt_s(x) -> str:
-    return "-" if x is None else f"{x:.3f} s"
-
-
 def format_summary(s: dict) -> str:
     if "embedding" in s:
         rows = [
             ("sentence tokens", s["prompt_tokens"]),
             (
                 "online time / bytes / flights",
-                f"{_fmt_s(s['online_s'])} / {_fmt_bytes(s['online_bytes'])} / {s['online_flights']}",
+                f"{fmt_s(s['online_s'])} / {fmt_bytes(s['online_bytes'])} / {s['online_flights']}",
             ),
-            ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
+            ("offline (helper): time / bytes", f"{fmt_s(s['offline_s'])} / {fmt_bytes(s['offline_bytes'])}"),
             (
                 "preparation (masked weights): time / bytes",
-                f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}",
+                f"{fmt_s(s['prepare_s'])} / {fmt_bytes(s['prepare_bytes'])}",
             ),
             (
                 "peak RSS owner / user / helper",
@@ -368,13 +324,13 @@ def format_summary(s: dict) -> str:
     rows = [
         ("prompt tokens", s["prompt_tokens"]),
         ("generated tokens", s["generated_tokens"]),
-        ("time to first token", _fmt_s(s["ttft_s"])),
-        ("online s per generated token (median)", _fmt_s(s["decode_s_per_token"])),
-        ("online bytes per token", _fmt_bytes(s["online_bytes_per_token"])),
-        ("flights per token", _fmt_count(s["flights_per_token"])),
-        ("prefill: flights / bytes", f"{s['prefill_flights']} / {_fmt_bytes(s['prefill_bytes'])}"),
-        ("offline (helper): time / bytes", f"{_fmt_s(s['offline_s'])} / {_fmt_bytes(s['offline_bytes'])}"),
-        ("preparation (masked weights): time / bytes", f"{_fmt_s(s['prepare_s'])} / {_fmt_bytes(s['prepare_bytes'])}"),
+        ("time to first token", fmt_s(s["ttft_s"])),
+        ("online s per generated token (median)", fmt_s(s["decode_s_per_token"])),
+        ("online bytes per token", fmt_bytes(s["online_bytes_per_token"])),
+        ("flights per token", fmt_num(s["flights_per_token"])),
+        ("prefill: flights / bytes", f"{s['prefill_flights']} / {fmt_bytes(s['prefill_bytes'])}"),
+        ("offline (helper): time / bytes", f"{fmt_s(s['offline_s'])} / {fmt_bytes(s['offline_bytes'])}"),
+        ("preparation (masked weights): time / bytes", f"{fmt_s(s['prepare_s'])} / {fmt_bytes(s['prepare_bytes'])}"),
         (
             "peak RSS owner / user / helper",
             " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper")),

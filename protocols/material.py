@@ -41,6 +41,16 @@ class MaterialRecord:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def _seeded_draw(seed: bytes, index: int, name: str, shape) -> torch.Tensor:
+    """The uniform ring tensor `name` of call `index` from a party's seed: the party and the helper draw it alike."""
+    return Prg(seed, f"{index}/{name}").int64(tuple(shape))
+
+
+def _seeded_permutation(seed: bytes, index: int, name: str, lengths) -> np.ndarray:
+    """The segment permutation `name` of call `index` from a party's seed (see Prg.segment_permutation)."""
+    return Prg(seed, f"{index}/{name}").segment_permutation(list(lengths))
+
+
 class CallMaterial:
     """One party's material for one call: seeded draws plus the dealt tensors."""
 
@@ -51,11 +61,11 @@ class CallMaterial:
 
     def draw(self, name: str, shape) -> torch.Tensor:
         """Uniform ring tensor from the stream this party shares with the helper."""
-        return Prg(self._seed, f"{self.index}/{name}").int64(tuple(shape))
+        return _seeded_draw(self._seed, self.index, name, shape)
 
     def permutation(self, name: str, lengths) -> np.ndarray:
         """Row-and-entry permutation over segments of the given lengths (see Prg.segment_permutation)."""
-        return Prg(self._seed, f"{self.index}/{name}").segment_permutation(list(lengths))
+        return _seeded_permutation(self._seed, self.index, name, lengths)
 
     def part(self, name: str, shape) -> torch.Tensor:
         """This party's half of a shared correlation: the dealt tensor if the helper sent one for
@@ -144,13 +154,13 @@ class DealerCall:
         self._user = user
 
     def owner_draw(self, name: str, shape) -> torch.Tensor:
-        return Prg(self._owner_seed, f"{self.index}/{name}").int64(tuple(shape))
+        return _seeded_draw(self._owner_seed, self.index, name, shape)
 
     def user_draw(self, name: str, shape) -> torch.Tensor:
-        return Prg(self._user_seed, f"{self.index}/{name}").int64(tuple(shape))
+        return _seeded_draw(self._user_seed, self.index, name, shape)
 
     def owner_permutation(self, name: str, lengths) -> np.ndarray:
-        return Prg(self._owner_seed, f"{self.index}/{name}").segment_permutation(list(lengths))
+        return _seeded_permutation(self._owner_seed, self.index, name, lengths)
 
     def to_owner(self, name: str, tensor: torch.Tensor) -> None:
         self._owner.tensors[name] = tensor.contiguous()

@@ -32,6 +32,7 @@ from statistics import NormalDist
 import numpy as np
 
 from permllm.transport.channel import Channel, Received
+from permllm.transport.wrapper import WrappingChannel
 
 _OTHER = {"owner": "user", "user": "owner"}
 
@@ -89,27 +90,13 @@ class Transcript:
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
-class RecordingChannel(Channel):
+class RecordingChannel(WrappingChannel):
     """A Channel that passes everything to `inner` and records each received frame."""
 
     def __init__(self, inner: Channel, transcript: Transcript, receiver: str) -> None:
-        super().__init__(
-            inner.peer,
-            clock=inner.clock,
-            stats=inner.stats,
-            timeout=inner.timeout,
-            max_payload_bytes=inner.max_payload_bytes,
-        )
-        self._inner = inner
+        super().__init__(inner)
         self._transcript = transcript
         self._receiver = receiver
-
-    @property
-    def closed(self) -> bool:
-        return self._closed or self._inner.closed
-
-    def _send(self, tag: str, payload, *, deliver_at_ns: int = 0) -> int:
-        return self._inner._send(tag, payload, deliver_at_ns=deliver_at_ns)
 
     def _receive(self, tag: str, timeout: float | None) -> Received:
         message = self._inner._receive(tag, timeout)
@@ -125,15 +112,6 @@ class RecordingChannel(Channel):
             )
         )
         return message
-
-    def _send_frame(self, header: bytes, payload: memoryview) -> None:
-        self._inner._send_frame(header, payload)
-
-    def _recv_frame(self, timeout_s: float | None):
-        return self._inner._recv_frame(timeout_s)
-
-    def _close_transport(self) -> None:
-        self._inner.close()
 
 
 @dataclass(frozen=True)

@@ -30,20 +30,25 @@ def _demo_processes_alive() -> list[str]:
     return alive
 
 
+def _run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`permllm demo ARGS` as a child process, offline (HF_HUB_OFFLINE=1), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "parties.cli", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+
+
 def _masked_weight_bytes() -> int:
     from protocols.model.decoder_weights import DecoderArch, linear_shapes
+    from tests.tiny_model import decoder_config
 
-    arch = DecoderArch(
-        hidden=576,
-        layers=30,
-        heads=9,
-        kv_heads=3,
-        head_dim=64,
-        intermediate=1536,
-        vocab=49152,
-        rms_eps=1e-5,
-        rope_theta=100000.0,
+    smollm2 = decoder_config(
+        layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152, rope_theta=1e5
     )
+    arch = DecoderArch.from_config(smollm2)
     return sum(
         header_length(len(f"w.{name}"), 2) + 8 * d_in * d_out for name, (d_in, d_out, _) in linear_shapes(arch).items()
     )
@@ -52,13 +57,7 @@ def _masked_weight_bytes() -> int:
 @pytest.mark.timeout(1200)  # the demo itself may take its 900 s
 def test_demo_runs_three_processes_and_answers_like_the_plaintext_model(tmp_path):
     out = tmp_path / "demo.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "parties.cli", "demo", "--network", "lan", "--max-new-tokens", "6", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
+    proc = _run_demo("--network", "lan", "--max-new-tokens", "6", "--json", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     # plaintext greedy decoding of the same model answers "The capital of France is Paris."
@@ -113,13 +112,7 @@ def test_minilm_demo_gives_the_plaintext_sentence_embedding(tmp_path):
     from permllm.model.reference import encoder_embed
 
     out = tmp_path / "minilm.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "parties.cli", "demo", "--model", "minilm", "--network", "none", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
+    proc = _run_demo("--model", "minilm", "--network", "none", "--json", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     weights, tokenizer = load_model("minilm")
@@ -138,27 +131,13 @@ def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
     untied head, another rope theta, saved as a plain transformers folder with SmolLM2's tokenizer)
     runs through the same three processes; the private answer equals transformers' greedy generate."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from permllm.model.loading import SMOLLM2_GGUF, find_smollm2_gguf
     from permllm.model.prompts import chat_token_ids
+    from tests.tiny_model import tiny_hf_llama
 
-    torch.manual_seed(3)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-        tie_word_embeddings=False,
-        rope_theta=5000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_hf_llama(3, hidden=64, intermediate=96, max_position_embeddings=512)
     with torch.no_grad():  # larger logit gaps than the 0.02-std init, so no greedy step is a near tie
         model.lm_head.weight.mul_(40)
     folder = tmp_path / "tiny-llama"
@@ -184,28 +163,8 @@ def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
     assert min(margins) > 0.05, margins  # the precondition for an exact comparison (fixed-point error ~1e-3)
 
     summary = tmp_path / "out.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "parties.cli",
-            "demo",
-            "--model",
-            str(folder),
-            "--network",
-            "none",
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            str(budget),
-            "--json",
-            str(summary),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
+    model_args = ["--model", str(folder), "--network", "none", "--prompt", prompt, "--max-new-tokens", str(budget)]
+    proc = _run_demo(*model_args, "--json", str(summary), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(summary.read_text())
     assert result["token_ids"] == expected
@@ -216,11 +175,6 @@ def test_demo_runs_any_llama_checkpoint_on_disk(tmp_path):
 
 
 def test_demo_names_a_model_that_is_not_there(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "parties.cli", "demo", "--model", str(tmp_path / "nothing")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_demo("--model", str(tmp_path / "nothing"), timeout=60)
     assert proc.returncode == 2 and "unknown model" in proc.stderr and "config.json" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from parties.launcher import free_ports
+from parties.launcher import free_ports, role_addresses
 
 pytestmark = pytest.mark.processes  # every test here starts OS processes
 
@@ -129,9 +129,8 @@ class Session:
     """owner, helper and user started by hand, as parties.launcher does, on fresh loopback ports."""
 
     def __init__(self, tmp_path, *, max_new_tokens: int, network: str = "none", prompt: str = "Hi"):
-        ports = free_ports(3)
+        addresses = role_addresses(free_ports(3))
         self.marker = uuid.uuid4().hex
-        owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
         common = ["--network", network]
         timeout = ["--timeout", str(TIMEOUT_S)]
         # The helper streams its material while the owner and the user are still preparing, and its sends
@@ -141,28 +140,14 @@ class Session:
         helper_timeout = ["--timeout", str(HELPER_TIMEOUT_S)]
         base = [sys.executable, "-m", "parties.cli"]
         commands = {
-            "owner": base
-            + ["owner", "--listen-user", owner_user, "--listen-helper", owner_helper]
-            + common
-            + _security_args(tmp_path, "owner")
-            + timeout,
+            "owner": base + ["owner", *addresses["owner"]] + common + _security_args(tmp_path, "owner") + timeout,
             "helper": base
-            + ["helper", "--owner", owner_helper, "--user", user_helper, "--quiet"]
+            + ["helper", *addresses["helper"], "--quiet"]
             + common
             + _security_args(tmp_path, "helper")
             + helper_timeout,
             "user": base
-            + [
-                "user",
-                "--owner",
-                owner_user,
-                "--listen-helper",
-                user_helper,
-                "--prompt",
-                prompt,
-                "--max-new-tokens",
-                str(max_new_tokens),
-            ]
+            + ["user", *addresses["user"], "--prompt", prompt, "--max-new-tokens", str(max_new_tokens)]
             + common
             + _security_args(tmp_path, "user")
             + timeout,
@@ -578,18 +563,9 @@ def test_helper_waits_for_busy_parties_within_the_setup_timeout():
     the owner and the user start reading only after 4 s; the helper's sends must wait for them (they are
     set-up traffic), not give up after the 1 s online timeout."""
     from protocols.model.decoder_weights import DecoderArch
+    from tests.tiny_model import decoder_config
 
-    arch = DecoderArch(
-        hidden=256,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        head_dim=64,
-        intermediate=1024,
-        vocab=8192,
-        rms_eps=1e-5,
-        rope_theta=1e4,
-    )
+    arch = DecoderArch.from_config(decoder_config(hidden=256, head_dim=64, intermediate=1024, vocab=8192))
     r = _helper_process_with_stand_ins(
         arch, 256, 2, helper_args=["--timeout", "1", "--setup-timeout", "60"], read_after_s=4.0
     )

@@ -192,14 +192,12 @@ def test_a_refused_session_reaches_both_parties_at_once():
         assert time.monotonic() - start < 1
 
 
-def test_user_checks_the_welcome():
-    from parties.families import family
+def _welcome() -> dict:
+    """The owner's welcome that the user of Plan("smollm2", 9, 4, "s1") accepts, on the tiny decoder."""
     from parties.models import PROTOCOL_VERSION, fingerprint
-    from parties.roles import _check_welcome
 
     arch = _arch()
-    plan = Plan("smollm2", prompt_tokens=9, max_new_tokens=4, session="s1")
-    good = {
+    return {
         "protocol": PROTOCOL_VERSION,
         "model": "smollm2",
         "session": "s1",
@@ -208,7 +206,15 @@ def test_user_checks_the_welcome():
         "max_positions": 64,
         "eos_token_id": 2,
     }
-    assert _check_welcome(good, plan, family("smollm2")).to_dict() == arch
+
+
+def test_user_checks_the_welcome():
+    from parties.families import family
+    from parties.roles import _check_welcome
+
+    plan = Plan("smollm2", prompt_tokens=9, max_new_tokens=4, session="s1")
+    good = _welcome()
+    assert _check_welcome(good, plan, family("smollm2")).to_dict() == good["arch"]
     for changes, message in [
         ({"protocol": 2}, "protocol mismatch"),
         ({"session": "s2"}, "session mismatch"),
@@ -248,18 +254,9 @@ def test_fuzzed_plans_only_raise_named_errors(owner_plan, user_plan):
 )
 def test_fuzzed_welcomes_only_raise_named_errors(changes):
     from parties.families import family
-    from parties.models import PROTOCOL_VERSION, fingerprint
     from parties.roles import _check_welcome
 
-    arch = _arch()
-    good = {
-        "protocol": PROTOCOL_VERSION,
-        "model": "smollm2",
-        "session": "s1",
-        "arch": arch,
-        "fingerprint": fingerprint("smollm2", arch),
-        "max_positions": 64,
-    }
+    good = _welcome()
     for welcome in (changes, {**good, **changes}):
         try:
             _check_welcome(welcome, Plan("smollm2", 9, 4, "s1"), family("smollm2"))

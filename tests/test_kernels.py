@@ -48,30 +48,28 @@ def test_numba_is_used_when_available():
     assert gather_rows is gather_rows_numba and scatter_rows is scatter_rows_numba
 
 
+def gathered(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """The definition of gather: out[i] = x[perm[i]]."""
+    return x[perm]
+
+
+def scattered(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """The definition of scatter: out[perm[i]] = x[i]."""
+    out = np.empty_like(x)
+    out[perm] = x
+    return out
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("as_torch", [True, False])
-@pytest.mark.parametrize("gather", GATHERS)
-def test_gather_definition_and_return_type(gather, shape, as_torch):
+@pytest.mark.parametrize("op,definition", [(g, gathered) for g in GATHERS] + [(s, scattered) for s in SCATTERS])
+def test_definition_and_return_type(op, definition, shape, as_torch):
     x = ring_data(shape, as_torch)
     perm = perm_for(shape[0])
-    out = gather(x, perm)
+    out = op(x, perm)
     assert type(out) is type(x)
     assert tuple(out.shape) == shape
-    expected = as_numpy(x)[perm]
-    np.testing.assert_array_equal(as_numpy(out), expected)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("as_torch", [True, False])
-@pytest.mark.parametrize("scatter", SCATTERS)
-def test_scatter_definition_and_return_type(scatter, shape, as_torch):
-    x = ring_data(shape, as_torch)
-    perm = perm_for(shape[0])
-    out = scatter(x, perm)
-    assert type(out) is type(x)
-    expected = np.empty_like(as_numpy(x))
-    expected[perm] = as_numpy(x)
-    np.testing.assert_array_equal(as_numpy(out), expected)
+    np.testing.assert_array_equal(as_numpy(out), definition(as_numpy(x), perm))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -16,6 +16,7 @@ import torch
 from permllm.errors import ConfigError
 from permllm.model import gguf_cache, loading, prompts, reference
 from permllm.model.weights import DecoderConfig, EncoderWeights
+from tests.tiny_model import decoder_config, tiny_hf_llama
 
 # Reference (float64) vs HF (float32) prefill logits: max |diff| <= LOGIT_RTOL * max |HF logit|.
 # Measured: 8.9e-5 absolute at max|logit| ~ 37.6, i.e. ~2.4e-6 relative; the bound leaves ~40x headroom
@@ -110,20 +111,7 @@ def test_bad_paths_and_names(tmp_path):
 # architecture mapping on a tiny fake state dict
 # ----------------------------------------------------------------------------------------------
 
-TINY = DecoderConfig(
-    hidden_size=8,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=4,
-    intermediate_size=12,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    vocab_size=11,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+TINY = decoder_config(hidden=8, head_dim=4, intermediate=12, vocab=11, rms_eps=1e-6)
 
 
 def _tiny_state_dict(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -198,23 +186,7 @@ def test_config_rejections():
 
 def test_plain_directory_untied_checkpoint(tmp_path, smollm2):
     """A tiny random Llama saved as a plain HF folder (untied head, other theta) round-trips exactly."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-        tie_word_embeddings=False,
-        rope_theta=5000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_hf_llama(0, hidden=32, intermediate=48)
     model.save_pretrained(tmp_path)
     smollm2[1].save_pretrained(tmp_path)
     w, tok = loading.load_decoder(tmp_path)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from permllm.model.weights import EncoderConfig, EncoderLayerWeights, EncoderWeights
+from tests.tiny_model import seeded_randn
 
 
 def tiny_encoder(
@@ -18,10 +17,7 @@ def tiny_encoder(
     max_positions: int = 64,
 ) -> EncoderWeights:
     """Random weights scaled like a trained BERT (unit-variance activations, gains near 1, small biases)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    rand = seeded_randn(seed)
 
     def gain():
         return 1 + 0.1 * rand(hidden)

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
+from parties import formats
+from parties.formats import fmt_bytes, fmt_num
 from permllm_bench.cost_model import RATIO_LIMIT
 
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return "-"
+__all__ = ["fmt_bytes", "fmt_num", "fmt_ratio", "fmt_s", "fmt_signed_s", "grid"]
 
 
 def fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1e3:.1f} ms" if abs(x) < 0.1 else f"{x:.3f} s"
+    """Seconds, under 0.1 s in milliseconds."""
+    return formats.fmt_s(x, ms_below=0.1)
 
 
 def fmt_signed_s(x) -> str:
     if x is None:
         return "-"
     return ("-" if x < 0 else "+") + fmt_s(abs(x))
-
-
-def fmt_num(x, digits: int = 1) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.0f}" if float(x).is_integer() else f"{x:.{digits}f}"
 
 
 def fmt_ratio(x) -> str:

@@ -19,6 +19,7 @@ from permllm.transport.frames import (
     encode_header,
 )
 from permllm.transport.memory import MemoryChannel
+from permllm.transport.wrapper import WrappingChannel
 from permllm.transport.zmq_channel import ZmqChannel
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Header",
     "MemoryChannel",
     "Received",
+    "WrappingChannel",
     "ZmqChannel",
     "check_payload",
     "decode_header",
