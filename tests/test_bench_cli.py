@@ -554,9 +554,10 @@ def test_inprocess_runs_draw_fresh_dealer_seeds_and_count_every_forward(monkeypa
     first = inprocess_runs.run_generation(prepared, [1, 5, 7], 3, parts=True, desc="tiny")
     second = inprocess_runs.run_generation(prepared, [1, 5, 7], 3, desc="tiny")
     assert first.tokens == second.tokens and len(first.tokens) == 3
-    assert first.steps("depth") == second.steps("depth") == [30, 30]
-    # ring shares are the same size in every run; only the compressed BFV ciphertexts vary a little
-    assert first.steps("bytes") == pytest.approx(second.steps("bytes"), rel=0.01)
+    # decode steps of the 2-layer model: 10 flights per layer + 4 (the folded norms; tests/test_secure_decoder.py)
+    assert first.steps("depth") == second.steps("depth") == [24, 24]
+    # ring shares only (the table token choice): the same bytes in every run
+    assert first.steps("bytes") == second.steps("bytes")
     # a fresh pair of dealer seeds per run, never the weights' mask seed
     assert len(dealt_with) == 2 and len({s.owner for s in dealt_with} | {s.user for s in dealt_with}) == 4
     assert prepared.seed not in {s.owner for s in dealt_with}
