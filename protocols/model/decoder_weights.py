@@ -108,14 +108,24 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
     return out
 
 
-def user_weight(name: str, arch: DecoderArch, masked: torch.Tensor) -> LinearWeight:
-    """The user's LinearWeight from the masked W~ it received."""
-    d_in, d_out, bits = linear_shapes(arch)[name]
+def received_weight(name: str, shapes: dict, masked: torch.Tensor) -> LinearWeight:
+    """A LinearWeight holding the masked W~ received for `name`, checked against `shapes` (`linear_shapes`)."""
+    d_in, d_out, bits = shapes[name]
     if tuple(masked.shape) != (d_in, d_out):
         raise ValueError(f"{name}: received masked weight of shape {tuple(masked.shape)}, expected {(d_in, d_out)}")
     return LinearWeight(name, bits, d_in, d_out, local=masked.contiguous())
 
 
+def shape_only_weights(shapes: dict) -> dict[str, LinearWeight]:
+    """Shape-only LinearWeights for the helper's dry run (it gets U through weight_mask)."""
+    return {name: LinearWeight(name, bits, d_in, d_out) for name, (d_in, d_out, bits) in shapes.items()}
+
+
+def user_weight(name: str, arch: DecoderArch, masked: torch.Tensor) -> LinearWeight:
+    """The user's LinearWeight from the masked W~ it received."""
+    return received_weight(name, linear_shapes(arch), masked)
+
+
 def helper_weights(arch: DecoderArch) -> dict[str, LinearWeight]:
     """Shape-only LinearWeights for the helper's dry run (it gets U through weight_mask)."""
-    return {name: LinearWeight(name, bits, d_in, d_out) for name, (d_in, d_out, bits) in linear_shapes(arch).items()}
+    return shape_only_weights(linear_shapes(arch))

@@ -32,7 +32,7 @@ import torch
 
 from permllm.fixed import LINEAR_BITS, WEIGHT_BITS, encode
 from protocols.linear import LinearWeight
-from protocols.model.decoder_weights import weight_mask
+from protocols.model.decoder_weights import received_weight, shape_only_weights, weight_mask
 
 __all__ = [
     "EncoderArch",
@@ -151,12 +151,9 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
 
 def user_weight(name: str, arch: EncoderArch, masked: torch.Tensor) -> LinearWeight:
     """The user's LinearWeight from the masked W~ it received (no bias: biases stay with the owner)."""
-    d_in, d_out, bits = linear_shapes(arch)[name]
-    if tuple(masked.shape) != (d_in, d_out):
-        raise ValueError(f"{name}: received masked weight of shape {tuple(masked.shape)}, expected {(d_in, d_out)}")
-    return LinearWeight(name, bits, d_in, d_out, local=masked.contiguous())
+    return received_weight(name, linear_shapes(arch), masked)
 
 
 def helper_weights(arch: EncoderArch) -> dict[str, LinearWeight]:
     """Shape-only LinearWeights for the helper's dry run (it gets U through weight_mask)."""
-    return {name: LinearWeight(name, bits, d_in, d_out) for name, (d_in, d_out, bits) in linear_shapes(arch).items()}
+    return shape_only_weights(linear_shapes(arch))
