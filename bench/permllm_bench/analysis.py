@@ -23,14 +23,14 @@ LAYER_PARTS = ("norm", "qkv", "scores", "softmax", "weighted_values", "out_proj"
 OUTSIDE_PARTS = ("embedding", "final_norm", "lm_head", "selection")
 PART_LABELS = {
     "embedding": "embedding",
-    "norm": "RMSNorms (2 per layer)",
+    "norm": "RMSNorms (decode: 1 per layer, the second is folded into the MLP)",
     "qkv": "QKV projection + rescale",
     "scores": "attention scores QK^T",
     "softmax": "softmax",
     "weighted_values": "weighted values + rescale",
     "out_proj": "output projection",
-    "mlp": "MLP (gate/up, SwiGLU, down)",
-    "final_norm": "final RMSNorm",
+    "mlp": "MLP (gate/up, SwiGLU with the folded RMSNorm, down)",
+    "final_norm": "final RMSNorm (decode: its reveal only, folded into the token choice)",
     "lm_head": "lm_head",
     "selection": "selection (rest of the token)",
 }
