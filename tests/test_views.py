@@ -235,7 +235,9 @@ def test_token_selection_views():
 # ------------------------------------------------------------------------------------------ Beaver
 def test_appending_product_views():
     """Three score products Q K^T with 2 groups, 4 query rows and 4 appended key rows of 8 per call.
-    Both parties attack E_X = X - A and E_Y = Y - B against X and Y, within a call and across calls."""
+    Both parties attack E_X = X - A and E_Y = Y - B against X and Y, within a call and across calls; the
+    user also attacks its dealt C_u = A op(B) - C_o against A op(B), the product of the whole masks
+    (argued, not tested: over a session its rows span B's row space, and with it the keys E_Y + B)."""
     groups, mx, m_new, d = 2, 4, 4, 8
     xs = [random_ring((groups, mx, d), 100 + i) >> 24 for i in range(3)]
     ys = [random_ring((groups, m_new, d), 110 + i) >> 24 for i in range(3)]

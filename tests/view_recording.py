@@ -95,6 +95,7 @@ class ViewRecorder:
     def wrap(self, fn):
         """fn(ctx, ...) recording its Shared inputs, its output share, token ids and weight name."""
         from permllm.sharing import Shared
+        from protocols.beaver import GrowingOperand
         from protocols.linear import LinearWeight
 
         def recorded(ctx, *args, **kwargs):
@@ -109,6 +110,8 @@ class ViewRecorder:
             for a in args:
                 if isinstance(a, LinearWeight):
                     view.info["weight"] = a.name
+                if isinstance(a, GrowingOperand):
+                    view.info["transpose"] = a.transpose
             if fn.__name__ == "lookup" and args[0] is not None:
                 view.info["tokens"] = [int(t) for t in args[0]]
             if isinstance(out, Shared):
@@ -159,16 +162,25 @@ def _first(words, prefix: str, suffix: str = ""):
 
 def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
     """The other party's secrets per call index, as `party` must not learn them: the plaintext inputs
-    and output of each call, and for the owner also x_u @ U (linear), one-hot(t) and U[t] (embedding),
-    z = pi(x) and Y = pi(y) (permuted evaluation: the user's plaintext)."""
+    and output of each call, for the owner also x_u @ U (linear), one-hot(t) and U[t] (embedding),
+    z = pi(x) and Y = pi(y) (permuted evaluation: the user's plaintext), and for the user A @ op(B)
+    (appending product: the product of the whole Beaver masks, whose rows over a session span B's row
+    space, and with it the cache Y = E_Y + B)."""
     owner, user = views["owner"], views["user"]
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for index, o in owner.items():
+    beaver_b: dict[str, torch.Tensor] = {}  # per growing operand: the whole mask B so far
+    for index, o in sorted(owner.items()):
         u = user[index]
         s: dict[str, torch.Tensor] = {}
         for name in ("in0", "in1", "out"):
             if f"own:{name}" in o.words and f"own:{name}" in u.words:
                 s[name] = o.words[f"own:{name}"] + u.words[f"own:{name}"]
+        if o.kind.startswith("product:") and "draw:A" in o.words:
+            b_new = o.words["draw:B"] + u.words["draw:B"]
+            b = beaver_b[o.kind] = b_new if o.kind not in beaver_b else torch.cat([beaver_b[o.kind], b_new], dim=1)
+            if party == "user" and "transpose" in u.info:
+                a = o.words["draw:A"] + u.words["draw:A"]
+                s["A@op(B)"] = a @ (b.transpose(-1, -2) if u.info["transpose"] else b)
         if party == "owner":
             if o.kind.startswith("linear:") and "own:in0" in u.words:
                 s["x_u@U"] = u.words["own:in0"] @ masks[o.kind[len("linear:") :]]
