@@ -77,6 +77,11 @@ class Family:
         """The positions a finished session actually ran through the model (what a query budget charges)."""
         raise NotImplementedError
 
+    def material_calls(self, arch, plan) -> int:
+        """The number of protocol calls (material records per party) the helper deals for `plan`: the
+        bound a party holds the helper's material stream to (`parties.wire.recv_records`)."""
+        raise NotImplementedError
+
     def user_input(self, tokenizer, request) -> tuple[list[int], int]:
         """The user's token ids and the token budget of its plan, from a `UserRequest`."""
         raise NotImplementedError
@@ -115,6 +120,13 @@ class DecoderFamily(Family):
     def positions_run(self, driver, plan) -> int:
         return driver.position + 1  # the last chosen token is never fed back
 
+    def material_calls(self, arch, plan) -> int:
+        # prefill: embedding, 12 per layer, final norm, lm_head, the token's selection (2); each later
+        # token: embedding, 11 per layer (second norm folded), the folded final norm's reveal, lm_head,
+        # selection (2). tests/test_peer_input.py checks this against the dealer's count.
+        prefill, per_token = 12 * arch.layers + 5, 11 * arch.layers + 5
+        return prefill + (plan.max_new_tokens - 1) * per_token
+
     def user_input(self, tokenizer, request) -> tuple[list[int], int]:
         from parties.user_input import prepare_prompt
 
@@ -143,6 +155,9 @@ class EncoderFamily(Family):
 
     def positions_run(self, driver, plan) -> int:
         return plan.prompt_tokens
+
+    def material_calls(self, arch, plan) -> int:
+        return 12 * arch.layers + 3  # embedding, its norm, 12 per layer, pooling, reveal
 
     def user_input(self, tokenizer, request) -> tuple[list[int], int]:
         from parties.user_input import prepare_sentence

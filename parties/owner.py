@@ -83,7 +83,8 @@ def run_owner(
         prepare_bytes = send_masked_weights(user, prepared)
 
     with phases.timed("offline"):
-        material, offline_bytes = receive_material(helper, seed, setup_timeout)
+        calls = fam.material_calls(offer.arch, plan)
+        material, offline_bytes = receive_material(helper, seed, setup_timeout, calls)
 
     ctx = PartyContext(Role.OWNER, user, material)
     driver = fam.driver(offer.arch, prepared, plan.prompt_tokens + plan.max_new_tokens)
@@ -130,9 +131,10 @@ def send_masked_weights(user, prepared: dict) -> int:
     return user.stats.bytes_sent - sent_before
 
 
-def receive_material(helper, seed: bytes, setup_timeout: float) -> tuple[QueuedMaterial, int]:
-    """helper -> owner: the material stream for the whole session. Returns it and the bytes received."""
-    material = QueuedMaterial(seed)
+def receive_material(helper, seed: bytes, setup_timeout: float, calls: int) -> tuple[QueuedMaterial, int]:
+    """helper -> owner: the material stream for the whole session, at most `calls` records (the plan's
+    protocol calls; ProtocolError past them). Returns it and the bytes received."""
+    material = QueuedMaterial(seed, max_records=calls)
     received_before = helper.stats.bytes_received
-    recv_records(helper, lambda record: material.extend([record]), timeout=setup_timeout)
+    recv_records(helper, lambda record: material.extend([record]), timeout=setup_timeout, max_records=calls)
     return material, helper.stats.bytes_received - received_before

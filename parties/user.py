@@ -81,7 +81,7 @@ def run_user(
     prepare_bytes = owner.stats.bytes_received
 
     with phases.timed("offline"):
-        material = receive_material(helper, seed, setup_timeout, progress)
+        material = receive_material(helper, seed, setup_timeout, progress, fam.material_calls(arch, plan))
     offline_bytes = helper.stats.bytes_received
 
     ctx = PartyContext(Role.USER, owner, material)
@@ -120,15 +120,16 @@ def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: boo
     return weights
 
 
-def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool) -> QueuedMaterial:
-    """helper -> user: the material stream for the whole session."""
-    material = QueuedMaterial(seed)
-    bar = progress_bar(None, "user: receiving offline material", unit="call", enabled=progress)
+def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool, calls: int) -> QueuedMaterial:
+    """helper -> user: the material stream for the whole session, at most `calls` records (the plan's
+    protocol calls; ProtocolError past them)."""
+    material = QueuedMaterial(seed, max_records=calls)
+    bar = progress_bar(calls, "user: receiving offline material", unit="call", enabled=progress)
 
     def keep(record):
         material.extend([record])
         bar.update(1)
 
-    recv_records(helper, keep, timeout=setup_timeout)
+    recv_records(helper, keep, timeout=setup_timeout, max_records=calls)
     bar.close()
     return material

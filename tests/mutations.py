@@ -6,9 +6,9 @@ helper's dry run), so the protocols stay correct while the mask gets weak:
   narrow   the stream is cut to its low 32 bits (& 0xFFFFFFFF); skipped for pi (not a ring word)
   reuse    the call index is dropped from the stream's label ("{index}/{name}" -> "reused/{name}";
            for the weight masks "weight/{name}" -> "weight/reused"), so every call draws the same words
-Stream names: linear v, s; truncation r, alpha, rho; permutation a, a2, b, b2, pi; Beaver A, B, C;
-weight mask U; the user's input mask "input" (drawn from a fresh seed per call, so "reuse" does not
-apply to it).
+Stream names: linear v, s; truncation r, alpha, rho; permutation a, a2, b, b2, pi, and a folded norm's
+reveal of its source row a.src, b.src, pi.src; Beaver A, B, C; weight mask U; the user's input mask
+"input" (drawn from a fresh seed per call, so "reuse" does not apply to it).
 
 For each (stream, mutation) `check` runs the correctness tests that use the stream (exact ring results
 against plaintext, costs) and requires them to pass, then runs the view test named in CATCHERS and
@@ -34,8 +34,11 @@ from tests.protocol_helpers import SEEDS
 # K: the token selection's one-time pad (its index j* is covered by tests/test_selection.py's power check)
 CALL_STREAMS = ("v", "s", "r", "alpha", "rho", "a", "a2", "b", "b2", "A", "B", "C", "K")
 MUTATIONS = ("zero", "narrow", "reuse")
+# the folded norm's reveal of its source row (permute.permuted_apply_scaled), and its permutation pi.src
+FOLDED_STREAMS = ("a.src", "b.src")
 
 # which view test (in tests/test_views.py) catches each mutation
+FOLDED_CATCHER = "test_decoder_session_views_on_the_folded_decode_path"
 CATCHERS = {
     ("v", "zero"): "test_linear_views",
     ("v", "narrow"): "test_embedding_lookup_views",
@@ -75,21 +78,21 @@ CATCHERS = {
     ("B", "zero"): "test_appending_product_views",
     ("B", "narrow"): "test_appending_product_views",
     ("B", "reuse"): "test_appending_product_views",
+    ("C", "zero"): "test_appending_product_views",
+    ("C", "narrow"): "test_appending_product_views",
+    ("C", "reuse"): "test_appending_product_views",
     ("K", "zero"): "test_token_selection_views",
     ("K", "narrow"): "test_token_selection_views",
     ("K", "reuse"): "test_token_selection_views",
     ("input", "zero"): "test_input_sharing_views",
     ("input", "narrow"): "test_input_sharing_views",
+    **{(name, kind): FOLDED_CATCHER for name in FOLDED_STREAMS for kind in MUTATIONS},
+    ("pi.src", "zero"): FOLDED_CATCHER,
+    ("pi.src", "reuse"): FOLDED_CATCHER,
 }
 
-# mutations no view test catches, and why
-_C_REASON = (
-    "the user's dealt C_u = A op(B) - C_o then shows A op(B), a product of the Beaver masks (up to a "
-    "narrow or repeated C_o); the owner halves A_o, B_o stay unknown to it, so E_X = X - A and E_Y = Y - B "
-    "remain one-time pads and no reconstruction of X, Y or Z follows. Still a weakening (over a long "
-    "session the rows of A op(B) span the row space of B) that these attacks do not measure"
-)
-UNCAUGHT: dict[tuple[str, str], str] = {("C", kind): _C_REASON for kind in MUTATIONS}
+# mutations no view test catches, and why (none at present)
+UNCAUGHT: dict[tuple[str, str], str] = {}
 
 # correctness tests (tests/test_protocols.py, tests/test_secure_decoder.py) that exercise each stream
 _LINEAR = ["test_linear_is_bit_exact_and_costs_one_activation_sized_flight", "test_linear_on_dealt_input_sends_nothing"]
@@ -114,6 +117,8 @@ CORRECTNESS = {
     "C": ["test_appending_product_is_bit_exact_as_the_operand_grows"],
     "K": ["test_table_selection_gives_the_argmax_id_in_four_flights_and_exact_bytes"],
     "input": ["test_share_and_reveal"],
+    **{name: ["test_secure_logits_match_float64_reference_through_prefill_and_decode"] for name in ("a.src", "b.src")},
+    "pi.src": ["test_secure_logits_match_float64_reference_through_prefill_and_decode"],
 }
 
 
@@ -121,6 +126,8 @@ def all_mutations() -> list[tuple[str, str]]:
     """Every (stream, mutation) pair that applies."""
     pairs = [(name, kind) for name in CALL_STREAMS + ("U",) for kind in MUTATIONS]
     pairs += [("pi", "zero"), ("pi", "reuse"), ("input", "zero"), ("input", "narrow")]
+    pairs += [(name, kind) for name in FOLDED_STREAMS for kind in MUTATIONS]
+    pairs += [("pi.src", "zero"), ("pi.src", "reuse")]
     return pairs
 
 

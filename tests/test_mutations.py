@@ -18,11 +18,16 @@ Mutations and the attack that catches each (tests/view_attacks.py):
   pi     zero (identity): permuted non-linear (fixed points); reuse: permuted non-linear (aligned
          revealed values); narrow does not apply to a permutation
   A, B   zero, narrow, reuse: appending product (E_X = X - A, E_Y = Y - B)
+  C      zero, narrow: appending product (the user's dealt C_u = A op(B) - C_o is the product of the
+         whole Beaver masks, exactly or within 2^32); reuse: the same across calls (C_u,1 - C_u,2 on
+         their common prefix is the difference of the two products)
   input  zero, narrow: input sharing (x - mask); reuse does not apply (a fresh seed per call)
-  C      not caught, see UNCAUGHT in tests/mutations.py
+  a.src, b.src, pi.src  (a folded norm's reveal of its source row h) zero, narrow, reuse: the decoder
+         session on the folded decode path (h_o + d' = h - a', c1' = pi'(a') - b', fixed points and
+         one permutation placing pi'(h) of two layers)
 The review's four defects (a zeroed, a narrowed, r narrowed, s reused) must be among the caught ones.
-The sweep (43 mutations, 40 checked) takes about a minute, so it is not marked slow; it also runs
-as `python -m tests.mutations`.
+The sweep (54 mutations, all caught: UNCAUGHT in tests/mutations.py is empty) takes about a minute, so
+it is not marked slow; it also runs as `python -m tests.mutations`.
 """
 
 from __future__ import annotations

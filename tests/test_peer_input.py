@@ -295,6 +295,75 @@ def test_queued_material_refuses_records_past_its_bound():
         QueuedMaterial(bytes(16), [MaterialRecord(i, "k", "a") for i in range(3)], max_records=2)
 
 
+def test_a_record_past_the_bound_is_refused_at_its_header_before_its_tensors(pair):
+    a, b = pair
+    send_record(a, MaterialRecord(0, "k", "key", {"x": torch.zeros(2, dtype=torch.int64)}))
+    send_record(a, MaterialRecord(1, "k", "key", {"big": torch.arange(CAP // 8, dtype=torch.int64)}))
+    with pytest.raises(ProtocolError, match="more than the 1 material records"):
+        recv_records(b, lambda r: None, timeout=SHORT_S, max_records=1)
+    assert b.recv("mat.t", dtype=np.int64).shape == (CAP // 8,)  # never taken in by the refused stream
+
+
+def dealt_calls(fam, arch, plan, mask) -> int:
+    from protocols.context import DealerContext
+    from protocols.material import Dealer
+
+    dealer = Dealer(bytes(16), bytes(16))
+    driver = fam.driver(arch, fam.helper_weights(arch), plan.prompt_tokens + plan.max_new_tokens)
+    fam.run_session(DealerContext(dealer, mask), driver, plan)
+    return dealer.calls
+
+
+@pytest.mark.parametrize(("layers", "prompt", "budget"), [(1, 1, 1), (1, 3, 4), (2, 2, 1), (3, 5, 3)])
+def test_the_plan_bound_on_material_is_what_the_helper_deals_for_a_decoder(layers, prompt, budget):
+    from parties.families import family
+    from parties.handshake import Plan
+    from protocols.model.decoder_weights import DecoderArch, weight_mask
+    from tests.tiny_model import decoder_config
+
+    fam = family("smollm2")
+    arch = DecoderArch.from_config(decoder_config(layers=layers))
+    shapes = fam.linear_shapes(arch)
+    plan = Plan("smollm2", prompt, budget)
+    mask = lambda name: weight_mask(bytes(16), name, *shapes[name][:2])  # noqa: E731
+    assert fam.material_calls(arch, plan) == dealt_calls(fam, arch, plan, mask)
+
+
+@pytest.mark.parametrize(("layers", "prompt"), [(1, 1), (2, 5)])
+def test_the_plan_bound_on_material_is_what_the_helper_deals_for_an_encoder(layers, prompt):
+    from parties.families import family
+    from parties.handshake import Plan
+    from parties.session import prepare_model
+    from protocols.model.encoder_weights import EncoderArch
+    from tests.tiny_encoder import tiny_encoder
+
+    weights = tiny_encoder(layers=layers)
+    fam, arch = family("minilm"), EncoderArch.from_config(weights.config)
+    plan = Plan("minilm", prompt, 0)
+    assert fam.material_calls(arch, plan) == dealt_calls(fam, arch, plan, prepare_model(weights, bytes(16)).mask)
+
+
+@pytest.mark.parametrize("role", ["owner", "user"])
+def test_parties_refuse_material_past_their_plan(role):
+    import parties.owner
+    import parties.user
+    from parties.families import family
+    from parties.handshake import Plan
+    from protocols.model.decoder_weights import DecoderArch
+    from tests.tiny_model import decoder_config
+
+    fam, arch = family("smollm2"), DecoderArch.from_config(decoder_config(layers=1))
+    calls = fam.material_calls(arch, Plan("smollm2", 2, 1))
+    helper, party = MemoryChannel.pair(timeout=SHORT_S, max_payload_bytes=CAP)
+    for index in range(calls + 1):
+        send_record(helper, MaterialRecord(index, "k", "key"))
+    with pytest.raises(ProtocolError, match=f"more than the {calls} material records"):
+        if role == "owner":
+            parties.owner.receive_material(party, bytes(16), SHORT_S, calls)
+        else:
+            parties.user.receive_material(party, bytes(16), SHORT_S, False, calls)
+
+
 # ------------------------------------------------------------------------------------ BFV: regressions
 VOCAB = 5000  # 3 chunks at N = 4096: quick to encrypt and answer
 

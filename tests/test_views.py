@@ -235,7 +235,9 @@ def test_token_selection_views():
 # ------------------------------------------------------------------------------------------ Beaver
 def test_appending_product_views():
     """Three score products Q K^T with 2 groups, 4 query rows and 4 appended key rows of 8 per call.
-    Both parties attack E_X = X - A and E_Y = Y - B against X and Y, within a call and across calls."""
+    Both parties attack E_X = X - A and E_Y = Y - B against X and Y, within a call and across calls; the
+    user also attacks its dealt C_u = A op(B) - C_o against A op(B), the product of the whole masks
+    (argued, not tested: over a session its rows span B's row space, and with it the keys E_Y + B)."""
     groups, mx, m_new, d = 2, 4, 4, 8
     xs = [random_ring((groups, mx, d), 100 + i) >> 24 for i in range(3)]
     ys = [random_ring((groups, m_new, d), 110 + i) >> 24 for i in range(3)]
@@ -295,15 +297,13 @@ def test_input_sharing_views():
 
 # ------------------------------------------------------------------------------------------ decoder
 DECODER_SEEDS = Seeds(owner=bytes(range(100, 116)), user=bytes(range(200, 216)))
+FOLDED_STEP = 4
+"""Flights of a folded decode step outside its layers (embedding, final norm folded into the selection)."""
 
 
-def test_decoder_session_views():
-    """A whole session of the tiny decoder (2 layers): prefill of 4 tokens and 2 generated tokens with
-    token selection, on the unfused program (`fold_norms=False`): the recorder does not yet split the
-    folded decode step (`permuted_apply_scaled`, `permuted_reveal_later`) into its calls; the folded
-    step's view is pi'(h) plus the unfused step's values times a scalar the user already knows
-    (SECURITY.md, argued). Every call of every layer is attacked as in the tests above, plus the masked
-    weights W~ of every layer (alone and in same-shaped pairs, e.g. L0.qkv against L1.qkv)."""
+def _decoder_session_views(fold_norms: bool):
+    """The tiny decoder (2 layers): a prefill of 4 tokens and 2 generated tokens with token selection,
+    every protocol call recorded. Returns (the generation, the reference tokens, views, masks, static)."""
     from permllm.model.reference import DecoderReference
     from protocols.model import secure_decoder
     from protocols.model.decoder_weights import owner_weights
@@ -311,23 +311,51 @@ def test_decoder_session_views():
 
     weights = tiny_decoder(seed=5)
     prompt, budget = [7, 3, 19, 33], 2
+    names = ["linear", "lookup", "trunc", "product", "permuted_apply"]
+    if fold_norms:
+        names += ["permuted_apply_scaled", "permuted_reveal_later"]
     with pytest.MonkeyPatch.context() as mp:
         recorder = ViewRecorder(mp)
-        for name in ("linear", "lookup", "trunc", "product", "permuted_apply"):
+        for name in names:
             mp.setattr(secure_decoder, name, recorder.wrap(getattr(secure_decoder, name)))
         mp.setattr("protocols.selection.permuted_reveal", recorder.wrap(permuted_reveal))
-        unfused = secure_decoder.SecureDecoder.__init__
-        mp.setattr(
-            secure_decoder.SecureDecoder, "__init__", lambda self, *a, **k: unfused(self, *a, **k, fold_norms=False)
-        )
+        if not fold_norms:
+            unfused = secure_decoder.SecureDecoder.__init__
+            mp.setattr(
+                secure_decoder.SecureDecoder, "__init__", lambda self, *a, **k: unfused(self, *a, **k, fold_norms=False)
+            )
         result = private_generate_inprocess(weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300)
     want = DecoderReference(weights).generate_greedy(prompt, budget, stop_at_eos=True)
-    assert result.tokens == want
-    layers = weights.config.num_layers
-    stopped_early = 1 if len(want) < budget else 0
-    assert result.run.flights == len(want) * (6 + 12 * layers) + stopped_early  # unfused: 12 per layer + 6
-
     owner_w = owner_weights(weights, DECODER_SEEDS.owner)
     masks = {name: w.mask for name, w in owner_w.items()}
     user_w = {name: LinearWeight(name, w.bits, w.d_in, w.d_out, local=w.local - w.mask) for name, w in owner_w.items()}
-    assert_no_leak(attack_all(recorder.calls, masks, _weight_views(user_w, owner_w)))
+    return result, want, weights.config.num_layers, recorder.calls, masks, _weight_views(user_w, owner_w)
+
+
+def test_decoder_session_views():
+    """A whole session of the tiny decoder on the unfused program (`fold_norms=False`): every call of
+    every layer is attacked as in the tests above, plus the masked weights W~ of every layer (alone
+    and in same-shaped pairs, e.g. L0.qkv against L1.qkv)."""
+    result, want, layers, views, masks, static = _decoder_session_views(fold_norms=False)
+    assert result.tokens == want
+    stopped_early = 1 if len(want) < 2 else 0
+    assert result.run.flights == len(want) * (6 + 12 * layers) + stopped_early  # unfused: 12 per layer + 6
+    assert_no_leak(attack_all(views, masks, static))
+
+
+def test_decoder_session_views_on_the_folded_decode_path():
+    """The same session on the program production runs: each decode step folds the second norm into
+    the SwiGLU step (`permuted_apply_scaled`: the user also sees pi'(h), z.src) and the final norm into
+    the token choice (`permuted_reveal_later`, read at the selection's receive). The folded calls are
+    attacked like the others, including fixed points and alignment of pi'(h)."""
+    result, want, layers, views, masks, static = _decoder_session_views(fold_norms=True)
+    assert result.tokens == want
+    decode_steps = len(want) - 1
+    stopped_early = 1 if len(want) < 2 else 0
+    assert result.run.flights == (6 + 12 * layers) + decode_steps * (FOLDED_STEP + 10 * layers) + stopped_early
+    findings = attack_all(views, masks, static)  # derives each view's revealed plaintext first
+    folded = [v for v in views["user"].values() if "*invrms" in v.kind]
+    late = [v for v in views["user"].values() if v.kind == "reveal" and "recv:fnorm.perm" in v.words]
+    assert len(folded) == decode_steps * layers and len(late) == decode_steps
+    assert all({"z", "z.src"} <= set(v.known) for v in folded) and all("z" in v.known for v in late)
+    assert_no_leak(findings)

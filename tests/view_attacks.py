@@ -10,8 +10,9 @@ Attacks (each flags a finding; a test fails on any):
                  <= C(n, 4) 2^-92 per combination (< 2^-45 for n <= 4096); |r| >= 0.9 of an independent
                  word has probability < 1e-14 for n >= 32 (Fisher's z: 7.9 standard deviations).
   cross_call     the difference of the same 1-2-word combination in two calls of one kind (on the common
-                 prefix) against the difference of the same secret: a stream reused across calls
-                 cancels. Same criteria and bounds.
+                 prefix; received words of two layers' same step count as the same word) against the
+                 difference of the same secret: a stream reused across calls cancels. Same criteria
+                 and bounds.
   uniformity     every received or dealt tensor, and the difference of each same-named pair across two
                  calls, has fewer than max(8, n/64) words below 2^48 in magnitude (a uniform word:
                  2^-15; 8 such words among n <= 2^15 have probability < 2^-70), and all of them
@@ -23,6 +24,10 @@ Attacks (each flags a finding; a test fails on any):
                  own draws at >= max(4, n/8) entries (probability n^2 2^-64 per entry by chance).
   fixed_points   (user) the revealed z equals the unpermuted x at >= max(16, n/4) positions holding values
                  unique in x; under a uniform permutation P(>= k fixed points) <= 1/k! (16! > 2^44).
+  reused_perm    (user) the revealed values of two calls (z, or a folded norm's z.src) come from the
+                 same positions of their plaintexts at >= max(16, n/4) of the entries whose values are
+                 unique: one permutation placed both. Two independent uniform permutations agree like
+                 the fixed points of one: P(>= k) <= 1/k!.
   alignment      (user) two calls of the same layout show their revealed values aligned: per channel,
                  |corr(z_1, z_2)| > 6/sqrt(n) (n >= 64); with fresh permutations the null distribution is
                  about N(0, 1/n), P = 2e-9 per pair.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import torch
@@ -155,9 +161,15 @@ def closeness(view: CallView, secrets: dict[str, torch.Tensor]) -> list[str]:
     return found
 
 
+def _generic(name: str) -> str:
+    """A received word's name without its layer ("recv:L1.n2.mask" -> "recv:n2.mask"), so the same
+    step of two layers is compared across calls."""
+    return re.sub(r"^recv:L\d+\.", "recv:", name)
+
+
 def cross_call(first: CallView, second: CallView, s1: dict, s2: dict) -> list[str]:
-    w1 = {n: _flat(t) for n, t in first.words.items()}
-    w2 = {n: _flat(t) for n, t in second.words.items()}
+    w1 = {_generic(n): _flat(t) for n, t in first.words.items()}
+    w2 = {_generic(n): _flat(t) for n, t in second.words.items()}
     k1, k2 = _holds(first), _holds(second)
     common = {n: w1[n] for n in w1 if n in w2}
     found = []
@@ -280,15 +292,44 @@ def permutation_across_calls(first: CallView, second: CallView, max_entries: int
     return found
 
 
-def fixed_points(view: CallView, x: torch.Tensor) -> list[str]:
-    if "z" not in view.known:
+def fixed_points(view: CallView, x: torch.Tensor, name: str = "z") -> list[str]:
+    if name not in view.known:
         return []
-    z, x = _flat(view.known["z"]), _flat(x)
+    z, x = _flat(view.known[name]), _flat(x)
     values, counts = np.unique(x, return_counts=True)
     unique = np.isin(x, values[counts == 1])
     hits = int(((z == x) & unique).sum())
     if x.size >= 16 and hits >= max(16, x.size // 4):
         return [f"call {view.index} {view.kind}: the revealed values are unpermuted at {hits}/{x.size} positions"]
+    return []
+
+
+def _placement(z: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """For each revealed entry, the position of its value in x where that value is unique there; -1 else."""
+    values, first, counts = np.unique(x, return_index=True, return_counts=True)
+    where = np.searchsorted(values, z)
+    where = np.minimum(where, values.size - 1)
+    ok = (values[where] == z) & (counts[where] == 1)
+    return np.where(ok, first[where], -1)
+
+
+def reused_permutation(first: CallView, second: CallView, x1, x2, name: str = "z") -> list[str]:
+    """(user) the revealed values of two calls placed by the same permutation: where z_1[i] and z_2[i]
+    are unique values of the plaintexts x_1 and x_2, both come from the same position at
+    >= max(16, n/4) entries. Two independent uniform permutations agree like the fixed points of a
+    uniform permutation: P(>= k) <= 1/k! (16! > 2^44)."""
+    if name not in first.known or name not in second.known:
+        return []
+    z1, z2, x1, x2 = (_flat(t) for t in (first.known[name], second.known[name], x1, x2))
+    if not z1.size == z2.size == x1.size == x2.size or z1.size < 16:
+        return []
+    p1, p2 = _placement(z1, x1), _placement(z2, x2)
+    hits = int(((p1 == p2) & (p1 >= 0)).sum())
+    if hits >= max(16, z1.size // 4):
+        return [
+            f"calls {first.index}/{second.index} {first.kind}: {name} of both placed by one permutation "
+            f"at {hits}/{z1.size} entries"
+        ]
     return []
 
 
@@ -338,11 +379,18 @@ def attack_all(views, masks, static=None) -> dict[str, list[str]]:
                 if "pi" in owner_calls[view.index].perms:
                     found += permutation_recovery(view)
                     found += fixed_points(view, secrets[view.index]["in0"])
+                if "pi.src" in owner_calls[view.index].perms:
+                    found += fixed_points(view, secrets[view.index]["in1"], "z.src")
             for group in groups.values():
                 for first, second in itertools.combinations(group[:6], 2):
-                    if "pi" in owner_calls.get(first.index, CallView(0, "", "")).perms:
+                    perms = owner_calls.get(first.index, CallView(0, "", "")).perms
+                    s1, s2 = secrets[first.index], secrets[second.index]
+                    if "pi" in perms:
                         found += permutation_across_calls(first, second)
                         found += alignment(first, second)
+                        found += reused_permutation(first, second, s1["in0"], s2["in0"])
+                    if "pi.src" in perms:
+                        found += reused_permutation(first, second, s1["in1"], s2["in1"], "z.src")
         findings[party] = found
     return findings
 

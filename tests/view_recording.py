@@ -9,7 +9,9 @@ A party's view of protocol call i (a `CallView`) holds, as `words`:
   c_high = floor(c / 2^k) - 2^(62-k) (truncation), E_X and E_Y (appending product),
   scatter_e = pi^-1(e) (permuted evaluation, owner).
 `perms` holds its permutations, `known` what it may learn in the clear (the user's permuted
-plaintext z = pi(x)). Weights are static pseudo-calls of kind "weight" (tests/test_views.py).
+plaintext z = pi(x), and z.src = pi'(source) where a folded norm reveals its source row too). A reply
+read late (`receive_later`, the folded final norm) is recorded in the call that scheduled it.
+Weights are static pseudo-calls of kind "weight" (tests/test_views.py).
 `ViewRecorder` fills the views by patching (with pytest's monkeypatch) the material, the receive path
 and, through `wrap`, the protocol functions; `derive` adds the derived words; `secrets_of` gives what
 a party must not learn.
@@ -50,12 +52,13 @@ class ViewRecorder:
 
         self.calls: dict[str, dict[int, CallView]] = {"owner": {}, "user": {}}
         self.current: dict[str, CallView] = {}
-        take, draw, permutation, dealt, receive = (
+        take, draw, permutation, dealt, receive, receive_later = (
             PartyContext.take,
             CallMaterial.draw,
             CallMaterial.permutation,
             CallMaterial.dealt,
             PartyContext.receive,
+            PartyContext.receive_later,
         )
         recorder = self
 
@@ -86,7 +89,17 @@ class ViewRecorder:
             recorder.current[ctx.role.value].words[f"recv:{tag}"] = t
             return t
 
+        def rec_receive_later(ctx, tag, shape, then):
+            view = recorder.current[ctx.role.value]  # the call that reads it late (permuted_reveal_later)
+
+            def recorded_then(t):
+                view.words[f"recv:{tag}"] = t
+                then(t)
+
+            receive_later(ctx, tag, shape, recorded_then)
+
         monkeypatch.setattr(PartyContext, "take", rec_take)
+        monkeypatch.setattr(PartyContext, "receive_later", rec_receive_later)
         monkeypatch.setattr(CallMaterial, "draw", rec_draw)
         monkeypatch.setattr(CallMaterial, "permutation", rec_permutation)
         monkeypatch.setattr(CallMaterial, "dealt", rec_dealt)
@@ -95,6 +108,7 @@ class ViewRecorder:
     def wrap(self, fn):
         """fn(ctx, ...) recording its Shared inputs, its output share, token ids and weight name."""
         from permllm.sharing import Shared
+        from protocols.beaver import GrowingOperand
         from protocols.linear import LinearWeight
 
         def recorded(ctx, *args, **kwargs):
@@ -109,6 +123,8 @@ class ViewRecorder:
             for a in args:
                 if isinstance(a, LinearWeight):
                     view.info["weight"] = a.name
+                if isinstance(a, GrowingOperand):
+                    view.info["transpose"] = a.transpose
             if fn.__name__ == "lookup" and args[0] is not None:
                 view.info["tokens"] = [int(t) for t in args[0]]
             if isinstance(out, Shared):
@@ -148,8 +164,12 @@ def derive(views: dict[str, dict[int, CallView]], masks: dict[str, torch.Tensor]
                     e = _first(w, "recv:", ".reshare")
                     if e is not None:
                         w["scatter_e"] = scatter_rows(e, torch.from_numpy(view.perms["pi"]))
-                else:
-                    view.known["z"] = _first(w, "recv:", ".perm") + w["dealt:c1"]
+                else:  # pi(x) = w + c1, and for a folded norm also pi'(source) = w' + c1.src (by shape)
+                    for suffix in ("", ".src"):
+                        c1 = w.get(f"dealt:c1{suffix}")
+                        if c1 is not None:
+                            perm = _first_shaped(w, "recv:", ".perm", c1.shape)
+                            view.known[f"z{suffix}"] = perm + c1
 
 
 def _first(words, prefix: str, suffix: str = ""):
@@ -157,18 +177,32 @@ def _first(words, prefix: str, suffix: str = ""):
     return found[0] if found else None
 
 
+def _first_shaped(words, prefix: str, suffix: str, shape):
+    found = [t for n, t in words.items() if n.startswith(prefix) and n.endswith(suffix) and t.shape == shape]
+    return found[0]
+
+
 def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
     """The other party's secrets per call index, as `party` must not learn them: the plaintext inputs
-    and output of each call, and for the owner also x_u @ U (linear), one-hot(t) and U[t] (embedding),
-    z = pi(x) and Y = pi(y) (permuted evaluation: the user's plaintext)."""
+    and output of each call, for the owner also x_u @ U (linear), one-hot(t) and U[t] (embedding),
+    z = pi(x) and Y = pi(y) (permuted evaluation: the user's plaintext), and for the user A @ op(B)
+    (appending product: the product of the whole Beaver masks, whose rows over a session span B's row
+    space, and with it the cache Y = E_Y + B)."""
     owner, user = views["owner"], views["user"]
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for index, o in owner.items():
+    beaver_b: dict[str, torch.Tensor] = {}  # per growing operand: the whole mask B so far
+    for index, o in sorted(owner.items()):
         u = user[index]
         s: dict[str, torch.Tensor] = {}
         for name in ("in0", "in1", "out"):
             if f"own:{name}" in o.words and f"own:{name}" in u.words:
                 s[name] = o.words[f"own:{name}"] + u.words[f"own:{name}"]
+        if o.kind.startswith("product:") and "draw:A" in o.words:
+            b_new = o.words["draw:B"] + u.words["draw:B"]
+            b = beaver_b[o.kind] = b_new if o.kind not in beaver_b else torch.cat([beaver_b[o.kind], b_new], dim=1)
+            if party == "user" and "transpose" in u.info:
+                a = o.words["draw:A"] + u.words["draw:A"]
+                s["A@op(B)"] = a @ (b.transpose(-1, -2) if u.info["transpose"] else b)
         if party == "owner":
             if o.kind.startswith("linear:") and "own:in0" in u.words:
                 s["x_u@U"] = u.words["own:in0"] @ masks[o.kind[len("linear:") :]]
@@ -183,5 +217,8 @@ def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
                 s["z"] = gather_rows(s["in0"].reshape(n, -1).contiguous(), pi)
                 if "out" in s:
                     s["Y"] = gather_rows(s["out"].reshape(n, -1).contiguous(), pi)
+            if "pi.src" in o.perms and "in1" in s:  # a folded norm's source row (permuted_apply_scaled)
+                pi = torch.from_numpy(o.perms["pi.src"])
+                s["z.src"] = gather_rows(s["in1"].reshape(pi.numel(), -1).contiguous(), pi)
         out[index] = s
     return out
