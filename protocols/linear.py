@@ -39,7 +39,7 @@ class LinearWeight:
 
     name: identifies the weight across parties (the helper derives U from it).
     bits: fixed-point scale of W.
-    local: owner: W; user: W~ = W - U; helper: None.
+    local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64); helper: None.
     mask: owner: U (needed for d @ U); user and helper: None (the helper calls weight_mask(name)).
     bias: owner only, float64 (encoded at the output scale on use), or None.
     d_in, d_out: the shape of W.
