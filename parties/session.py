@@ -21,6 +21,7 @@ import numpy as np
 
 from parties.families import Family, family
 from parties.inprocess import PairRun, Seeds, deal_records, run_pair
+from protocols.linear import precompute_user_terms
 from protocols.material import QueuedMaterial
 
 SESSION_TIMEOUT_S = 3600.0
@@ -110,6 +111,7 @@ class PreparedModel:
         call_bytes = [o.nbytes + u.nbytes for o, u in zip(owner_records, user_records)]
         owner_mat, user_mat = QueuedMaterial(seeds.owner, owner_records), QueuedMaterial(seeds.user, user_records)
         del owner_records, user_records  # the queues free each call's material once it is used
+        precompute_user_terms(user_mat, self.user)  # the user's input-independent linear shares
         online = time.perf_counter()
         pair = run_pair(
             lambda ctx: owner(ctx, drivers["owner"]),

@@ -20,6 +20,7 @@ from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
 from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
+from protocols.linear import precompute_user_terms
 from protocols.material import QueuedMaterial
 from protocols.selection import BFV
 
@@ -82,6 +83,7 @@ def run_user(
 
     with phases.timed("offline"):
         material = receive_material(helper, seed, setup_timeout, progress, fam.material_calls(arch, plan))
+        precompute_user_terms(material, weights)  # the linear layers' input-independent shares
     offline_bytes = helper.stats.bytes_received
 
     ctx = PartyContext(Role.USER, owner, material)

@@ -1,5 +1,9 @@
 """Matrix products over Z_2^64: `ring_matmul(a, b) == a @ b` for 2-D torch.int64 tensors, faster.
 
+`b` may also be a torch.int32 matrix (the owner's packed weights: every encoded weight but the
+embedding fits in 20 bits): the product is then a @ b.to(int64) mod 2^64, exactly, with each int32
+entry widened inside the kernel, so the weight is stored and streamed at half the bytes.
+
 torch's int64 `@` wraps mod 2^64 exactly but runs a scalar kernel on one thread (about 0.1-0.2
 GMAC/s here). Every linear layer of a session is such a product (SmolLM2: 1.3e8 multiply-adds per
 party per generated token), so the engine uses a numba kernel instead: for each tile of 4 rows of
@@ -13,6 +17,11 @@ split by column blocks over `torch.get_num_threads()` threads (the process's com
 setting, `--threads` on the command line), smaller ones run on the calling thread. Without numba,
 `ring_matmul` is torch's `@`.
 
+With an int32 `b` and TORCH_MIN_ROWS rows or more (a prefill), torch's int64 matmul on b widened a
+block of rows at a time is several times faster than the kernel here (torch 2.13, one thread:
+37 x 576 x 3072 in 7 ms against 44 ms); for one to three rows (a decode step) the kernel is faster
+(1 x 576 x 49152: ~21 ms against ~40 ms).
+
     python -m pytest bench/test_bench_kernels.py -k matmul --benchmark-only   # numba vs torch
 """
 
@@ -25,22 +34,38 @@ import torch
 
 from permllm.kernels import NUMBA_AVAILABLE, numba
 
-__all__ = ["ring_matmul", "ring_matmul_numba", "ring_matmul_torch", "PARALLEL_MIN_MACS"]
+__all__ = ["ring_matmul", "ring_matmul_numba", "ring_matmul_torch", "PARALLEL_MIN_MACS", "WEIGHT_DTYPES"]
 
 PARALLEL_MIN_MACS = 1 << 22
+TORCH_MIN_ROWS = 4
+WIDEN_BLOCK_ELEMENTS = 1 << 22
 _ROW_TILE = 4
 _COLUMN_TILE = 512
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
+WEIGHT_DTYPES = (torch.int64, torch.int32)
+"""The dtypes `ring_matmul` accepts for its right operand (the left one is always int64)."""
+
+
 def ring_matmul_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The reference: torch's int64 matmul (wraps mod 2^64)."""
-    return a @ b
+    """The reference: torch's int64 matmul (wraps mod 2^64); an int32 `b` is widened first."""
+    return a @ b.to(torch.int64)
+
+
+def _widened_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for an int32 b, widened WIDEN_BLOCK_ELEMENTS entries at a time (bounded extra memory)."""
+    k, n = b.shape
+    out = torch.zeros((a.shape[0], n), dtype=torch.int64)
+    rows = max(1, WIDEN_BLOCK_ELEMENTS // max(n, 1))
+    for p in range(0, k, rows):
+        out += a[:, p : p + rows] @ b[p : p + rows].to(torch.int64)
+    return out
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.dtype != torch.int64 or b.dtype != torch.int64:
-        raise TypeError(f"ring_matmul: expected int64 operands, got {a.dtype} and {b.dtype}")
+    if a.dtype != torch.int64 or b.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"ring_matmul: expected an int64 by int64 or int32 product, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"ring_matmul: expected 2-D operands, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[1] != b.shape[0]:
@@ -51,7 +76,8 @@ if NUMBA_AVAILABLE:
 
     @numba.njit(cache=True, nogil=True)
     def _matmul_columns(a, b, out, j_start, j_stop):
-        """out[:, j_start:j_stop] = a @ b[:, j_start:j_stop] mod 2^64 (a, b, out C-contiguous int64)."""
+        """out[:, j_start:j_stop] = a @ b[:, j_start:j_stop] mod 2^64 (a, out C-contiguous int64; b
+        C-contiguous int64 or int32, each entry widened to int64 before its product: exact)."""
         m, k = a.shape
         for j0 in range(j_start, j_stop, _COLUMN_TILE):
             j1 = min(j_stop, j0 + _COLUMN_TILE)
@@ -68,22 +94,42 @@ if NUMBA_AVAILABLE:
                     a2 = a[i0 + 2, p]
                     a3 = a[i0 + 3, p]
                     for j in range(j0, j1):
-                        bv = b[p, j]
+                        bv = np.int64(b[p, j])
                         out[i0, j] += a0 * bv
                         out[i0 + 1, j] += a1 * bv
                         out[i0 + 2, j] += a2 * bv
                         out[i0 + 3, j] += a3 * bv
                 i0 += _ROW_TILE
             for i in range(i0, m):
-                for j in range(j0, j1):
-                    out[i, j] = 0
-                for p in range(k):
-                    av = a[i, p]
-                    for j in range(j0, j1):
-                        out[i, j] += av * b[p, j]
+                _row_columns(a, b, out, i, j0, j1)
+
+    @numba.njit(cache=True, nogil=True)
+    def _row_columns(a, b, out, i, j0, j1):
+        """out[i, j0:j1] = a[i] @ b[:, j0:j1] mod 2^64, four rows of b per pass over the output."""
+        k = a.shape[1]
+        for j in range(j0, j1):
+            out[i, j] = 0
+        p = 0
+        while p + 4 <= k:
+            a0 = a[i, p]
+            a1 = a[i, p + 1]
+            a2 = a[i, p + 2]
+            a3 = a[i, p + 3]
+            for j in range(j0, j1):
+                out[i, j] += (
+                    a0 * np.int64(b[p, j])
+                    + a1 * np.int64(b[p + 1, j])
+                    + a2 * np.int64(b[p + 2, j])
+                    + a3 * np.int64(b[p + 3, j])
+                )
+            p += 4
+        for q in range(p, k):
+            av = a[i, q]
+            for j in range(j0, j1):
+                out[i, j] += av * np.int64(b[q, j])
 
     def ring_matmul_numba(a: torch.Tensor, b: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """a @ b mod 2^64 with the numba kernel; threads defaults to torch.get_num_threads()."""
+        """a @ b mod 2^64 with the numba kernel (b int64 or int32); threads defaults to torch.get_num_threads()."""
         _check(a, b)
         m, k = a.shape
         n = b.shape[1]
@@ -104,7 +150,13 @@ if NUMBA_AVAILABLE:
                 f.result()
         return torch.from_numpy(out)
 
-    ring_matmul = ring_matmul_numba
+    def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b mod 2^64 (b int64 or int32): the numba kernel, except for an int32 b and at least
+        TORCH_MIN_ROWS rows, where torch's int64 matmul on widened row blocks of b is faster."""
+        _check(a, b)
+        if b.dtype == torch.int32 and a.shape[0] >= TORCH_MIN_ROWS:
+            return _widened_torch(a, b)
+        return ring_matmul_numba(a, b)
 
 else:  # pragma: no cover - exercised only on installs without numba
 
@@ -113,4 +165,4 @@ else:  # pragma: no cover - exercised only on installs without numba
 
     def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _check(a, b)
-        return a @ b
+        return a @ b.to(torch.int64)

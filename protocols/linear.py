@@ -6,13 +6,17 @@ preparation it sent W~ = W - U to the user once. The helper knows U (from the ow
     in:  <x> = (x_o, x_u), shape (m, d_in), scale s
     out: <y> = <x @ W + b>, shape (m, d_out), scale s + weight.bits; user share not dealt
 
-Online, general case (1 flight, user -> owner, m*d_in*8 bytes):
+Online, general case (1 flight, user -> owner, m*d_in*8 bytes), "opened input":
     helper deals: user v, s (seeded), owner M = v @ U - s
     user sends d = x_u - v
-    owner: y_o = x_o @ W + d @ U + M + b        user: y_u = x_u @ W~ + s
+    owner: y_o = (x_o + d) @ W + M + b          user: y_u = v @ W~ + s
+Check: y_o + y_u = (x - v) W + v U - s + v (W - U) + s = x W.
+The owner multiplies by its own (packed) W only and never needs U online; the user's share does not
+depend on the input, so `precompute_user_terms` computes it when the material arrives, before the
+online phase (the user's online work is then the subtraction d = x_u - v).
 Online, dealt input (x_u known to the helper, e.g. the output of a permuted non-linear step):
-    0 flights: the helper deals owner M = x_u @ U - s directly; y_o = x_o @ W + M + b.
-Check: y_o + y_u = x_o W + (x_u - v) U + v U - s + x_u (W - U) + s = x W.
+    0 flights: the helper deals owner M = x_u @ U - s directly; y_o = x_o @ W + M + b,
+    y_u = x_u @ W~ + s. Check: x_o W + x_u U - s + x_u (W - U) + s = x W.
 
 Why s: the owner knows U, so an unmasked M = v @ U (or x_u @ U) together with d would give it
 x_u @ U, and from that x_u itself (U is left-invertible mod 2^64 for d_in <= d_out, and for the
@@ -39,8 +43,8 @@ class LinearWeight:
 
     name: identifies the weight across parties (the helper derives U from it).
     bits: fixed-point scale of W.
-    local: owner: W; user: W~ = W - U; helper: None.
-    mask: owner: U (needed for d @ U); user and helper: None (the helper calls weight_mask(name)).
+    local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64); helper: None.
+    mask: unused by the protocols (the owner never needs U online; the helper calls weight_mask(name)).
     bias: owner only, float64 (encoded at the output scale on use), or None.
     d_in, d_out: the shape of W.
     """
@@ -71,28 +75,59 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
 
     mat = ctx.take("linear:" + weight.name, key)
     if x.dealt:
-        correction = mat.dealt("M", out_shape) if ctx.is_owner else None
+        if ctx.is_owner:
+            y = ring_matmul(x.local, weight.local) + mat.dealt("M", out_shape)
+        else:
+            y = ring_matmul(x.local, weight.local) + mat.draw("s", out_shape)
+    elif ctx.is_owner:
+        d = ctx.receive(f"lin.{weight.name}", (m, d_in))
+        y = ring_matmul(x.local + d, weight.local) + mat.dealt("M", out_shape)
     else:
-        d = ctx.user_sends(f"lin.{weight.name}", lambda: x.local - mat.draw("v", (m, d_in)), (m, d_in))
-        correction = ring_matmul(d, weight.mask) + mat.dealt("M", out_shape) if ctx.is_owner else None
-    y = ring_matmul(x.local, weight.local)
-    if ctx.is_owner:
-        y = y + correction
-        if weight.bias is not None:
-            y = y + encode(weight.bias, out_bits)
-    else:
-        y = y + mat.draw("s", out_shape)
+        ctx.send(f"lin.{weight.name}", x.local - mat.draw("v", (m, d_in)))
+        y = _user_term(mat, weight, m)
+    if ctx.is_owner and weight.bias is not None:
+        y = y + encode(weight.bias, out_bits)
     return Shared.of(y, out_bits)
+
+
+_TERM = "v@W~+s"
+"""The name under which a linear call's input-independent user share is kept with its material."""
+
+
+def _user_term(mat, weight: LinearWeight, m: int) -> torch.Tensor:
+    """The user's share v @ W~ + s of a masked-input call: precomputed with the material, or now."""
+    term = mat.local(_TERM)
+    if term is None:
+        term = ring_matmul(mat.draw("v", (m, weight.d_in)), weight.local) + mat.draw("s", (m, weight.d_out))
+    return term
+
+
+def precompute_user_terms(material, weights: dict[str, LinearWeight]) -> int:
+    """The user's input-independent shares v @ W~ + s of every masked-input linear call queued in
+    `material` (a `QueuedMaterial`), computed now and kept with each call's material, so that the
+    online step only subtracts d = x_u - v and sends it. Returns how many calls it prepared.
+    (m, d_out) int64 per call: for SmolLM2-135M ~1.4 MB per generated token."""
+    count = 0
+    for call in material.pending():
+        kind, key = call.kind, call.key
+        if not kind.startswith("linear:") or not key.endswith("|masked"):
+            continue
+        weight = weights.get(kind[len("linear:") :])
+        if weight is None or call.local(_TERM) is not None:
+            continue
+        m = int(key.split("x", 1)[0])
+        call.keep(_TERM, _user_term(call, weight, m))
+        count += 1
+    return count
 
 
 def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -> Shared:
     """<W[t]> for `count` token ids t that only the user knows (embedding lookup, PermLLM §4.5).
 
-    The linear protocol on the one-hot input onehot(t) whose owner share is zero, so nobody
-    multiplies by it: the user's share is the row gather W~[t] + s and the owner's d @ U + M.
+    The linear protocol on the one-hot input onehot(t) whose owner share is zero:
         helper deals: user v, s (seeded), owner M = v @ U - s
         flight 1, user -> owner: d = onehot(t) - v          count * vocab * 8 bytes
-        owner: y_o = d @ U + M = U[t] - s        user: y_u = W~[t] + s
+        owner: y_o = d @ W + M        user: y_u = v @ W~ + s (input independent, as in `linear`)
     out: <W[t]>, shape (count, d_out), scale weight.bits; same material as `linear` on that input.
     """
     vocab = weight.d_in
@@ -103,7 +138,7 @@ def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -
     out_shape = (count, weight.d_out)
     if ctx.is_owner:
         d = ctx.receive(f"lin.{weight.name}", shape)
-        return Shared.of(ring_matmul(d, weight.mask) + mat.dealt("M", out_shape), weight.bits)
+        return Shared.of(ring_matmul(d, weight.local) + mat.dealt("M", out_shape), weight.bits)
     if token_ids is None or len(token_ids) != count:
         raise ValueError(f"the user must supply {count} token ids")
     ids = torch.as_tensor(token_ids, dtype=torch.int64)
@@ -112,4 +147,4 @@ def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -
     onehot = torch.zeros(shape, dtype=torch.int64)
     onehot[torch.arange(count), ids] = 1
     ctx.send(f"lin.{weight.name}", onehot - mat.draw("v", shape))
-    return Shared.of(weight.local[ids] + mat.draw("s", out_shape), weight.bits)
+    return Shared.of(_user_term(mat, weight, count), weight.bits)

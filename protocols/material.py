@@ -54,10 +54,20 @@ def _seeded_permutation(seed: bytes, index: int, name: str, lengths) -> np.ndarr
 class CallMaterial:
     """One party's material for one call: seeded draws plus the dealt tensors."""
 
-    def __init__(self, seed: bytes, record: MaterialRecord):
+    def __init__(self, seed: bytes, record: MaterialRecord, kept: dict | None = None):
         self.index = record.index
+        self.kind, self.key = record.kind, record.key
         self._seed = seed
         self._record = record
+        self._kept = {} if kept is None else kept
+
+    def keep(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep a tensor this party computed ahead from this call's material (never sent)."""
+        self._kept[name] = tensor
+
+    def local(self, name: str) -> torch.Tensor | None:
+        """A tensor kept with `keep` (by this party, ahead of the call), or None."""
+        return self._kept.get(name)
 
     def draw(self, name: str, shape) -> torch.Tensor:
         """Uniform ring tensor from the stream this party shares with the helper."""
@@ -109,6 +119,7 @@ class QueuedMaterial:
     def __init__(self, seed: bytes, records=(), *, max_records: int | None = None):
         self._seed = seed
         self._queue: deque[MaterialRecord] = deque()
+        self._kept: dict[int, dict] = {}
         self.calls_taken = 0
         self.max_records = max_records
         self._accepted = 0
@@ -127,6 +138,12 @@ class QueuedMaterial:
     def remaining(self) -> int:
         return len(self._queue)
 
+    def pending(self):
+        """The queued calls' material, in call order, without taking them: a party computes what
+        depends on its material only (`CallMaterial.keep`) before the online phase."""
+        for record in list(self._queue):
+            yield CallMaterial(self._seed, record, self._kept.setdefault(record.index, {}))
+
     def next(self, kind: str, key: str) -> CallMaterial:
         if not self._queue:
             raise MaterialExhausted(
@@ -140,7 +157,7 @@ class QueuedMaterial:
                 f"{record.kind} [{record.key}]"
             )
         self.calls_taken += 1
-        return CallMaterial(self._seed, record)
+        return CallMaterial(self._seed, record, self._kept.pop(record.index, None))
 
 
 class DealerCall:

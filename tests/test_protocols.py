@@ -16,7 +16,7 @@ from protocols.basic import reveal_to, reveal_to_both, share_input
 from protocols.beaver import GrowingOperand, product
 from protocols.context import Role
 from protocols.functions import GELU, SILU, SOFTMAX, SWIGLU, inverse_rms, layer_normalize, rms_normalize
-from protocols.linear import LinearWeight, linear
+from protocols.linear import LinearWeight, linear, precompute_user_terms
 from protocols.permute import (
     check_headroom,
     permuted_apply,
@@ -33,7 +33,8 @@ def _linear_setup(m=3, d_in=5, d_out=4, seed=0, bias=True):
     w = encode(torch.randn(d_in, d_out, generator=g, dtype=torch.float64), WEIGHT_BITS)
     u = random_ring((d_in, d_out), seed + 1)
     b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
-    owner_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out, local=w, mask=u, bias=b)
+    # the owner holds its packed int32 W and no mask: the protocol never needs U online
+    owner_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out, local=w.to(torch.int32), bias=b)
     user_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out, local=w - u)
     helper_w = LinearWeight("w", WEIGHT_BITS, d_in, d_out)
     x = encode(torch.randn(m, d_in, generator=g, dtype=torch.float64), ACT_BITS)
@@ -59,6 +60,34 @@ def test_linear_is_bit_exact_and_costs_one_activation_sized_flight():
     assert run.flights == 1
     assert run.bytes_user_to_owner == wire_bytes("lin.w", (m, d_in))
     assert run.bytes_owner_to_user == 0
+
+
+def test_user_terms_precomputed_from_the_material_give_the_same_shares(seeds):
+    """The masked-input linear: the user's share v @ W~ + s depends on its material only;
+    `precompute_user_terms` computes it before the online phase and the results are identical."""
+    m, d_in, d_out = 3, 5, 4
+    x, w, b, owner_w, user_w, helper_w, mask = _linear_setup(m, d_in, d_out)
+    xo, xu = share(x, ACT_BITS, seed=7)
+    weights = {Role.OWNER: owner_w, Role.USER: user_w}
+    runs = []
+    for ahead in (False, True):
+        owner_mat, user_mat = deal(
+            lambda ctx: linear(ctx, Shared.placeholder((m, d_in), ACT_BITS), helper_w), seeds, mask
+        )
+        if ahead:
+            assert precompute_user_terms(user_mat, {"w": user_w}) == 1
+            assert precompute_user_terms(owner_mat, {}) == 0
+        runs.append(
+            run_pair(
+                lambda ctx: linear(ctx, xo, weights[ctx.role]),
+                lambda ctx: linear(ctx, xu, weights[ctx.role]),
+                owner_mat,
+                user_mat,
+            )
+        )
+    assert torch.equal(runs[0].user.local, runs[1].user.local)
+    assert torch.equal(runs[0].owner.local, runs[1].owner.local)
+    assert torch.equal(runs[1].owner.local + runs[1].user.local, x @ w + encode(b, ACT_BITS + WEIGHT_BITS))
 
 
 def test_linear_on_dealt_input_sends_nothing():
@@ -304,7 +333,7 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly(seeds):
     w = encode(torch.randn(vocab, d_out, generator=g, dtype=torch.float64), 32)
     u = random_ring((vocab, d_out), 10)
     weights = {
-        Role.OWNER: LinearWeight("E", 32, vocab, d_out, local=w, mask=u),
+        Role.OWNER: LinearWeight("E", 32, vocab, d_out, local=w),
         Role.USER: LinearWeight("E", 32, vocab, d_out, local=w - u),
     }
     helper_w = LinearWeight("E", 32, vocab, d_out)

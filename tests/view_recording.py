@@ -71,7 +71,8 @@ class ViewRecorder:
 
         def rec_draw(mat, name, shape):
             t = draw(mat, name, shape)
-            mat.view.words[f"draw:{name}"] = t
+            if hasattr(mat, "view"):  # not a draw made ahead of the online phase (precompute_user_terms)
+                mat.view.words[f"draw:{name}"] = t
             return t
 
         def rec_permutation(mat, name, lengths):

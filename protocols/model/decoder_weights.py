@@ -75,6 +75,22 @@ def weight_mask(seed: bytes, name: str, d_in: int, d_out: int) -> torch.Tensor:
     return Prg(seed, f"weight/{name}").int64((d_in, d_out))
 
 
+INT32_LIMIT = 2**31
+"""An encoded weight is held as int32 when every entry has magnitude below this."""
+
+
+def packed(encoded: torch.Tensor) -> torch.Tensor:
+    """An encoded weight as the owner holds it: int32 where every entry fits (half the memory; the
+    ring products widen it exactly, `permllm.ring_matmul`), otherwise the int64 itself. Contiguous:
+    a transposed view (the tied lm_head) makes the products ~9x slower.
+
+    SmolLM2-135M at WEIGHT_BITS = 16: every layer's weight and the lm_head fit in 20 bits; the
+    embedding at LINEAR_BITS = 32 needs 34 (|w| <= 1.97) and stays int64."""
+    if encoded.numel() and int(encoded.abs().max()) < INT32_LIMIT:
+        return encoded.to(torch.int32).contiguous()
+    return encoded.contiguous()
+
+
 def folded_float_weights(weights) -> dict[str, torch.Tensor]:
     """The owner's float64 weights with norm gains and the attention scale folded in (name -> W)."""
     arch = DecoderArch.from_config(weights.config)
@@ -91,7 +107,7 @@ def folded_float_weights(weights) -> dict[str, torch.Tensor]:
 
 
 def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight]:
-    """The owner's LinearWeights (local = W encoded, mask = U). `progress(n)` is called per weight."""
+    """The owner's LinearWeights (local = W encoded and `packed`, mask = U). `progress(n)` is called per weight."""
     arch = DecoderArch.from_config(weights.config)
     shapes = linear_shapes(arch)
     out = {}
@@ -99,9 +115,8 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
         d_in, d_out, bits = shapes[name]
         if tuple(w.shape) != (d_in, d_out):
             raise ValueError(f"{name}: weight has shape {tuple(w.shape)}, expected {(d_in, d_out)}")
-        # contiguous: a transposed view (the tied lm_head) makes int64 matmuls ~9x slower
         out[name] = LinearWeight(
-            name, bits, d_in, d_out, local=encode(w, bits).contiguous(), mask=weight_mask(seed, name, d_in, d_out)
+            name, bits, d_in, d_out, local=packed(encode(w, bits)), mask=weight_mask(seed, name, d_in, d_out)
         )
         if progress:
             progress(1)

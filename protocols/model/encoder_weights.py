@@ -32,7 +32,7 @@ import torch
 
 from permllm.fixed import LINEAR_BITS, WEIGHT_BITS, encode
 from protocols.linear import LinearWeight
-from protocols.model.decoder_weights import received_weight, shape_only_weights, weight_mask
+from protocols.model.decoder_weights import packed, received_weight, shape_only_weights, weight_mask
 
 __all__ = [
     "EncoderArch",
@@ -140,7 +140,7 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
             bits,
             d_in,
             d_out,
-            local=encode(w, bits).contiguous(),
+            local=packed(encode(w, bits)),
             mask=weight_mask(seed, name, d_in, d_out),
             bias=None if bias is None else bias.to(torch.float64).contiguous(),
         )
