@@ -345,6 +345,42 @@ def test_results_page_names_date_machine_command_and_embeds_the_plot(tmp_path):
     assert report.format_table(s) in page
 
 
+def test_results_page_links_the_scale_page_when_it_is_there(tmp_path, monkeypatch):
+    page = tmp_path / "SCALE.md"
+    monkeypatch.setattr(report, "SCALE_PAGE", page)
+    assert "SCALE.md" not in report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
+    page.write_text("x")
+    text = report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
+    assert "[SCALE.md](SCALE.md)" in text
+
+
+def test_scale_table_has_a_row_per_model_and_the_pending_ones(tmp_path, capsys):
+    from permllm_bench import scale
+
+    small = fabricated_summary()
+    small["scenario"].update(model="SmolLM2-135M-Instruct, 135M parameters", parameters=134_515_008)
+    big = fabricated_summary()
+    big["scenario"].update(model="SmolLM2-360M shape, random weights (seed 0), 362M parameters", parameters=361_821_120)
+    big["profiles"] = [dict(p) for p in big["profiles"] if p["name"] in ("none", "wan")]
+    big["profiles"][1]["peak_rss_mb"] = {"owner": 14800.0, "user": 3800.0, "helper": 3600.0}
+    del big["plaintext"]
+    lines = scale.scale_markdown([small, big], [("SmolLM2-1.7B shape", "the owner needs ~29 GB")]).splitlines()
+    assert len(lines) == 5 and lines[0].count("|") == len(scale.COLUMNS) + 1
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["SmolLM2-135M-Instruct", "135M", tables.fmt_s(0.6), tables.fmt_s(2.6)]
+    assert cells[4:7] == [tables.fmt_bytes(8e6), tables.fmt_bytes(1.3e9), tables.fmt_bytes(4e8)]
+    assert cells[8] == "5.4 GB / 2.0 GB / 1.6 GB" and cells[9] == tables.fmt_s(0.05)
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    # the largest peak over the sessions; no plaintext run: '-'
+    assert cells[0] == "SmolLM2-360M shape" and cells[8] == "14.8 GB / 3.8 GB / 3.6 GB" and cells[9] == "-"
+    assert lines[4].startswith("| SmolLM2-1.7B shape: not yet run (the owner needs ~29 GB) | - |")
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(small))
+    assert scale.main([str(path), "--pending", "SmolLM2-1.7B shape=why"]) == 0
+    assert "SmolLM2-1.7B shape: not yet run (why)" in capsys.readouterr().out
+    assert scale.main([str(tmp_path / "missing.json")]) == 2
+
+
 def test_formatters():
     assert (
         tables.fmt_bytes(7_890_000) == "7.89 MB" and tables.fmt_bytes(512) == "512 B" and tables.fmt_bytes(None) == "-"
