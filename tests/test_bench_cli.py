@@ -345,6 +345,42 @@ def test_results_page_names_date_machine_command_and_embeds_the_plot(tmp_path):
     assert report.format_table(s) in page
 
 
+def test_results_page_links_the_scale_page_when_it_is_there(tmp_path, monkeypatch):
+    page = tmp_path / "SCALE.md"
+    monkeypatch.setattr(report, "SCALE_PAGE", page)
+    assert "SCALE.md" not in report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
+    page.write_text("x")
+    text = report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
+    assert "[SCALE.md](SCALE.md)" in text
+
+
+def test_scale_table_has_a_row_per_model_and_the_pending_ones(tmp_path, capsys):
+    from permllm_bench import scale
+
+    small = fabricated_summary()
+    small["scenario"].update(model="SmolLM2-135M-Instruct, 135M parameters", parameters=134_515_008)
+    big = fabricated_summary()
+    big["scenario"].update(model="SmolLM2-360M shape, random weights (seed 0), 362M parameters", parameters=361_821_120)
+    big["profiles"] = [dict(p) for p in big["profiles"] if p["name"] in ("none", "wan")]
+    big["profiles"][1]["peak_rss_mb"] = {"owner": 14800.0, "user": 3800.0, "helper": 3600.0}
+    del big["plaintext"]
+    lines = scale.scale_markdown([small, big], [("SmolLM2-1.7B shape", "the owner needs ~29 GB")]).splitlines()
+    assert len(lines) == 5 and lines[0].count("|") == len(scale.COLUMNS) + 1
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["SmolLM2-135M-Instruct", "135M", tables.fmt_s(0.6), tables.fmt_s(2.6)]
+    assert cells[4:7] == [tables.fmt_bytes(8e6), tables.fmt_bytes(1.3e9), tables.fmt_bytes(4e8)]
+    assert cells[8] == "5.4 GB / 2.0 GB / 1.6 GB" and cells[9] == tables.fmt_s(0.05)
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    # the largest peak over the sessions; no plaintext run: '-'
+    assert cells[0] == "SmolLM2-360M shape" and cells[8] == "14.8 GB / 3.8 GB / 3.6 GB" and cells[9] == "-"
+    assert lines[4].startswith("| SmolLM2-1.7B shape: not yet run (the owner needs ~29 GB) | - |")
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(small))
+    assert scale.main([str(path), "--pending", "SmolLM2-1.7B shape=why"]) == 0
+    assert "SmolLM2-1.7B shape: not yet run (why)" in capsys.readouterr().out
+    assert scale.main([str(tmp_path / "missing.json")]) == 2
+
+
 def test_formatters():
     assert (
         tables.fmt_bytes(7_890_000) == "7.89 MB" and tables.fmt_bytes(512) == "512 B" and tables.fmt_bytes(None) == "-"
@@ -488,6 +524,9 @@ def test_skip_and_outputs(tmp_path):
         (["--json", "out.txt"], ".json"),
         (["--markdown", "out.txt"], ".md"),
         (["--session-timeout", "0"], "--session-timeout"),
+        (["--model", "/no/such/checkpoint"], "--model"),
+        (["--model", "minilm"], "encoder"),
+        (["--model", " "], "--model"),
     ],
 )
 def test_bad_arguments_are_named(argv, message):
@@ -533,7 +572,10 @@ def test_bench_is_declared_as_an_entry_point():
     import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    assert project["project"]["entry-points"][cli.COMMAND_GROUP] == {"bench": "permllm_bench.cli:COMMAND"}
+    assert project["project"]["entry-points"][cli.COMMAND_GROUP] == {
+        "bench": "permllm_bench.cli:COMMAND",
+        "make-checkpoint": "permllm_bench.checkpoints:COMMAND",
+    }
 
 
 # ------------------------------------------------------------------------------ in-process runs (tiny model)
@@ -571,3 +613,95 @@ def test_module_entry_reports_bad_arguments(capsys):
 
     assert bench_main(["--sweep-tokens", "0"]) == 2
     assert "permllm bench: error: --sweep-tokens" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --model (tiny checkpoints)
+def test_model_defaults_to_the_bundled_one_and_takes_a_checkpoint_folder(tmp_path):
+    from tests.tiny_model import tiny_hf_llama
+
+    assert config.config_from_args(_args()).model == "smollm2"
+    tiny_hf_llama(0, hidden=32, intermediate=48).config.save_pretrained(tmp_path / "tiny")
+    assert config.config_from_args(_args("--model", str(tmp_path / "tiny"))).model == str(tmp_path / "tiny")
+
+
+def test_the_label_and_shape_come_from_the_checkpoint(tmp_path):
+    from permllm_bench.model_choice import describe_model
+    from tests.tiny_model import tiny_hf_llama
+
+    model = tiny_hf_llama(0, hidden=32, intermediate=48)
+    model.config.save_pretrained(tmp_path / "tiny")
+    about = describe_model(str(tmp_path / "tiny"))
+    params = sum(p.numel() for p in model.parameters())  # untied head: counted apart
+    assert about["parameters"] == params and about["label"] == f"tiny, {params / 1e6:.0f}M parameters"
+    assert about["synthetic"] is None
+    assert about["shape"] == {
+        "hidden": 32,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "intermediate": 48,
+        "vocab": 49152,
+        "outside_flights_default": 6,
+    }
+    # a `permllm make-checkpoint` folder names its shape and seed
+    entry = {"shape": "smollm2-360m", "label": "SmolLM2-360M", "seed": 4, "init_std": 0.02}
+    tied = tiny_hf_llama(0, hidden=32, intermediate=48, synthetic=entry).config
+    tied.tie_word_embeddings = True
+    tied.save_pretrained(tmp_path / "synthetic")
+    about = describe_model(str(tmp_path / "synthetic"))
+    assert about["synthetic"] == entry and about["parameters"] == params - 49152 * 32
+    assert about["label"].startswith("SmolLM2-360M shape, random weights (seed 4), ")
+
+
+def test_sessions_run_the_chosen_model(monkeypatch):
+    import parties.launcher
+    from permllm_bench import sessions
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def commands(args, ports, reports):
+        seen.append(args.model)
+        raise Stop
+
+    monkeypatch.setattr(parties.launcher, "role_commands", commands)
+    with pytest.raises(Stop):
+        sessions.run_session("none", "hi", 3, model="/models/tiny")
+    with pytest.raises(Stop):
+        sessions.run_session("none", "hi", 3)
+    assert seen == ["/models/tiny", "smollm2"]
+
+
+def test_bench_of_a_checkpoint_labels_it_and_runs_its_plaintext_reference(tmp_path, smollm2_gguf):
+    """The plaintext part on a tiny checkpoint folder (SmolLM2's tokenizer): the scenario names the
+    checkpoint, the shape is its config's, and the reference tokens are that model's greedy ones."""
+    from transformers import AutoTokenizer
+
+    from permllm.model.prompts import chat_token_ids
+    from permllm_bench.cli import main as bench_main
+    from tests.tiny_model import tiny_hf_llama
+
+    model = tiny_hf_llama(3, hidden=64, intermediate=96, max_position_embeddings=512)
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, local_files_only=True)
+    tok.save_pretrained(folder)
+    out = tmp_path / "bench.json"
+    skip = "sessions,breakdown,scaling,sweep"
+    argv = ["--model", str(folder), "--skip", skip, "--max-new-tokens", "3", "--json", str(out)]
+    assert bench_main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["scenario"]["model"].startswith("tiny-llama, ")
+    assert summary["scenario"]["model_spec"] == str(folder)
+    assert summary["model"]["hidden"] == 64 and summary["model"]["layers"] == 2
+    ids = chat_token_ids(tok, summary["scenario"]["prompt"])
+    import torch
+
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor([ids]), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=2
+        )
+    assert summary["plaintext"]["token_ids"] == expected[0, len(ids) :].tolist()

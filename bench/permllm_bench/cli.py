@@ -1,6 +1,7 @@
 """`permllm bench`: token-latency benchmarks under simulated networks.
 
-What it measures (SmolLM2-135M-Instruct, a fixed chat prompt of about 48 tokens, greedy decoding):
+What it measures (SmolLM2-135M-Instruct, or the checkpoint of --model; a fixed chat prompt of about 48
+tokens, greedy decoding):
 
   sessions    owner, user and helper as three processes over ZeroMQ (parties.launcher's commands, CURVE
               on), one session per network profile (none, lan, wan, wan-slow): time to first token,
@@ -18,6 +19,7 @@ What it measures (SmolLM2-135M-Instruct, a fixed chat prompt of about 48 tokens,
   permllm     PermLLM's published protocol cost for the same model shape, beside ours
 
     permllm bench --json bench/results/latest.json --plot bench/results/latency_vs_rtt.png --markdown bench/RESULTS.md
+    permllm bench --model /tmp/smollm2-360m --quick --skip sweep,scaling   (a bigger shape: bench/SCALE.md)
 
 The command reaches `permllm` through the entry-point group "permllm.commands" (`COMMAND`). Everything
 heavy is imported lazily: the options, the formulas and the formatting are cheap.
@@ -33,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-from permllm_bench.config import MODEL, MODEL_LABEL, SCALING_WINDOW, SCHEMA, add_arguments, config_from_args
+from permllm_bench.config import SCALING_WINDOW, SCHEMA, add_arguments, config_from_args
 from permllm_bench.cost_model import bfv_token_bytes, complete_summary, curve_cost, permllm_cost
+from permllm_bench.model_choice import OUTSIDE_FLIGHTS_DEFAULT, decoder_source, describe_model
 from permllm_bench.report import format_table, results_markdown
 from permllm_bench.sessions import loadavg, machine_info, run_session, say
 
@@ -81,7 +84,7 @@ def _model_shape(arch) -> dict:
         "head_dim": arch.head_dim,
         "intermediate": arch.intermediate,
         "vocab": arch.vocab,
-        "outside_flights_default": 6,
+        "outside_flights_default": OUTSIDE_FLIGHTS_DEFAULT,
     }
 
 
@@ -97,19 +100,29 @@ def run_bench(args) -> int:
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    about = describe_model(cfg.model)
     summary: dict = {
         "schema": SCHEMA,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": _command_line(),
         "quick": cfg.quick,
         "machine": {**machine_info(), "loadavg_start": loadavg()},
-        "scenario": {"model": MODEL_LABEL, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens, "greedy": True},
+        "scenario": {
+            "model": about["label"],
+            "model_spec": cfg.model,
+            "parameters": about["parameters"],
+            "synthetic": about["synthetic"],
+            "prompt": cfg.prompt,
+            "max_new_tokens": cfg.max_new_tokens,
+            "greedy": True,
+        },
+        "model": about["shape"],
         "profiles": [],
     }
     from parties.models import load_tokenizer
     from permllm.model.prompts import chat_token_ids
 
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(cfg.model)
     prompt_ids = chat_token_ids(tokenizer, cfg.prompt)
     summary["scenario"]["prompt_tokens"] = len(prompt_ids)
     from parties.progress import progress_bar
@@ -121,7 +134,12 @@ def run_bench(args) -> int:
             for spec in cfg.profiles:
                 say(f"three-process session under '{spec}' ({cfg.max_new_tokens} tokens)")
                 s = run_session(
-                    spec, cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout, insecure=cfg.insecure
+                    spec,
+                    cfg.prompt,
+                    cfg.max_new_tokens,
+                    timeout=cfg.session_timeout,
+                    insecure=cfg.insecure,
+                    model=cfg.model,
                 )
                 s["name"] = spec
                 summary["profiles"].append(s)
@@ -130,7 +148,12 @@ def run_bench(args) -> int:
             state = "on" if cfg.insecure else "off"
             say(f"the 'none' session again with CURVE {state} ({cfg.max_new_tokens} tokens)")
             other = run_session(
-                "none", cfg.prompt, cfg.max_new_tokens, timeout=cfg.session_timeout, insecure=not cfg.insecure
+                "none",
+                cfg.prompt,
+                cfg.max_new_tokens,
+                timeout=cfg.session_timeout,
+                insecure=not cfg.insecure,
+                model=cfg.model,
             )
             other["name"] = "none"
             none = summary["profiles"][0]
@@ -141,10 +164,10 @@ def run_bench(args) -> int:
         torch.set_num_threads(1)  # the parties run one compute thread each, as in the demo
         need_model = any(p in cfg.parts for p in ("plaintext", "breakdown", "scaling", "sweep"))
         if need_model:
-            from permllm.model.loading import decoder_weights_from_hf, find_smollm2_gguf, load_hf_decoder
+            from permllm.model.loading import decoder_weights_from_hf, load_hf_decoder
 
             say("loading the model in this process (plaintext baseline and in-process runs)")
-            hf_model, _ = load_hf_decoder(find_smollm2_gguf(), tokenizer=False)
+            hf_model, _ = load_hf_decoder(decoder_source(cfg.model), tokenizer=False)
             if "plaintext" in cfg.parts:
                 say("plaintext transformers generate")
                 eos = tokenizer.eos_token_id
@@ -211,17 +234,6 @@ def run_bench(args) -> int:
                 overall.update(1)
             summary["inprocess_prepare_s"] = prepared.prepare_s
             del prepared
-        else:
-            summary["model"] = {
-                "hidden": 576,
-                "layers": 30,
-                "heads": 9,
-                "kv_heads": 3,
-                "head_dim": 64,
-                "intermediate": 1536,
-                "vocab": 49152,
-                "outside_flights_default": 6,
-            }
     finally:
         overall.close()
 

@@ -42,6 +42,14 @@ SCALING_WINDOW = 3  # decode steps per scaling figure (median over positions k, 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
+        "--model",
+        default=MODEL,
+        metavar="SPEC",
+        help=f"the model every part runs: {MODEL} (the bundled {MODEL_LABEL}, default) or the path of a "
+        "Llama-style checkpoint (a .gguf file, or a folder with config.json and the tokenizer, e.g. from "
+        "`permllm make-checkpoint`)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"the reduced set: {QUICK.max_new_tokens} generated tokens, {QUICK.sweep_tokens} token(s) "
@@ -127,6 +135,7 @@ def add_arguments(parser) -> None:
 class BenchConfig:
     """Validated settings of one `permllm bench` run."""
 
+    model: str = MODEL
     quick: bool = False
     profiles: list = field(default_factory=lambda: list(PROFILE_NAMES))
     max_new_tokens: int = FULL.max_new_tokens
@@ -193,6 +202,9 @@ def _output_path(path: str | None, flag: str, suffix: str | None = None) -> str 
 
 def config_from_args(args) -> BenchConfig:
     """Check every argument before any work; ConfigError names the first bad one."""
+    from permllm_bench.model_choice import check_bench_model
+
+    model = check_bench_model(getattr(args, "model", MODEL))
     preset = QUICK if getattr(args, "quick", False) else FULL
     skip = [s.strip() for s in (getattr(args, "skip", "") or "").split(",") if s.strip()]
     for s in skip:
@@ -256,6 +268,7 @@ def config_from_args(args) -> BenchConfig:
         except ImportError:
             raise ConfigError("--plot needs matplotlib (pip install matplotlib)") from None
     return BenchConfig(
+        model=model,
         quick=bool(getattr(args, "quick", False)),
         profiles=profiles,
         max_new_tokens=max_new,

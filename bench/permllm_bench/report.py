@@ -10,6 +10,9 @@ from permllm_bench.config import MODEL_LABEL
 from permllm_bench.cost_model import CURVE_FIGURES, RATIO_LIMIT
 from permllm_bench.tables import fmt_bytes, fmt_num, fmt_ratio, fmt_s, fmt_signed_s, grid
 
+# the hand-written model-size page (bench/SCALE.md), linked from the results page when it is there
+SCALE_PAGE = Path(__file__).resolve().parent.parent / "SCALE.md"
+
 
 def mbit_label(p) -> str:
     return "unlimited" if p.get("mbit_s") is None else f"{p['mbit_s']:g} Mbit/s"
@@ -258,5 +261,10 @@ def results_markdown(summary: dict, path: str, plot_path: str | None, json_path:
         lines += [f"![decode seconds per token against RTT, with the floor]({link(plot_path)})", ""]
     if json_path:
         lines += [f"Every figure, as JSON: [{os.path.basename(json_path)}]({link(json_path)}).", ""]
+    if SCALE_PAGE.is_file():
+        lines += [
+            f"Bigger models (`permllm bench --model`, synthetic checkpoints): [SCALE.md]({link(SCALE_PAGE)}).",
+            "",
+        ]
     lines += ["```text", format_table(summary), "```", ""]
     return "\n".join(lines)

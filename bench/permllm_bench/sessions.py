@@ -55,10 +55,18 @@ def say(msg: str) -> None:
 
 
 def run_session(
-    network: str, prompt: str, max_new_tokens: int, *, timeout: float = 1800.0, insecure: bool = False, threads: int = 1
+    network: str,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    timeout: float = 1800.0,
+    insecure: bool = False,
+    threads: int = 1,
+    model: str = MODEL,
 ) -> dict:
-    """One demo session (owner, helper, user as processes over ZeroMQ, the launcher's commands) under
-    `network`; returns the launcher's merged summary plus profile figures and the session's wall time."""
+    """One demo session of `model` (owner, helper, user as processes over ZeroMQ, the launcher's
+    commands) under `network`; returns the launcher's merged summary plus profile figures and the
+    session's wall time."""
     from parties.launcher import ROLES, free_ports, merge_reports, role_commands, stop_roles
 
     args = SimpleNamespace(
@@ -68,7 +76,7 @@ def run_session(
         threads=threads,
         insecure=insecure,
         max_new_tokens=max_new_tokens,
-        model=MODEL,
+        model=model,
         prompt=prompt,
         temperature=None,
         top_k=None,
