@@ -35,6 +35,28 @@ def _channel(addr, peer, bind, args, clock, curve):
 
 
 def _curve(args, role: str, peers: tuple[str, ...]):
+    if role in ("owner", "helper"):
+        peers = tuple(p for p in peers if p != "user")  # users: the authorised folder (`_authorised`)
+    return _curve_with(args, role, peers)
+
+
+def _authorised(args):
+    """() -> the z85 keys of the authorised users: --users DIR's *.pub files and the keys folder's user.pub."""
+    from parties.security import authorised_keys
+    from permllm.errors import ConfigError
+
+    if args.insecure:
+        return lambda: set()
+    users = getattr(args, "users", None)
+    if users is not None and not os.path.isdir(users):
+        raise ConfigError(f"--users {users} is not a folder")
+    single = os.path.join(os.path.abspath(args.keys), "user.pub")
+    if not authorised_keys(users, single):
+        raise ConfigError(f"no authorised user: put users' public keys (*.pub) in --users DIR or {single}")
+    return lambda: authorised_keys(users, single)
+
+
+def _curve_with(args, role: str, peers: tuple[str, ...]):
     """This role's CURVE setup from --keys (after the custody checks), or None (with a loud warning)
     under --insecure."""
     from parties.security import INSECURE_WARNING, Curve, check_secret_key_custody
@@ -162,31 +184,23 @@ def _run_role_with(args, clock, curve) -> int:
 
 def _run_role_on(args, channel, curve) -> dict:
     log = _log(args, args.command)
-    if args.command == "owner":
-        from parties.budget import INSECURE_KEY, ChargedToPeer
-        from parties.roles import run_owner
+    if args.command in ("owner", "helper"):
+        from parties.service import check_max_concurrent
 
-        budget = _query_budget(args)
-        raw_user, user = channel(args.listen_user, "user", True)
-        if budget is not None and curve is not None:  # charged to the key the user's channel authenticated
-            budget = ChargedToPeer(budget, raw_user)
-        channels = {"user": user, "helper": channel(args.listen_helper, "helper", True)[1]}
-        return run_owner(
-            channels,
-            args.model,
-            progress=not args.quiet,
-            log=log,
-            setup_timeout=args.setup_timeout,
-            budget=budget,
-            user_key=INSECURE_KEY if curve is None else "",
-        )
+        check_max_concurrent(args.max_concurrent)
+        authorised = _authorised(args)
+    if args.command == "owner":
+        from parties.owner_service import serve_owner
+
+        if curve is not None:
+            curve.allow("user", authorised)
+        return serve_owner(args, curve, log, once=args.once)
     if args.command == "helper":
-        from parties.roles import run_helper
+        from parties.helper_service import serve_helper
 
         # the helper only works during set-up: its sends may wait while the others are still preparing
         args.timeout = max(args.timeout, args.setup_timeout)
-        channels = {"owner": channel(args.owner, "owner", False)[1], "user": channel(args.user, "user", False)[1]}
-        return run_helper(channels, progress=not args.quiet, log=log, setup_timeout=args.setup_timeout)
+        return serve_helper(args, curve, authorised, log, once=args.once)
     from parties.models import load_tokenizer
     from parties.roles import UserRequest, check_text, run_user
     from permllm.errors import ConfigError
@@ -200,11 +214,27 @@ def _run_role_on(args, channel, curve) -> dict:
         raise ConfigError("--max-new-tokens must be at least 1")
     tokenizer = load_tokenizer(args.model)
     request = UserRequest(args.model, prompt, args.max_new_tokens, sampling, args.expect_fingerprint)
-    channels = {
-        "owner": channel(args.owner, "owner", False)[1],
-        "helper": channel(args.listen_helper, "helper", True)[1],
-    }
+    raw_helper, helper = channel(args.listen_helper, "helper", True)
+    owner_addr = _ask_for_session(args, raw_helper.endpoint, curve)
+    channels = {"owner": channel(owner_addr, "owner", False)[1], "helper": helper}
     return run_user(channels, request, tokenizer, progress=not args.quiet, log=log, setup_timeout=args.setup_timeout)
+
+
+def _ask_for_session(args, helper_endpoint: str, curve) -> str:
+    """user -> the owner's front door: this user's address for the helper; returns the address of the
+    session's channel to the owner."""
+    import zmq
+
+    from parties.frontdoor import request_session, same_host, split_tcp
+    from parties.models import PROTOCOL_VERSION
+
+    base, port = split_tcp(helper_endpoint, "--listen-helper")
+    host = base[len("tcp://") :]
+    message = {"protocol": PROTOCOL_VERSION, "helper_host": host, "helper_port": int(port)}
+    context = curve.context if curve is not None else zmq.Context.instance()
+    options = curve.client_options(curve.peers["owner"]) if curve is not None else {}
+    reply = request_session(args.owner, message, context, options, timeout_s=args.setup_timeout)
+    return same_host(args.owner, reply["user_port"], "--owner")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,34 @@ def _role_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     )
 
 
+def _add_service(p):
+    from parties.service import DEFAULT_DRAIN_S, DEFAULT_MAX_CONCURRENT
+
+    p.add_argument(
+        "--users",
+        default=None,
+        metavar="DIR",
+        help="folder of authorised users' CURVE public keys (*.pub): any of them may run a session "
+        "(the keys folder's user.pub, when there, is authorised too)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT,
+        metavar="N",
+        help=f"sessions served at once; more wait (default {DEFAULT_MAX_CONCURRENT})",
+    )
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        metavar="S",
+        help=f"on SIGTERM, seconds the running sessions may take to finish before they are ended "
+        f"(default {DEFAULT_DRAIN_S:g})",
+    )
+    p.add_argument("--once", action="store_true", help="serve one session, then exit with its outcome")
+
+
 def _add_role_output(p):
     p.add_argument("--report", default=None, help="write this role's report (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
@@ -176,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(demo)
     _add_network(demo, "wan")
     demo.add_argument("--json", dest="json_path", default=None, help="also write the summary as JSON here")
+    demo.add_argument(
+        "--sessions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N user sessions one after another (the same user key) against one owner and one helper "
+        "service; the JSON adds `sessions`, one summary per session (default 1)",
+    )
     demo.add_argument(
         "--insecure",
         action="store_true",
@@ -224,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a session that would take a user key past N positions in all (prompt tokens "
         "plus generated tokens, counted in --budget-file)",
     )
+    _add_service(owner)
     _add_role_output(owner)
 
     user = _role_parser(sub, "user", "the user (holds the prompt, sees the answer)")
@@ -236,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     helper = _role_parser(sub, "helper", "the offline helper (deals correlated randomness)")
     helper.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the helper")
-    helper.add_argument("--user", required=True, help="the user's ZeroMQ address for the helper")
     _add_network(helper, "none")
     _add_security(helper)
+    _add_service(helper)
     _add_role_output(helper)
     for command in sub.choices.values():
         _add_debug(command)

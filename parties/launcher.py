@@ -55,6 +55,8 @@ def _validate(args) -> None:
         from parties.roles import check_text
 
         check_text(args.prompt, "prompt")
+    if not 1 <= getattr(args, "sessions", 1) <= 100:
+        raise ConfigError(f"--sessions must be between 1 and 100, got {args.sessions}")
     if not 1 <= args.max_new_tokens <= 1024:
         raise ConfigError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
     if args.model != "minilm" and args.prompt is not None:
@@ -70,12 +72,13 @@ def _check_prompt_fits(model: str, prompt: str, max_new_tokens: int) -> None:
 
 
 def role_addresses(ports) -> dict[str, list[str]]:
-    """Each role's address options on three loopback ports: the owner binds for the user and for the helper,
-    the user binds for the helper and connects to the owner, the helper connects to both."""
+    """Each role's address options on three loopback ports: the owner binds its front door for the users and
+    its control channel for the helper, the user binds for the helper and asks the owner's front door for a
+    session, the helper connects to the owner (which tells it each session's user address)."""
     owner_user, owner_helper, user_helper = (f"tcp://127.0.0.1:{p}" for p in ports)
     return {
         "owner": ["--listen-user", owner_user, "--listen-helper", owner_helper],
-        "helper": ["--owner", owner_helper, "--user", user_helper],
+        "helper": ["--owner", owner_helper],
         "user": ["--owner", owner_user, "--listen-helper", user_helper],
     }
 
@@ -226,12 +229,23 @@ def run_demo(args) -> int:
             flush=True,
         )
         processes: dict[str, subprocess.Popen] = {}
+        sessions = getattr(args, "sessions", 1)
         try:
             for role in ROLES:
                 if interrupts.signals:
                     break
                 processes[role] = subprocess.Popen(commands[role], env=env)
             failed = None if interrupts.signals else _wait(processes, interrupts)
+            for i in range(1, sessions):
+                if failed or interrupts.signals:
+                    break
+                processes["user"] = subprocess.Popen(_user_command(commands["user"], reports, i), env=env)
+                failed = _wait(processes, interrupts)
+            if not failed and not interrupts.signals:  # every session ended: the services stop on SIGTERM
+                stop_roles({r: processes[r] for r in ("owner", "helper")}, grace_s=60.0)
+                failed = next(
+                    ((r, processes[r].returncode) for r in ("owner", "helper") if processes[r].returncode), None
+                )
         finally:
             if interrupts.signals:
                 print("\npermllm demo: interrupted; stopping the parties", file=sys.stderr, flush=True)
@@ -244,28 +258,42 @@ def run_demo(args) -> int:
                 f"permllm demo: the {role} exited with status {code}; the other parties were stopped", file=sys.stderr
             )
             return 1
-        summary = merge_reports(
-            {role: json.loads((reports / f"{role}.json").read_text()) for role in ROLES}, network=args.network
-        )
+        services = {
+            role: json.loads((reports / f"{role}.json").read_text())["sessions"] for role in ("owner", "helper")
+        }
+        per_session = []
+        for i in range(sessions):
+            user = json.loads((reports / ("user.json" if i == 0 else f"user-{i}.json")).read_text())
+            roles = {"user": user, "owner": services["owner"][i], "helper": services["helper"][i]}
+            per_session.append(merge_reports(roles, network=args.network))
+        summary = dict(per_session[0])
+        if sessions > 1:
+            summary["sessions"] = per_session
     print(format_summary(summary))
+    for i, session in enumerate(summary.get("sessions", [])[1:], start=2):
+        print(format_session_line(i, session))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(summary, indent=2))
     return 0
 
 
+def _user_command(first: list[str], reports: Path, i: int) -> list[str]:
+    """Session i's user command: the first session's, writing its report to user-I.json."""
+    return [f"{reports / f'user-{i}.json'}" if a == str(reports / "user.json") else a for a in first]
+
+
 def _wait(processes, interrupts):
-    """Poll the roles until all have exited (None), one failed ((role, status), at once) or a signal came
-    (None; the caller reads `interrupts`)."""
+    """Poll the roles until the user has exited with 0 (None), a role failed ((role, status), at once: the
+    owner or the helper service exiting at all before the user is a failure) or a signal came (None; the
+    caller reads `interrupts`)."""
     while not interrupts.signals:
-        running = False
         for role, proc in processes.items():
             code = proc.poll()
             if code is None:
-                running = True
-            elif code != 0:
-                return None if interrupts.signals else (role, code)
-        if not running:
-            return None
+                continue
+            if role == "user" and code == 0:
+                return None
+            return None if interrupts.signals else (role, code)
         time.sleep(0.05)
     return None
 
@@ -299,6 +327,15 @@ def merge_reports(reports: dict, network: str) -> dict:
     keys = ("text", "token_ids", "generated_tokens", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90")
     keys += ("online_bytes_per_token", "online_bytes_per_token_up", "online_bytes_per_token_down")
     return {**common, **{k: user[k] for k in keys + ("flights_per_token", "prefill_flights", "prefill_bytes")}}
+
+
+def format_session_line(i: int, s: dict) -> str:
+    """One line per later session of `--sessions N`."""
+    first = f"time to first token {fmt_s(s['ttft_s'])}, " if "ttft_s" in s else ""
+    return (
+        f"session {i}: {first}preparation {fmt_bytes(s['prepare_bytes'])}, peak RSS owner "
+        f"{s['peak_rss_mb']['owner']:.0f} MB"
+    )
 
 
 def format_summary(s: dict) -> str:

@@ -3,7 +3,9 @@ helper's material, run the online session (steps of `parties.roles`)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from parties.families import family
 from parties.handshake import SEED_TAG, Offer, check_hello
@@ -36,9 +38,43 @@ class OwnerReport:
         return {"role": "owner", **asdict(self)}
 
 
-def run_owner(
+@dataclass
+class LoadedModel:
+    """What an owner loads once and serves every session from: the family, the float weights and the offer."""
+
+    fam: Any
+    weights: Any
+    offer: Offer
+    load_s: float = 0.0
+
+
+def load_owner_model(model: str, log=print) -> LoadedModel:
+    """model: a model spec (`parties.models`: a bundled name or a checkpoint path)."""
+    from permllm.model.loading import load_model
+
+    fam = family(model_name(model))
+    start = time.perf_counter()
+    log("owner: loading the model")
+    weights, _ = load_model(model, tokenizer=False)
+    offer = Offer(
+        fam.name,
+        fam.arch_from_config(weights.config),
+        fam.max_positions(weights.config),
+        getattr(weights.config, "eos_token_id", None),
+        weights_digest(weights),
+    )
+    return LoadedModel(fam, weights, offer, time.perf_counter() - start)
+
+
+def run_owner(channels, model: str, *, log=print, **options) -> dict:
+    """channels: dict with 'user' and 'helper' Channels; model: a model spec. Loads the model, then runs
+    one session (`serve_session`, whose options these are). Returns the owner's report."""
+    return serve_session(channels, load_owner_model(model, log), log=log, **options)
+
+
+def serve_session(
     channels,
-    model: str,
+    loaded: LoadedModel,
     *,
     progress: bool = True,
     log=print,
@@ -46,26 +82,15 @@ def run_owner(
     budget=None,
     user_key: str = "",
 ) -> dict:
-    """channels: dict with 'user' and 'helper' Channels; model: a model spec (`parties.models`: a bundled
-    name or a checkpoint path). Returns the owner's report (`OwnerReport.to_dict()`).
+    """One session on a loaded model. channels: dict with 'user' and 'helper' Channels. Returns the
+    owner's report (`OwnerReport.to_dict()`).
 
     budget: a `parties.budget.QueryBudget` charged for this session under `user_key` (the user's CURVE
     public key) before any weight is sent; a user over its budget is refused in the welcome."""
-    from permllm.model.loading import load_model
-
-    fam = family(model_name(model))
+    fam, offer = loaded.fam, loaded.offer
     user, helper = channels["user"], channels["helper"]
     phases = Phases()
-    with phases.timed("load"):
-        log("owner: loading the model")
-        weights, _ = load_model(model, tokenizer=False)
-        offer = Offer(
-            fam.name,
-            fam.arch_from_config(weights.config),
-            fam.max_positions(weights.config),
-            getattr(weights.config, "eos_token_id", None),
-            weights_digest(weights),
-        )
+    phases.seconds["load"] = loaded.load_s
 
     plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key)
     lookup = fam.owner_lookup(user, setup_timeout, offer.arch.vocab) if plan.selection == BFV else None
@@ -77,9 +102,8 @@ def run_owner(
         log("owner: folding, encoding and masking the weights; sending W - U to the user")
         total = len(fam.linear_shapes(offer.arch))
         bar = progress_bar(total, "owner: preparing weights", unit="weight", enabled=progress)
-        prepared = fam.owner_weights(weights, seed, progress=bar.update)
+        prepared = fam.owner_weights(loaded.weights, seed, progress=bar.update)
         bar.close()
-        del weights  # only the prepared weights stay in memory for the session
         prepare_bytes = send_masked_weights(user, prepared)
 
     with phases.timed("offline"):

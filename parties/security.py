@@ -122,15 +122,20 @@ def load_public_key(path) -> bytes:
 
 
 class _PeerKeys:
-    """ZAP callback: each server socket (its ZAP domain is the peer's name) accepts one key."""
+    """ZAP callback: each server socket (its ZAP domain is the peer's name, or a service's per-session
+    name) accepts one key, or any key of a set that a callable returns at each handshake (a folder of
+    authorised users, read again for every connection)."""
 
-    def __init__(self, allowed: dict[str, bytes], log):
+    def __init__(self, allowed: dict, log):
         self.allowed = allowed
         self.log = log
 
     def callback(self, domain, key) -> bool:
         expected = self.allowed.get(domain)
-        ok = expected is not None and key == expected
+        if callable(expected):
+            ok = key in expected()
+        else:
+            ok = expected is not None and key == expected
         if not ok:
             self.log(f"refused a connection on the {domain or '?'} socket: unknown CURVE key {key.decode()}")
         return ok
@@ -146,9 +151,10 @@ class Curve:
         self._auth = ThreadAuthenticator(self.context)
         self._auth.start()
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        provider = _PeerKeys(self.peers, log)
+        self.peers_by_domain: dict = dict(self.peers)
+        self._provider = _PeerKeys(self.peers_by_domain, log)
         for peer in self.peers:  # one ZAP domain per server socket, named after its peer
-            self._auth.configure_curve_callback(peer, credentials_provider=provider)
+            self._auth.configure_curve_callback(peer, credentials_provider=self._provider)
 
     def socket_options(self, peer: str, binding: bool) -> dict:
         """Options for ZmqChannel.bind/connect towards `peer`."""
@@ -157,15 +163,65 @@ class Curve:
         if binding:
             # sockets take their ZAP domain from the context's default at creation: the next
             # socket (this channel's) authenticates against this peer's key only
-            self.context.setsockopt(zmq.ZAP_DOMAIN, peer.encode())
-            return {"context": self.context, "curve_server": True, "curve_secret_key": self.secret}
+            return self.server_options(peer)
+        return self.client_options(self.peers[peer])
+
+    def allow(self, domain: str, keys) -> None:
+        """Server sockets made after `bind_domain(domain)` accept `keys`: one z85 key (bytes) or a
+        callable returning the set of accepted z85 keys (called at every handshake)."""
+        self.peers_by_domain[domain] = keys
+        self._auth.configure_curve_callback(domain, credentials_provider=self._provider)
+
+    def forget(self, domain: str) -> None:
+        """Stop accepting anything on `domain` (a session that has ended)."""
+        self.peers_by_domain.pop(domain, None)
+
+    def server_options(self, domain: str) -> dict:
+        """Options for a CURVE-server ZmqChannel (or socket) authenticated in ZAP domain `domain`.
+        Call from the one thread that creates this context's server sockets."""
+        self.context.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+        return {"context": self.context, "curve_server": True, "curve_secret_key": self.secret}
+
+    def client_options(self, server_key: bytes) -> dict:
+        """Options for a CURVE-client ZmqChannel towards a server whose z85 public key is `server_key`."""
         return {
             "context": self.context,
-            "curve_server_key": self.peers[peer],
+            "curve_server_key": server_key,
             "curve_public_key": self.public,
             "curve_secret_key": self.secret,
         }
 
-    def close(self) -> None:
+    def close(self, term_timeout_s: float = 15.0) -> None:
+        """Stop the ZAP handler and terminate the context, waiting at most `term_timeout_s` (a service's
+        sessions still running get ETERM and close their sockets)."""
+        import threading
+
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self._auth.stop()
-        self.context.term()
+        done = threading.Event()
+
+        def term():
+            self.context.term()
+            done.set()
+
+        threading.Thread(target=term, name="zmq-term", daemon=True).start()
+        done.wait(term_timeout_s)
+
+
+def authorised_keys(users_dir: str | os.PathLike | None, single: str | os.PathLike | None = None) -> set[bytes]:
+    """The z85 public keys a service accepts from users: every *.pub file of `users_dir` (read now, so a
+    key added to or removed from the folder counts from the next connection on), plus the `single` key
+    file when it exists (a keys folder's user.pub: one authorised user, the shorthand). Unreadable or
+    malformed files are skipped (a service must not stop over one bad file) but named on stderr."""
+    keys = set()
+    paths = sorted(Path(users_dir).glob("*.pub")) if users_dir is not None else []
+    if single is not None and Path(single).exists():
+        paths.append(Path(single))
+    for path in paths:
+        try:
+            keys.add(load_public_key(path))
+        except ConfigError as exc:
+            print(f"skipping an authorised-user key: {exc}", file=sys.stderr, flush=True)
+    return keys

@@ -140,9 +140,13 @@ class Session:
         helper_timeout = ["--timeout", str(HELPER_TIMEOUT_S)]
         base = [sys.executable, "-m", "parties.cli"]
         commands = {
-            "owner": base + ["owner", *addresses["owner"]] + common + _security_args(tmp_path, "owner") + timeout,
+            "owner": base
+            + ["owner", *addresses["owner"], "--once"]
+            + common
+            + _security_args(tmp_path, "owner")
+            + timeout,
             "helper": base
-            + ["helper", *addresses["helper"], "--quiet"]
+            + ["helper", *addresses["helper"], "--quiet", "--once"]
             + common
             + _security_args(tmp_path, "helper")
             + helper_timeout,
@@ -444,7 +448,7 @@ def test_user_role_rejects_a_bad_prompt_before_connecting(tmp_path, prompt, mess
 @pytest.mark.parametrize(
     "role, addresses, spec",
     [
-        ("helper", ["--owner", "tcp://127.0.0.1:{a}", "--user", "tcp://127.0.0.1:{b}"], "foo"),
+        ("helper", ["--owner", "tcp://127.0.0.1:{a}"], "foo"),
         ("user", ["--owner", "tcp://127.0.0.1:{a}", "--listen-helper", "tcp://127.0.0.1:{b}"], "-5,100"),
         ("owner", ["--listen-user", "tcp://127.0.0.1:{a}", "--listen-helper", "tcp://127.0.0.1:{b}"], "10,0"),
     ],
@@ -476,11 +480,13 @@ def _helper_process_with_stand_ins(
 
     arch = arch.to_dict()
     card = fingerprint("smollm2", arch)
-    ports = free_ports(2)
+    ports = free_ports(3)  # the owner's control channel, the user's socket for the helper, the session's
+    control = ZmqChannel.bind(f"tcp://127.0.0.1:{ports[0]}", peer="helper", timeout=30)
     peers = {
         name: ZmqChannel.bind(f"tcp://127.0.0.1:{port}", peer="helper", timeout=30)
-        for name, port in zip(("owner", "user"), ports)
+        for name, port in (("owner", ports[2]), ("user", ports[1]))
     }
+    order = {"session": "s1", "owner_port": ports[2], "user_host": "127.0.0.1", "user_port": ports[1], "user_key": ""}
     marker = uuid.uuid4().hex
     helper = subprocess.Popen(
         [
@@ -490,10 +496,9 @@ def _helper_process_with_stand_ins(
             "helper",
             "--owner",
             f"tcp://127.0.0.1:{ports[0]}",
-            "--user",
-            f"tcp://127.0.0.1:{ports[1]}",
             "--insecure",
             "--quiet",
+            "--once",
             *helper_args,
         ],
         stdout=subprocess.DEVNULL,
@@ -501,6 +506,7 @@ def _helper_process_with_stand_ins(
         cwd=REPO,
         env=_marked_env(marker),
     )
+    send_json(control, "session", order)
     err = _Output(helper.stderr)
     results: dict[str, object] = {}
 
@@ -551,7 +557,7 @@ def _helper_process_with_stand_ins(
             helper.kill()
             helper.wait()
         err.join()
-        for ch in peers.values():
+        for ch in [*peers.values(), control]:
             ch.close()
     results["stderr"] = err.text()
     assert _left_running(marker) == []
