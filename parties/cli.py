@@ -217,7 +217,24 @@ def _run_role_on(args, channel, curve) -> dict:
     raw_helper, helper = channel(args.listen_helper, "helper", True)
     owner_addr = _ask_for_session(args, raw_helper.endpoint, curve)
     channels = {"owner": channel(owner_addr, "owner", False)[1], "helper": helper}
-    return run_user(channels, request, tokenizer, progress=not args.quiet, log=log, setup_timeout=args.setup_timeout)
+    return run_user(
+        channels,
+        request,
+        tokenizer,
+        progress=not args.quiet,
+        log=log,
+        setup_timeout=args.setup_timeout,
+        cache_dir=_cache_dir(args),
+    )
+
+
+def _cache_dir(args):
+    if args.no_cache:
+        return None
+    if args.cache_dir is not None:
+        return args.cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "permllm", "masked-weights")
 
 
 def _ask_for_session(args, helper_endpoint: str, curve) -> str:

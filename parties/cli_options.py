@@ -261,12 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
         "plus generated tokens, counted in --budget-file)",
     )
     _add_service(owner)
+    owner.add_argument(
+        "--state",
+        default=None,
+        metavar="DIR",
+        help="folder for the long-lived weight-mask seeds (masks.json, 0600): users keep their W - U across "
+        "restarts (default: kept in memory, so only while this service runs)",
+    )
+    owner.add_argument(
+        "--rotate-masks",
+        action="store_true",
+        help="start a new mask epoch: forget every mask seed, so every user fetches W - U again",
+    )
     _add_role_output(owner)
 
     user = _role_parser(sub, "user", "the user (holds the prompt, sees the answer)")
     _add_generation(user)
     user.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the user")
     user.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
+    user.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where the masked weights W - U are kept between sessions (default $XDG_CACHE_HOME/permllm "
+        "or ~/.cache/permllm; folder 0700, files 0600)",
+    )
+    user.add_argument("--no-cache", action="store_true", help="keep no masked weights: fetch them every session")
     _add_network(user, "none")
     _add_security(user)
     _add_role_output(user)

@@ -18,7 +18,11 @@ from permllm.fixed import ACT_BITS, WEIGHT_BITS
 from protocols.selection import SELECTION_MODES, TABLE
 
 SEED_TAG = "seed"
-"""The tag of the 16-byte PRG seed the owner and the user each send the helper."""
+"""The tag of the 16-byte PRG seed the owner and the user each send the helper (the dealer's, fresh
+for every session)."""
+MASK_SEED_TAG = "mask-seed"
+"""The tag of the owner's 16-byte weight-mask seed, sent to the helper after its dealer seed (long-lived:
+`parties.masks`)."""
 
 PLAN_FIELDS = {"protocol": int, "session": str, "fingerprint": str, "prompt_tokens": int, "max_new_tokens": int}
 """The fields of the owner's and the user's plan that the helper requires to agree."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from parties.handshake import SEED_TAG, check_plans, first_answer
+from parties.handshake import MASK_SEED_TAG, SEED_TAG, check_plans, first_answer
 from parties.metrics import Phases, peak_rss_mb
 from parties.progress import progress_bar
 from parties.wire import SETUP_TIMEOUT_S, abort_records, await_receipt, finish_records, recv_json, send_record
@@ -32,10 +32,10 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
     (`HelperReport.to_dict()`)."""
     owner, user = channels["owner"], channels["user"]
     phases = Phases()
-    fam, arch, plan, owner_seed, user_seed = handshake(owner, user, setup_timeout)
+    fam, arch, plan, owner_seed, mask_seed, user_seed = handshake(owner, user, setup_timeout)
     log(f"helper: dealing material for a {plan.prompt_tokens}-token prompt and {plan.max_new_tokens} new tokens")
     with phases.timed("offline"):
-        calls = deal(owner, user, fam, arch, plan, owner_seed, user_seed, progress)
+        calls = deal(owner, user, fam, arch, plan, owner_seed, user_seed, progress, mask_seed=mask_seed)
         for channel in (owner, user):
             finish_records(channel, calls)
         for channel in (owner, user):
@@ -49,26 +49,29 @@ def run_helper(channels, *, progress: bool = True, log=print, setup_timeout: flo
 
 
 def handshake(owner, user, setup_timeout: float):
-    """owner -> helper its plan and seed, user -> helper its plan and seed; the plans must agree.
-    Returns (family, arch, plan, owner seed, user seed); a refusal goes to both material streams."""
+    """owner -> helper its plan, its dealer seed and its mask seed, user -> helper its plan and seed; the
+    plans must agree. Returns (family, arch, plan, owner seed, mask seed, user seed); a refusal goes to
+    both material streams."""
     owner_plan = first_answer(lambda: recv_json(owner, "owner-plan", timeout=setup_timeout), "owner")
     owner_seed = owner.recv_bytes(SEED_TAG, max_len=SEED_BYTES, timeout=setup_timeout)
+    mask_seed = owner.recv_bytes(MASK_SEED_TAG, max_len=SEED_BYTES, timeout=setup_timeout)
     user_plan = recv_json(user, "user-plan", timeout=setup_timeout)
     user_seed = user.recv_bytes(SEED_TAG, max_len=SEED_BYTES, timeout=setup_timeout)
     try:
         fam, arch, plan = check_plans(owner_plan, user_plan)
-        if len(owner_seed) != SEED_BYTES or len(user_seed) != SEED_BYTES:
+        if {len(owner_seed), len(mask_seed), len(user_seed)} != {SEED_BYTES}:
             raise ProtocolError(f"seeds must be {SEED_BYTES} bytes")
     except (ProtocolError, ConfigError) as exc:
         for channel in (owner, user):  # both are waiting for material: tell them why none comes
             abort_records(channel, f"the helper refused the session: {exc}")
         raise
-    return fam, arch, plan, owner_seed, user_seed
+    return fam, arch, plan, owner_seed, mask_seed, user_seed
 
 
-def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, progress: bool) -> int:
+def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, progress: bool, *, mask_seed=None) -> int:
     """The helper's dry run of the online session: each protocol call's material, streamed to the owner
-    and the user as it is dealt. Returns the number of calls."""
+    and the user as it is dealt; the weight masks U come from `mask_seed` (the owner's dealer seed when
+    None). Returns the number of calls."""
     from protocols.context import DealerContext
     from protocols.material import Dealer
     from protocols.model.decoder_weights import weight_mask
@@ -79,7 +82,7 @@ def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, prog
     def mask_of(name):
         if name not in masks:
             d_in, d_out, _ = shapes[name]
-            masks[name] = weight_mask(owner_seed, name, d_in, d_out)
+            masks[name] = weight_mask(mask_seed or owner_seed, name, d_in, d_out)
         return masks[name]
 
     bar = progress_bar(None, "helper: dealing", unit="call", enabled=progress)

@@ -110,6 +110,7 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         args.prompt = MINILM_SENTENCES[0]
     user = ["user", *addresses["user"], "--max-new-tokens", str(args.max_new_tokens), "--model", args.model]
     user = base + user + ["--report", str(reports / "user.json")] + common + security["user"]
+    user += ["--cache-dir", str(reports / "cache")]  # the demo's user keeps W - U for its later sessions
     if args.prompt is not None:
         user += ["--prompt-file", str(_private_file(reports / "prompt.txt", args.prompt.encode("utf-8")))]
     elif getattr(args, "prompt_file", None) is not None:

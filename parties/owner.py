@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from parties.families import family
-from parties.handshake import SEED_TAG, Offer, check_hello
+from parties.handshake import MASK_SEED_TAG, SEED_TAG, Offer, check_hello
+from parties.masks import masked_digest
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
 from parties.pinning import weights_digest
 from parties.progress import progress_bar
-from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
+from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, require, send_json
 from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
@@ -81,30 +82,52 @@ def serve_session(
     setup_timeout: float = SETUP_TIMEOUT_S,
     budget=None,
     user_key: str = "",
+    masks=None,
 ) -> dict:
     """One session on a loaded model. channels: dict with 'user' and 'helper' Channels. Returns the
     owner's report (`OwnerReport.to_dict()`).
 
     budget: a `parties.budget.QueryBudget` charged for this session under `user_key` (the user's CURVE
-    public key) before any weight is sent; a user over its budget is refused in the welcome."""
+    public key) before any weight is sent; a user over its budget is refused in the welcome.
+    masks: the `parties.masks.MaskSeeds` the weight mask comes from (fresh ones, for this session only,
+    when None); a user whose cached W - U is current gets none sent (`parties.masks`)."""
+    from parties.masks import MaskSeeds
+
     fam, offer = loaded.fam, loaded.offer
+    masks = MaskSeeds() if masks is None else masks
+    mask_seed, epoch, known_digest = masks.entry(user_key, offer.weights_digest)
     user, helper = channels["user"], channels["helper"]
     phases = Phases()
     phases.seconds["load"] = loaded.load_s
 
-    plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key)
+    plan, reservation = handshake(user, helper, fam, offer, setup_timeout, budget, user_key, epoch)
     lookup = fam.owner_lookup(user, setup_timeout, offer.arch.vocab) if plan.selection == BFV else None
-    seed = fresh_seed()
+    seed = fresh_seed()  # the dealer's, fresh for every session
     send_json(helper, "owner-plan", offer.for_helper(plan))
     helper.send(SEED_TAG, seed)
+    helper.send(MASK_SEED_TAG, mask_seed)
 
     with phases.timed("prepare"):
-        log("owner: folding, encoding and masking the weights; sending W - U to the user")
+        cached = require(recv_json(user, "cache", timeout=setup_timeout), "digest", str, "user", "cache")
+        log("owner: folding, encoding and masking the weights")
         total = len(fam.linear_shapes(offer.arch))
         bar = progress_bar(total, "owner: preparing weights", unit="weight", enabled=progress)
-        prepared = fam.owner_weights(loaded.weights, seed, progress=bar.update)
+        prepared = fam.owner_weights(loaded.weights, mask_seed, progress=bar.update)
         bar.close()
-        prepare_bytes = send_masked_weights(user, prepared)
+        if cached and not known_digest:
+            known_digest = masked_digest((name, (w.local - w.mask).numpy()) for name, w in prepared.items())
+            masks.remember_digest(user_key, offer.weights_digest, known_digest)
+        if cached and cached == known_digest:
+            log("owner: the user holds the current W - U: nothing to send")
+            send_json(user, "prepare", {"send": False})
+            prepare_bytes = 0
+        else:
+            log("owner: sending W - U to the user")
+            send_json(user, "prepare", {"send": True})
+            prepare_bytes, digest = send_masked_weights(user, prepared)
+            send_json(user, "prepare-end", {"digest": digest})
+            if digest != known_digest:
+                masks.remember_digest(user_key, offer.weights_digest, digest)
 
     with phases.timed("offline"):
         calls = fam.material_calls(offer.arch, plan)
@@ -129,7 +152,7 @@ def serve_session(
     ).to_dict()
 
 
-def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, user_key: str):
+def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, user_key: str, epoch: int = 0):
     """user -> owner hello; owner -> user welcome, or the refusal (also to the helper) and the error raised.
     Returns (plan, the budget reservation or None)."""
     hello = recv_json(user, "hello", timeout=setup_timeout)
@@ -143,16 +166,23 @@ def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, use
         except PermLLMError:
             pass
         raise
-    send_json(user, "welcome", offer.welcome(plan))
+    send_json(user, "welcome", {**offer.welcome(plan), "mask_epoch": epoch})
     return plan, reservation
 
 
-def send_masked_weights(user, prepared: dict) -> int:
-    """owner -> user: every masked weight W - U, one message each. Returns the bytes sent."""
+def send_masked_weights(user, prepared: dict) -> tuple[int, str]:
+    """owner -> user: every masked weight W - U, one message each. Returns (the bytes sent, their
+    `masked_digest`)."""
     sent_before = user.stats.bytes_sent
-    for name, w in prepared.items():
-        user.send(f"w.{name}", w.local - w.mask)
-    return user.stats.bytes_sent - sent_before
+
+    def each():
+        for name, w in prepared.items():
+            masked = w.local - w.mask
+            user.send(f"w.{name}", masked)
+            yield name, masked.numpy()
+
+    digest = masked_digest(each())
+    return user.stats.bytes_sent - sent_before, digest
 
 
 def receive_material(helper, seed: bytes, setup_timeout: float, calls: int) -> tuple[QueuedMaterial, int]:

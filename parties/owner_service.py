@@ -46,6 +46,9 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
     user_base, _ = split_tcp(args.listen_user, "--listen-user")
     helper_base, _ = split_tcp(args.listen_helper, "--listen-helper")
     budget = _query_budget(args)
+    from parties.masks import MaskSeeds
+
+    masks = MaskSeeds(args.state, rotate=args.rotate_masks)
     loaded = load_owner_model(args.model, log)
     context = curve.context if curve is not None else zmq.Context()
     sessions = Sessions("owner", 1 if once else args.max_concurrent, args.report, log)
@@ -99,6 +102,7 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
                     setup_timeout=args.setup_timeout,
                     budget=session_budget,
                     user_key=key,
+                    masks=masks,
                 )
                 return {**report, "user_key": key}
 

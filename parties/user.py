@@ -17,7 +17,8 @@ from parties.pinning import check_model_fingerprint
 from parties.progress import progress_bar
 from parties.user_input import UserRequest
 from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
-from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, send_json
+from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, require, send_json
+from permllm.errors import ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.linear import precompute_user_terms
@@ -61,9 +62,11 @@ def run_user(
     log=print,
     out=sys.stdout,
     setup_timeout: float = SETUP_TIMEOUT_S,
+    cache_dir=None,
 ) -> dict:
     """channels: dict with 'owner' and 'helper' Channels. Streams the answer (or prints the embedding);
-    returns the user's report (`UserReport.to_dict()`)."""
+    returns the user's report (`UserReport.to_dict()`). cache_dir: where W - U is kept between sessions
+    (`parties.masks.MaskedCache`; None: fetched every session)."""
     fam = family(model_name(request.model))
     owner, helper = channels["owner"], channels["helper"]
     phases = Phases()
@@ -78,8 +81,7 @@ def run_user(
     helper.send(SEED_TAG, seed)
 
     with phases.timed("prepare"):
-        weights = receive_masked_weights(owner, fam, arch, setup_timeout, progress)
-    prepare_bytes = owner.stats.bytes_received
+        weights, prepare_bytes = prepare_weights(owner, fam, arch, welcome, setup_timeout, progress, cache_dir)
 
     with phases.timed("offline"):
         material = receive_material(helper, seed, setup_timeout, progress, fam.material_calls(arch, plan))
@@ -109,17 +111,44 @@ def handshake(owner, fam, plan: Plan, setup_timeout: float):
     return check_welcome(welcome, plan, fam), welcome
 
 
-def receive_masked_weights(owner, fam, arch, setup_timeout: float, progress: bool) -> dict:
-    """owner -> user: every masked weight W - U, as the user's `LinearWeight`s by name."""
+def prepare_weights(owner, fam, arch, welcome: dict, setup_timeout: float, progress: bool, cache_dir):
+    """user -> owner the digest of its cached W - U for this model and mask epoch (or ""); owner -> user
+    whether it sends W - U, then every masked weight and their digest (`parties.masks`). Returns (the
+    user's `LinearWeight`s by name, the W - U bytes received)."""
+    from parties.masks import MaskedCache, masked_digest
+    from parties.models import PROTOCOL_VERSION
+
     shapes = fam.linear_shapes(arch)
-    weights = {}
+    epoch = require(welcome, "mask_epoch", int, "owner", "welcome")
+    key = (PROTOCOL_VERSION, welcome["fingerprint"], welcome.get("weights_digest", ""), epoch)
+    cache = None if cache_dir is None else MaskedCache(cache_dir)
+    entry = None if cache is None else cache.load(key, shapes)
+    send_json(owner, "cache", {"digest": "" if entry is None else entry[0]})
+    if not require(recv_json(owner, "prepare", timeout=setup_timeout), "send", bool, "owner", "prepare"):
+        if entry is None:
+            raise ProtocolError("the owner sent no masked weights, and this user holds none for its model")
+        arrays, received = entry[1], 0
+    else:
+        del entry
+        arrays, received = receive_masked_weights(owner, shapes, setup_timeout, progress)
+        digest = require(recv_json(owner, "prepare-end", timeout=setup_timeout), "digest", str, "owner", "prepare")
+        if masked_digest(arrays.items()) != digest:
+            raise ProtocolError("the masked weights the owner sent do not give the digest it announced")
+        if cache is not None:
+            cache.store(key, arrays, digest)
+    return {name: fam.user_weight(name, arch, torch.from_numpy(a)) for name, a in arrays.items()}, received
+
+
+def receive_masked_weights(owner, shapes: dict, setup_timeout: float, progress: bool) -> tuple[dict, int]:
+    """owner -> user: every masked weight W - U (int64 arrays by name) and the bytes they took."""
+    before = owner.stats.bytes_received
+    arrays = {}
     bar = progress_bar(len(shapes), "user: receiving masked weights", unit="weight", enabled=progress)
     for name, (d_in, d_out, _) in shapes.items():
-        array = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
-        weights[name] = fam.user_weight(name, arch, torch.from_numpy(array))
+        arrays[name] = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
         bar.update(1)
     bar.close()
-    return weights
+    return arrays, owner.stats.bytes_received - before
 
 
 def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool, calls: int) -> QueuedMaterial:

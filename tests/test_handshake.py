@@ -179,6 +179,7 @@ def test_a_refused_session_reaches_both_parties_at_once():
     )
     send_json(owner_side, "owner-plan", owner_plan)
     owner_side.send(SEED_TAG, b"o" * 16)
+    owner_side.send("mask-seed", b"m" * 16)
     send_json(user_side, "user-plan", user_plan)
     user_side.send(SEED_TAG, b"u" * 16)
     with pytest.raises(ProtocolError, match="max_new_tokens mismatch"):

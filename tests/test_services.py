@@ -111,7 +111,7 @@ class Services:
         return self.reports
 
 
-def run_user(keys, front: str, name: str, out=None) -> dict:
+def run_user(keys, front: str, name: str, out=None, cache_dir=None) -> dict:
     """One user session by `name`'s key, as `permllm user` runs it. Returns the user's report."""
     from parties.cli import PEERS, _ask_for_session, _curve, build_parser
     from parties.owner_service import open_channel
@@ -141,6 +141,7 @@ def run_user(keys, front: str, name: str, out=None) -> dict:
             log=lambda *a: None,
             out=out or io.StringIO(),
             setup_timeout=60,
+            cache_dir=cache_dir,
         )
     finally:
         for channel in opened:
@@ -217,3 +218,42 @@ def test_an_unauthorised_key_gets_no_session(keys, monkeypatch, tmp_path):
     finally:
         reports = services.stop()
     assert reports["owner"]["sessions"] == []
+
+
+def test_a_user_with_a_current_cache_gets_no_masked_weights(keys, monkeypatch, tmp_path):
+    """Preparation once: the second session of a user key sends 0 W - U bytes and answers the same; a
+    damaged cache entry is fetched again; another user key gets its own mask (its own W - U)."""
+    cache = tmp_path / "cache"
+    services = Services(keys, monkeypatch)
+    try:
+        first = run_user(keys, services.front, "alice", cache_dir=cache)
+        second = run_user(keys, services.front, "alice", cache_dir=cache)
+        assert first["prepare_bytes"] > 0 and second["prepare_bytes"] == 0
+        assert second["token_ids"] == first["token_ids"]
+        (entry,) = cache.glob("*.bin")
+        assert entry.stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
+        data = bytearray(entry.read_bytes())
+        data[100] ^= 1
+        entry.write_bytes(bytes(data))
+        third = run_user(keys, services.front, "alice", cache_dir=cache)
+        assert third["prepare_bytes"] == first["prepare_bytes"] and third["token_ids"] == first["token_ids"]
+        # bob's mask is his own: the entry alice left (same model, same epoch) is not current for him
+        bob = run_user(keys, services.front, "bob", cache_dir=cache)
+        assert bob["prepare_bytes"] == first["prepare_bytes"] and bob["token_ids"] != []
+    finally:
+        reports = services.stop()
+    assert [s["prepare_bytes"] > 0 for s in reports["owner"]["sessions"]] == [True, False, True, True]
+
+
+def test_mask_seeds_persist_and_rotate(tmp_path):
+    from parties.masks import MaskSeeds
+
+    state = tmp_path / "state"
+    seeds = MaskSeeds(state)
+    seed, epoch, digest = seeds.entry("alice", "w1")
+    assert epoch == 0 and digest == "" and (state / "masks.json").stat().st_mode & 0o777 == 0o600
+    seeds.remember_digest("alice", "w1", "d")
+    assert MaskSeeds(state).entry("alice", "w1") == (seed, 0, "d")  # kept across restarts
+    assert MaskSeeds(state).entry("bob", "w1")[0] != seed and MaskSeeds(state).entry("alice", "w2")[0] != seed
+    rotated = MaskSeeds(state, rotate=True).entry("alice", "w1")
+    assert rotated[1] == 1 and rotated[0] != seed and rotated[2] == ""

@@ -418,12 +418,13 @@ def test_helper_receives_exactly_the_public_plans_and_two_seeds(roles_session):
     assert [(m.sender, m.tag, m.dtype.name) for m in received] == [
         ("owner", "owner-plan", "uint8"),
         ("owner", "seed", "uint8"),
+        ("owner", "mask-seed", "uint8"),
         ("user", "user-plan", "uint8"),
         ("user", "seed", "uint8"),
         ("owner", "mat.ok", "uint8"),
         ("user", "mat.ok", "uint8"),
     ]
-    owner_plan, owner_seed, user_plan, user_seed, owner_receipt, user_receipt = (m.payload for m in received)
+    owner_plan, owner_seed, _, user_plan, user_seed, owner_receipt, user_receipt = (m.payload for m in received)
     # the receipts carry only the record count, which the helper itself sent
     calls = roles_session.reports["helper"]["calls"]
     assert owner_receipt == user_receipt == str(calls).encode("ascii") and calls > 0
@@ -487,10 +488,14 @@ def test_user_receives_only_public_data_and_masked_values_from_the_owner(roles_s
     welcome = json.loads(received[0].payload)
     assert received[0].tag == "welcome"
     public = {"protocol", "model", "arch", "fingerprint", "weights_digest", "session", "max_positions", "eos_token_id"}
+    public.add("mask_epoch")  # the epoch of the long-lived weight mask (parties.masks)
     assert set(welcome) == public
     # the weights appear in the welcome only as a SHA-256 digest (the model pin), never as values
     assert len(welcome["weights_digest"]) == 64 and int(welcome["weights_digest"], 16) >= 0
-    online = [m for m in received[1:] if not m.tag.startswith("w.")]
+    # the preparation's control messages: whether W - U comes, and its digest (of values the user receives)
+    control = {m.tag: json.loads(m.payload) for m in received[1:] if m.tag in ("prepare", "prepare-end")}
+    assert control["prepare"] == {"send": True} and set(control["prepare-end"]) == {"digest"}
+    online = [m for m in received[1:] if not m.tag.startswith("w.") and m.tag not in control]
     ring, _ = _classify_user_received(online)
     words = [(m.tag, m.words()) for m in received[1:] if m.is_ring]
     words += [(m.tag, m.words()) for m in s.transcript.received_by("user", sender="helper") if m.tag == "mat.t"]
@@ -516,7 +521,9 @@ def test_owner_receives_only_the_public_plan_and_masked_values(roles_session):
         "selection",
     }
     assert hello["selection"] == "table"
-    ring, _, ciphertexts = _classify_owner_received(received[1:])
+    cache = [json.loads(m.payload) for m in received if m.tag == "cache"]
+    assert cache == [{"digest": ""}]  # the digest of the user's cached W - U (none here)
+    ring, _, ciphertexts = _classify_owner_received([m for m in received[1:] if m.tag != "cache"])
     assert not ciphertexts
     tokens = s.reports["user"]["token_ids"]
     _check_owner_never_sees_plaintext(ring, s.weights, s.prompt_ids, tokens, s.weights.config.vocab_size)
