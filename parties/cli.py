@@ -21,8 +21,9 @@ from permllm.errors import PermLLMError
 __all__ = ["COMMAND_GROUP", "TWO_MACHINE_HELP", "build_parser", "main", "sampling_from_args"]
 
 
-def _channel(addr, peer, bind, args, clock, curve):
-    """(the ZmqChannel, the channel the role uses: the same one or a NetSim around it)."""
+def _channel(addr, peer, bind, args, clock, curve, max_receive_bytes=None):
+    """(the ZmqChannel, the channel the role uses: the same one or a NetSim around it). max_receive_bytes:
+    the largest frame accepted from the peer (None: the default payload cap)."""
     from netsim import NetSim, parse_profile
     from permllm.transport import ZmqChannel
 
@@ -30,7 +31,15 @@ def _channel(addr, peer, bind, args, clock, curve):
     opener = ZmqChannel.bind if bind else ZmqChannel.connect
     options = {} if curve is None else curve.socket_options(peer, bind)
     # linger: a role's last message (e.g. the helper's end marker) must not be dropped at close
-    channel = opener(addr, peer=peer, clock=clock, timeout=args.timeout, linger_s=5.0, **options)
+    channel = opener(
+        addr,
+        peer=peer,
+        clock=clock,
+        timeout=args.timeout,
+        linger_s=5.0,
+        max_receive_bytes=max_receive_bytes,
+        **options,
+    )
     return channel, (channel if profile.name == "none" else NetSim(channel, profile))
 
 
@@ -169,7 +178,11 @@ def _run_role_with(args, clock, curve) -> int:
     opened = []
 
     def channel(addr, peer, bind):
-        raw, used = _channel(addr, peer, bind, args, clock, curve)
+        from parties.wire import CONTROL_RECEIVE_BYTES
+
+        # the helper's peers send it only control messages: plans, seeds and receipts
+        cap = CONTROL_RECEIVE_BYTES if args.command == "helper" else None
+        raw, used = _channel(addr, peer, bind, args, clock, curve, max_receive_bytes=cap)
         opened.append(used)
         return raw, used
 

@@ -20,6 +20,9 @@ from protocols.material import MaterialRecord
 
 MAX_JSON_BYTES = 64 << 10
 """Largest control message accepted (hello, plans, welcome: a few hundred bytes to a few KiB)."""
+CONTROL_RECEIVE_BYTES = MAX_JSON_BYTES
+"""The receive cap (`max_receive_bytes`, ZMQ_MAXMSGSIZE) of a channel whose peer sends only control
+messages: the helper's channels, which carry plans, seeds and receipts in and bulk material out."""
 MAX_JSON_DEPTH = 16
 MAX_JSON_INT_DIGITS = 40
 MAX_RECORD_HEADER = 4096

@@ -200,6 +200,55 @@ def test_zmq_control_channel_drops_an_oversized_frame_unallocated(zmq_pair):
         server.recv_bytes("big", timeout=0.3)
 
 
+def test_a_control_receive_cap_bounds_what_comes_in_but_not_what_goes_out():
+    from parties.wire import CONTROL_RECEIVE_BYTES
+
+    helper = ZmqChannel.bind("tcp://127.0.0.1:0", peer="owner", timeout=2.0, max_receive_bytes=CONTROL_RECEIVE_BYTES)
+    owner = ZmqChannel.connect(helper.endpoint, peer="helper", timeout=2.0)
+    try:
+        assert helper._socket.getsockopt(zmq.MAXMSGSIZE) == CONTROL_RECEIVE_BYTES == helper.max_receive_bytes
+        helper.send("mat.t", np.arange(1 << 17, dtype=np.int64))  # 1 MiB of material still goes out
+        assert owner.recv("mat.t", dtype=np.int64).shape == (1 << 17,)
+        owner.send("owner-plan", bytes(CONTROL_RECEIVE_BYTES))
+        assert len(helper.recv_bytes("owner-plan")) == CONTROL_RECEIVE_BYTES
+        owner.send("owner-plan", bytes(CONTROL_RECEIVE_BYTES + 1))
+        with pytest.raises(ChannelTimeout):  # libzmq dropped the connection instead of taking the frame in
+            helper.recv_bytes("owner-plan", timeout=0.3)
+    finally:
+        owner.close()
+        helper.close()
+
+
+def test_a_receive_cap_above_the_payload_cap_is_refused():
+    with pytest.raises(ValueError, match="max_receive_bytes"):
+        ZmqChannel.bind("tcp://127.0.0.1:0", peer="owner", max_payload_bytes=10, max_receive_bytes=11)
+
+
+def test_the_helper_role_opens_its_channels_with_the_control_cap(monkeypatch):
+    import argparse
+
+    import parties.cli as cli
+    from parties.wire import CONTROL_RECEIVE_BYTES
+    from permllm.transport import DEFAULT_MAX_PAYLOAD_BYTES
+
+    caps = {}
+
+    def open_one(args, channel, curve):
+        raw, _ = channel("tcp://127.0.0.1:0", "owner" if args.command == "helper" else "helper", True)
+        caps[args.command] = raw._socket.getsockopt(zmq.MAXMSGSIZE)
+        return {}
+
+    monkeypatch.setattr(cli, "_run_role_on", open_one)
+    for command in ("helper", "owner", "user"):
+        args = argparse.Namespace(command=command, network="none", timeout=2.0, report=None)
+        cli._run_role_with(args, FlightClock(), None)
+    assert caps == {
+        "helper": CONTROL_RECEIVE_BYTES,
+        "owner": DEFAULT_MAX_PAYLOAD_BYTES,
+        "user": DEFAULT_MAX_PAYLOAD_BYTES,
+    }
+
+
 def test_zmq_third_part_is_refused_before_the_rest_is_read(zmq_pair):
     server, client = zmq_pair()
     client._socket.send_multipart([b"h", b"p"] + [b"x" * 1000] * 50)

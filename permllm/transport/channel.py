@@ -121,7 +121,9 @@ class Channel(ABC):
     clock: the party's FlightClock (a new one when None).
     timeout: default receive (and, where the transport can block, send) timeout in seconds;
         math.inf waits forever.
-    max_payload_bytes: largest payload accepted from the peer; larger declarations raise ProtocolError.
+    max_payload_bytes: largest payload sent or accepted; larger payloads or declarations raise ProtocolError.
+    max_receive_bytes: largest payload accepted from the peer when it must be smaller than what this
+        end sends (a peer that only sends control messages); None = max_payload_bytes.
     stats: counters to update (a new ChannelStats when None); wrappers pass the wrapped channel's.
 
     A channel is meant to be used by one thread at a time per direction; sending and receiving may
@@ -135,12 +137,17 @@ class Channel(ABC):
         clock: FlightClock | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_receive_bytes: int | None = None,
         stats: ChannelStats | None = None,
     ) -> None:
         if not isinstance(peer, str) or not peer:
             raise ValueError(f"peer must be a non-empty str, got {peer!r}")
         if max_payload_bytes <= 0:
             raise ValueError(f"max_payload_bytes must be positive, got {max_payload_bytes}")
+        max_receive_bytes = max_payload_bytes if max_receive_bytes is None else max_receive_bytes
+        if not 0 < max_receive_bytes <= max_payload_bytes:
+            raise ValueError(f"max_receive_bytes must be in 1..max_payload_bytes, got {max_receive_bytes}")
+        self._max_receive_bytes = int(max_receive_bytes)
         self._peer = peer
         self._clock = clock if clock is not None else FlightClock()
         self._stats = stats if stats is not None else ChannelStats()
@@ -175,8 +182,13 @@ class Channel(ABC):
 
     @property
     def max_payload_bytes(self) -> int:
-        """Largest payload this end accepts."""
+        """Largest payload this end sends (and accepts, unless max_receive_bytes is smaller)."""
         return self._max_payload_bytes
+
+    @property
+    def max_receive_bytes(self) -> int:
+        """Largest payload this end accepts from its peer."""
+        return self._max_receive_bytes
 
     @property
     def closed(self) -> bool:
@@ -307,7 +319,7 @@ class Channel(ABC):
             header_buf, payload = frame
             try:
                 header = decode_header(header_buf)
-                check_payload(header, memoryview(payload).nbytes, self._max_payload_bytes)
+                check_payload(header, memoryview(payload).nbytes, self._max_receive_bytes)
             except ProtocolError as exc:
                 raise ProtocolError(f"from peer {self.peer!r} while waiting for tag {tag!r}: {exc}") from exc
             expected_seq = self._recv_seq

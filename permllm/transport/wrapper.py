@@ -23,6 +23,7 @@ class WrappingChannel(Channel):
             stats=inner.stats,
             timeout=inner.timeout,
             max_payload_bytes=inner.max_payload_bytes,
+            max_receive_bytes=inner.max_receive_bytes,
         )
         self._inner = inner
 

@@ -10,14 +10,15 @@ An orderly `close()` additionally sends a one-part goodbye message, so the peer'
 raises `PeerGone` at once when that message makes it out before the socket closes (best effort:
 the socket closes with the configured linger, 0 s by default, which may drop it).
 
-Memory bound: the socket's ZMQ_MAXMSGSIZE is set to max_payload_bytes (at least the largest header),
-so libzmq drops a connection that tries to send a larger message part instead of allocating it;
-the receiver then sees a ChannelTimeout. ZMQ_MAXMSGSIZE is fixed when a connection is made, so a
-channel that only carries control messages should be opened with a small max_payload_bytes; the
+Memory bound: the socket's ZMQ_MAXMSGSIZE is set to max_receive_bytes (max_payload_bytes unless
+given; at least the largest header), so libzmq drops a connection that tries to send a larger message
+part instead of allocating it; the receiver then sees a ChannelTimeout. ZMQ_MAXMSGSIZE is fixed when a
+connection is made, so an end whose peer only sends control messages (the helper's) should be opened
+with a small max_receive_bytes, while it still sends bulk frames up to max_payload_bytes; the
 per-message limits of `recv` / `recv_bytes` apply after libzmq has taken the frame in. The receive
 high-water mark is RECEIVE_HWM frames (the send side holds SEND_HWM of its own frames instead, so
 as much traffic can be in flight as with libzmq's defaults): what a peer can make this end hold is
-about RECEIVE_HWM * max_payload_bytes. Parts are read one by one: a message of more than two parts
+about RECEIVE_HWM * max_receive_bytes. Parts are read one by one: a message of more than two parts
 is refused at its third part, and the channel then refuses every later receive (it is out of step).
 Declared sizes within that bound are checked against the header before the payload is interpreted.
 
@@ -65,8 +66,15 @@ class ZmqChannel(Channel):
         clock: FlightClock | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_receive_bytes: int | None = None,
     ) -> None:
-        super().__init__(peer, clock=clock, timeout=timeout, max_payload_bytes=max_payload_bytes)
+        super().__init__(
+            peer,
+            clock=clock,
+            timeout=timeout,
+            max_payload_bytes=max_payload_bytes,
+            max_receive_bytes=max_receive_bytes,
+        )
         self._socket = socket
         self._owned_context = owned_context
         self._poller = zmq.Poller()
@@ -131,6 +139,7 @@ class ZmqChannel(Channel):
         clock: FlightClock | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_receive_bytes: int | None = None,
         linger_s: float = 0.0,
         curve_secret_key: bytes | None = None,
         curve_public_key: bytes | None = None,
@@ -140,7 +149,8 @@ class ZmqChannel(Channel):
         """Create, configure and bind/connect the socket.
 
         context: a zmq.Context to use (a private one, terminated on close, when None).
-        clock, timeout, max_payload_bytes: as for Channel; timeout also bounds each send.
+        clock, timeout, max_payload_bytes, max_receive_bytes: as for Channel; timeout also bounds each
+            send; ZMQ_MAXMSGSIZE is the receive bound.
         linger_s: how long close() may wait to flush unsent messages (0 = drop them).
         curve_*: CURVE keys, see the module docstring.
         """
@@ -149,7 +159,8 @@ class ZmqChannel(Channel):
         socket = (context or owned_context).socket(zmq.PAIR)
         try:
             socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
-            socket.setsockopt(zmq.MAXMSGSIZE, max(int(max_payload_bytes), MAX_HEADER_LEN))
+            receive_cap = max_payload_bytes if max_receive_bytes is None else max_receive_bytes
+            socket.setsockopt(zmq.MAXMSGSIZE, max(int(receive_cap), MAX_HEADER_LEN))
             socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
             socket.setsockopt(zmq.SNDHWM, SEND_HWM)
             send_timeout_s = float(timeout)
@@ -165,6 +176,7 @@ class ZmqChannel(Channel):
                 clock=clock,
                 timeout=timeout,
                 max_payload_bytes=max_payload_bytes,
+                max_receive_bytes=max_receive_bytes,
             )
             if curve_server_key is not None:
                 channel._watch_handshakes()
