@@ -5,7 +5,7 @@ permllm bench                         token-latency benchmarks under simulated n
 permllm keygen --role ROLE --out keys this machine's CURVE key pair (run once on each machine)
 permllm owner --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
 permllm user  --keys keys --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt-file q.txt
-permllm helper --keys keys --owner tcp://OWNER:5556 --user tcp://USER:5557
+permllm helper --keys keys --owner tcp://OWNER:5556   (owner and helper serve until SIGTERM)
 """
 
 from __future__ import annotations

@@ -16,8 +16,12 @@ A session by hand on three machines (or three terminals):
           copy only the .pub files: each keys folder holds its own ROLE.key and the other two .pub files
   owner:  permllm owner  --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
   user:   permllm user   --keys keys --owner tcp://OWNER_HOST:5555 --listen-helper tcp://0.0.0.0:5557 --prompt-file q
-  helper: permllm helper --keys keys --owner tcp://OWNER_HOST:5556 --user tcp://USER_HOST:5557
-The owner and the user bind; the user connects to the owner; the helper connects to both. Every
+  helper: permllm helper --keys keys --owner tcp://OWNER_HOST:5556
+The owner and the helper are services: they serve sessions until SIGTERM (--max-concurrent at once),
+for every user whose public key is in --users DIR (or is the keys folder's user.pub). A user asks the
+owner's front door for a session and gets its own session sockets; the owner tells the helper where
+that user listens. The user keeps the masked weights in --cache-dir, so only its first session (per
+mask epoch: --rotate-masks on the owner starts a new one) receives them. Every
 channel is CURVE-encrypted and mutually authenticated (--insecure turns that off, for local
 experiments only). The owner holds the weights, the user the prompt; the helper only deals
 randomness before the online phase. Start them in any order: each waits up to --setup-timeout for
