@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from parties.families import family
 from parties.handshake import SEED_TAG, Offer, check_hello
 from parties.metrics import Phases, peak_rss_mb
@@ -16,6 +18,7 @@ from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.model.decoder_weights import masked_weight
 from protocols.selection import BFV
 
 
@@ -58,7 +61,7 @@ def run_owner(
     phases = Phases()
     with phases.timed("load"):
         log("owner: loading the model")
-        weights, _ = load_model(model, tokenizer=False)
+        weights, _ = load_model(model, tokenizer=False, dtype=torch.float32)  # float32: no float64 copy
         offer = Offer(
             fam.name,
             fam.arch_from_config(weights.config),
@@ -77,10 +80,10 @@ def run_owner(
         log("owner: folding, encoding and masking the weights; sending W - U to the user")
         total = len(fam.linear_shapes(offer.arch))
         bar = progress_bar(total, "owner: preparing weights", unit="weight", enabled=progress)
-        prepared = fam.owner_weights(weights, seed, progress=bar.update)
+        prepared = fam.owner_weights(weights, progress=bar.update, release=True)  # frees the floats as it goes
         bar.close()
         del weights  # only the prepared weights stay in memory for the session
-        prepare_bytes = send_masked_weights(user, prepared)
+        prepare_bytes = send_masked_weights(user, prepared, seed)
 
     with phases.timed("offline"):
         material, offline_bytes = receive_material(helper, seed, setup_timeout)
@@ -122,11 +125,12 @@ def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, use
     return plan, reservation
 
 
-def send_masked_weights(user, prepared: dict) -> int:
-    """owner -> user: every masked weight W - U, one message each. Returns the bytes sent."""
+def send_masked_weights(user, prepared: dict, seed: bytes) -> int:
+    """owner -> user: every masked weight W - U, one message each, U drawn from `seed` by row blocks
+    as each is built (`masked_weight`). Returns the bytes sent."""
     sent_before = user.stats.bytes_sent
     for name, w in prepared.items():
-        user.send(f"w.{name}", w.local - w.mask)
+        user.send(f"w.{name}", masked_weight(w, seed))
     return user.stats.bytes_sent - sent_before
 
 
