@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from parties.families import family
 from parties.handshake import MASK_SEED_TAG, SEED_TAG, Offer, check_hello
 from parties.masks import masked_digest
@@ -19,6 +21,7 @@ from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
+from protocols.model.decoder_weights import masked_weight
 from protocols.selection import BFV
 
 
@@ -41,22 +44,24 @@ class OwnerReport:
 
 @dataclass
 class LoadedModel:
-    """What an owner loads once and serves every session from: the family, the float weights and the offer."""
+    """What an owner loads once and serves every session from: the family, the folded and encoded
+    weights (no mask: each session's W - U is derived from its mask seed while it is sent) and the offer."""
 
     fam: Any
-    weights: Any
+    prepared: dict
     offer: Offer
     load_s: float = 0.0
 
 
-def load_owner_model(model: str, log=print) -> LoadedModel:
-    """model: a model spec (`parties.models`: a bundled name or a checkpoint path)."""
+def load_owner_model(model: str, log=print, progress: bool = True) -> LoadedModel:
+    """model: a model spec (`parties.models`: a bundled name or a checkpoint path). Loads float32 (no
+    float64 copy), folds and encodes one weight at a time and frees the floats as it goes."""
     from permllm.model.loading import load_model
 
     fam = family(model_name(model))
     start = time.perf_counter()
     log("owner: loading the model")
-    weights, _ = load_model(model, tokenizer=False)
+    weights, _ = load_model(model, tokenizer=False, dtype=torch.float32)
     offer = Offer(
         fam.name,
         fam.arch_from_config(weights.config),
@@ -64,7 +69,12 @@ def load_owner_model(model: str, log=print) -> LoadedModel:
         getattr(weights.config, "eos_token_id", None),
         weights_digest(weights),
     )
-    return LoadedModel(fam, weights, offer, time.perf_counter() - start)
+    log("owner: folding and encoding the weights")
+    bar = progress_bar(len(fam.linear_shapes(offer.arch)), "owner: encoding weights", unit="weight", enabled=progress)
+    prepared = fam.owner_weights(weights, progress=bar.update, release=True)
+    bar.close()
+    del weights
+    return LoadedModel(fam, prepared, offer, time.perf_counter() - start)
 
 
 def run_owner(channels, model: str, *, log=print, **options) -> dict:
@@ -109,13 +119,9 @@ def serve_session(
 
     with phases.timed("prepare"):
         cached = require(recv_json(user, "cache", timeout=setup_timeout), "digest", str, "user", "cache")
-        log("owner: folding, encoding and masking the weights")
-        total = len(fam.linear_shapes(offer.arch))
-        bar = progress_bar(total, "owner: preparing weights", unit="weight", enabled=progress)
-        prepared = fam.owner_weights(loaded.weights, mask_seed, progress=bar.update)
-        bar.close()
+        prepared = loaded.prepared
         if cached and not known_digest:
-            known_digest = masked_digest((name, (w.local - w.mask).numpy()) for name, w in prepared.items())
+            known_digest = masked_digest((name, masked_weight(w, mask_seed).numpy()) for name, w in prepared.items())
             masks.remember_digest(user_key, offer.weights_digest, known_digest)
         if cached and cached == known_digest:
             log("owner: the user holds the current W - U: nothing to send")
@@ -124,7 +130,7 @@ def serve_session(
         else:
             log("owner: sending W - U to the user")
             send_json(user, "prepare", {"send": True})
-            prepare_bytes, digest = send_masked_weights(user, prepared)
+            prepare_bytes, digest = send_masked_weights(user, prepared, mask_seed)
             send_json(user, "prepare-end", {"digest": digest})
             if digest != known_digest:
                 masks.remember_digest(user_key, offer.weights_digest, digest)
@@ -170,14 +176,14 @@ def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, use
     return plan, reservation
 
 
-def send_masked_weights(user, prepared: dict) -> tuple[int, str]:
-    """owner -> user: every masked weight W - U, one message each. Returns (the bytes sent, their
-    `masked_digest`)."""
+def send_masked_weights(user, prepared: dict, mask_seed: bytes) -> tuple[int, str]:
+    """owner -> user: every masked weight W - U, one message each, U drawn from `mask_seed` by row
+    blocks as each is built (`masked_weight`). Returns (the bytes sent, their `masked_digest`)."""
     sent_before = user.stats.bytes_sent
 
     def each():
         for name, w in prepared.items():
-            masked = w.local - w.mask
+            masked = masked_weight(w, mask_seed)
             user.send(f"w.{name}", masked)
             yield name, masked.numpy()
 

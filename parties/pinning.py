@@ -24,10 +24,12 @@ FINGERPRINT_HEX_LEN = 64
 
 def weights_digest(weights) -> str:
     """SHA-256 (hex) of every tensor in a weights dataclass (DecoderWeights, EncoderWeights), walked in
-    field order; each tensor contributes its path, dtype, shape and bytes."""
+    field order; each tensor contributes its path, dtype, shape and bytes. Float tensors are read as
+    float64 (exact for float32), so a float32 load of a checkpoint has the digest of its float64 load."""
     digest = hashlib.sha256()
     for path, tensor in _tensors(weights, ""):
-        t = tensor.detach().contiguous().cpu()
+        t = tensor.detach().cpu()
+        t = (t.to(torch.float64) if t.is_floating_point() else t).contiguous()
         digest.update(f"{path}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

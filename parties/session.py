@@ -23,6 +23,7 @@ from parties.families import Family, family
 from parties.inprocess import PairRun, Seeds, deal_records, run_pair
 from protocols.linear import precompute_user_terms
 from protocols.material import QueuedMaterial
+from protocols.model.decoder_weights import masked_weight
 
 SESSION_TIMEOUT_S = 3600.0
 
@@ -61,10 +62,17 @@ class PreparedModel:
     user: dict
     prepare_s: float
     _lookup: tuple | None = field(default=None, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
 
     def mask(self, name: str):
-        """U of weight `name`, for the dealer's dry run (the helper regenerates it from the seed)."""
-        return self.owner[name].mask
+        """U of weight `name`, for the dealer's dry run, regenerated from the seed as the helper does
+        (kept after its first use: this stands for the helper's memory, not the owner's)."""
+        if name not in self._masks:
+            from protocols.model.decoder_weights import weight_mask
+
+            w = self.owner[name]
+            self._masks[name] = weight_mask(self.seed, name, w.d_in, w.d_out)
+        return self._masks[name]
 
     def lookup(self) -> tuple:
         """(IndexLookupClient, IndexLookupServer): the user's BFV keys and the owner's side of the lookup."""
@@ -141,8 +149,8 @@ def prepare_model(weights, seed: bytes | None = None, *, progress=None) -> Prepa
     seed = seed or fresh_seed()
     start = time.perf_counter()
     arch = fam.arch_from_config(weights.config)
-    owner = fam.owner_weights(weights, seed, progress=progress)
-    user = {name: fam.user_weight(name, arch, w.local - w.mask) for name, w in owner.items()}
+    owner = fam.owner_weights(weights, progress=progress)
+    user = {name: fam.user_weight(name, arch, masked_weight(w, seed)) for name, w in owner.items()}
     return PreparedModel(fam, arch, seed, owner, user, time.perf_counter() - start)
 
 

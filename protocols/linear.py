@@ -41,10 +41,10 @@ from protocols.context import shape_key
 class LinearWeight:
     """A linear layer as one party holds it.
 
-    name: identifies the weight across parties (the helper derives U from it).
+    name: identifies the weight across parties (the helper derives U from it; nobody holds U in a
+        LinearWeight: the owner never needs it online).
     bits: fixed-point scale of W.
     local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64); helper: None.
-    mask: unused by the protocols (the owner never needs U online; the helper calls weight_mask(name)).
     bias: owner only, float64 (encoded at the output scale on use), or None.
     d_in, d_out: the shape of W.
     """
@@ -54,7 +54,6 @@ class LinearWeight:
     d_in: int
     d_out: int
     local: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
 

@@ -62,7 +62,7 @@ def test_a_deviating_user_reads_a_weight_row_from_the_next_reveal():
     assert not torch.any(torch.round(honest.double() / 2.0**DELTA_BITS))  # honestly, nothing shows at 2^40
 
     recovered = torch.sort(torch.round(attacked.double() / 2.0**DELTA_BITS).long()).values
-    down = owner_weights(tiny_decoder(seed=5), SEEDS.owner)["L1.down"].local  # (intermediate, hidden), encoded
+    down = owner_weights(tiny_decoder(seed=5))["L1.down"].local  # (intermediate, hidden), encoded
     rows = [r for r in range(down.shape[0]) if torch.equal(recovered, torch.sort(down[r]).values)]
     assert len(rows) == 1  # exactly one row of W_down, all its entries exact (as a multiset)
     assert torch.count_nonzero(recovered) > down.shape[1] // 2  # a real row, not the zeros of the honest run

@@ -18,8 +18,10 @@ from protocols.model.decoder_weights import (
     DecoderArch,
     folded_float_weights,
     helper_weights,
+    masked_weight,
     owner_weights,
     user_weight,
+    weight_mask,
 )
 from protocols.model.generation import SamplingConfig, generate, token_chooser
 from protocols.model.secure_decoder import UNNORMALISED_LIMIT, SecureDecoder
@@ -30,9 +32,9 @@ SEEDS = Seeds(owner=bytes(16), user=bytes([1]) * 16)
 
 def _prepared(weights):
     arch = DecoderArch.from_config(weights.config)
-    owner_w = owner_weights(weights, SEEDS.owner)
-    user_w = {n: user_weight(n, arch, w.local - w.mask) for n, w in owner_w.items()}
-    masks = {n: w.mask for n, w in owner_w.items()}
+    owner_w = owner_weights(weights)
+    user_w = {n: user_weight(n, arch, masked_weight(w, SEEDS.owner)) for n, w in owner_w.items()}
+    masks = {n: weight_mask(SEEDS.owner, n, w.d_in, w.d_out) for n, w in owner_w.items()}
     return arch, owner_w, user_w, masks
 
 

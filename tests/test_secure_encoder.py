@@ -10,7 +10,14 @@ from parties.inprocess import deal, run_pair
 from parties.session import private_embed_inprocess
 from permllm.model.reference import encoder_embed
 from permllm.transport.frames import header_length
-from protocols.model.encoder_weights import EncoderArch, helper_weights, owner_weights, user_weight
+from protocols.model.encoder_weights import (
+    EncoderArch,
+    helper_weights,
+    masked_weight,
+    owner_weights,
+    user_weight,
+    weight_mask,
+)
 from protocols.model.secure_encoder import SecureEncoder
 from tests.tiny_encoder import tiny_encoder
 
@@ -23,9 +30,9 @@ def _secure_embedding(weights, ids, seeds):
     """One sentence through deal + run_pair, checking that the dry run dealt exactly what was taken."""
     arch = EncoderArch.from_config(weights.config)
     n = len(ids)
-    owner_w = owner_weights(weights, seeds.owner)
-    user_w = {name: user_weight(name, arch, w.local - w.mask) for name, w in owner_w.items()}
-    masks = {name: w.mask for name, w in owner_w.items()}
+    owner_w = owner_weights(weights)
+    user_w = {name: user_weight(name, arch, masked_weight(w, seeds.owner)) for name, w in owner_w.items()}
+    masks = {name: weight_mask(seeds.owner, name, w.d_in, w.d_out) for name, w in owner_w.items()}
     owner_mat, user_mat = deal(
         lambda ctx: SecureEncoder(arch, helper_weights(arch), n).embed(ctx, None, n), seeds, masks.__getitem__
     )
@@ -134,10 +141,10 @@ def test_tiny_owner_weights_hide_norm_parameters_and_fold_them_exactly(seeds):
     """The user's W~ is masked and carries no bias; the owner's folded layers reproduce the LN."""
     weights = tiny_encoder(seed=4)
     arch = EncoderArch.from_config(weights.config)
-    owner_w = owner_weights(weights, seeds.owner)
+    owner_w = owner_weights(weights)
     for name, w in owner_w.items():
-        user = user_weight(name, arch, w.local - w.mask)
-        assert user.bias is None and user.mask is None
+        user = user_weight(name, arch, masked_weight(w, seeds.owner))
+        assert user.bias is None
     assert tuple(owner_w["embed"].bias.shape) == (arch.max_positions, arch.hidden)
     # [diag(g) | diag(g) W] x^ + [b | b W + b'] = [LN(y), LN(y) W + b'] on the float weights
     from permllm.model.reference import layer_norm

@@ -43,7 +43,7 @@ from parties.session import private_generate_inprocess
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.kernels import scatter_rows
 from permllm.prg import Prg
-from protocols.model.decoder_weights import DecoderArch, folded_float_weights, linear_shapes, owner_weights
+from protocols.model.decoder_weights import DecoderArch, folded_float_weights, linear_shapes, weight_mask
 from tests.recording import (
     Transcript,
     bit_balance_z,
@@ -275,7 +275,8 @@ def test_owner_never_receives_token_ids_one_hots_or_embedding_rows(tiny_session)
 def test_owner_cannot_recover_token_ids_from_its_view(tiny_session):
     """The owner's whole view: what it received, its dealt material and its own secrets (the masks U)."""
     s = tiny_session
-    u = owner_weights(s.weights, s.seeds.owner)["embed"].mask
+    arch = DecoderArch.from_config(s.weights.config)
+    u = weight_mask(s.seeds.owner, "embed", arch.vocab, arch.hidden)  # the owner can derive it from its seed
     d_messages = [m for m in s.transcript.received_by("owner") if m.tag == "lin.embed"]
     dealt = [r.tensors["M"] for r in s.dealt["owner"] if r.kind == "linear:embed"]
     assert len(d_messages) == len(dealt) == len(s.tokens)
@@ -334,7 +335,8 @@ def test_owner_cannot_recover_normalized_activations_from_its_view(tiny_session)
     owner), U, its own share and its permutation, the owner must not be able to open the activations."""
     s = tiny_session
     arch = DecoderArch.from_config(s.weights.config)
-    u = owner_weights(s.weights, s.seeds.owner)["L0.qkv"].mask
+    d_in, d_out, _ = linear_shapes(arch)["L0.qkv"]
+    u = weight_mask(s.seeds.owner, "L0.qkv", d_in, d_out)  # the owner can derive it from its seed
     m = next(r for r in s.dealt["owner"] if r.kind == "linear:L0.qkv").tensors["M"]
     cols = _independent_columns(u)
     x_u = m[:, cols] @ _inverse_mod_2_64(u[:, cols].contiguous())  # the user's share, solved by the owner

@@ -68,7 +68,7 @@ def _linear_weights(names, d_in, d_out, seed):
     for k, name in enumerate(names):
         w = encode(torch.randn(d_in, d_out, generator=g, dtype=torch.float64), WEIGHT_BITS)
         u = random_ring((d_in, d_out), seed + 1 + k)
-        owner[name] = LinearWeight(name, WEIGHT_BITS, d_in, d_out, local=w, mask=u)
+        owner[name] = LinearWeight(name, WEIGHT_BITS, d_in, d_out, local=w)  # the owner holds no U
         user[name] = LinearWeight(name, WEIGHT_BITS, d_in, d_out, local=w - u)
         helper[name] = LinearWeight(name, WEIGHT_BITS, d_in, d_out)
         masks[name] = u
@@ -113,7 +113,7 @@ def test_linear_views():
 def test_embedding_lookup_views():
     """A prefill lookup of 4 tokens and two single-token lookups (the decode steps). The owner attacks
     d against one-hot(t) and d @ U + M against U[t] (which names t), and their differences across calls
-    (U[t1] - U[t2] gives the token pair); the user attacks W~ against W and its rows W~[t] + s."""
+    (U[t1] - U[t2] gives the token pair); the user attacks W~ against W and its shares v @ W~ + s."""
     vocab, d_out = 40, 16
     owner_w, user_w, helper_w, masks = _linear_weights(["E"], vocab, d_out, seed=50)
     steps = [[3, 0, 10, 3], [7], [3]]
@@ -306,7 +306,7 @@ def _decoder_session_views(fold_norms: bool):
     every protocol call recorded. Returns (the generation, the reference tokens, views, masks, static)."""
     from permllm.model.reference import DecoderReference
     from protocols.model import secure_decoder
-    from protocols.model.decoder_weights import owner_weights
+    from protocols.model.decoder_weights import masked_weight, owner_weights, weight_mask
     from tests.tiny_model import tiny_decoder
 
     weights = tiny_decoder(seed=5)
@@ -326,9 +326,12 @@ def _decoder_session_views(fold_norms: bool):
             )
         result = private_generate_inprocess(weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300)
     want = DecoderReference(weights).generate_greedy(prompt, budget, stop_at_eos=True)
-    owner_w = owner_weights(weights, DECODER_SEEDS.owner)
-    masks = {name: w.mask for name, w in owner_w.items()}
-    user_w = {name: LinearWeight(name, w.bits, w.d_in, w.d_out, local=w.local - w.mask) for name, w in owner_w.items()}
+    owner_w = owner_weights(weights)
+    masks = {name: weight_mask(DECODER_SEEDS.owner, name, w.d_in, w.d_out) for name, w in owner_w.items()}
+    user_w = {
+        name: LinearWeight(name, w.bits, w.d_in, w.d_out, local=masked_weight(w, DECODER_SEEDS.owner))
+        for name, w in owner_w.items()
+    }
     return result, want, weights.config.num_layers, recorder.calls, masks, _weight_views(user_w, owner_w)
 
 

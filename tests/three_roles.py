@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 
@@ -63,7 +64,8 @@ def run_three_roles(
                 ch.close()
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loading, "load_model", lambda name, tokenizer=True: (weights, None))
+        # a shallow copy: the owner frees the float weights of what it loaded as it encodes them
+        mp.setattr(loading, "load_model", lambda name, tokenizer=True, dtype=None: (_shallow_copy(weights), None))
         threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in roles]
         for t in threads:
             t.start()
@@ -71,3 +73,9 @@ def run_three_roles(
             t.join(3 * timeout)
     assert all(not t.is_alive() for t in threads), "a role did not finish"
     return reports, errors, printed.getvalue()
+
+
+def _shallow_copy(weights):
+    if hasattr(weights, "layers"):
+        return dataclasses.replace(weights, layers=list(weights.layers))
+    return weights

@@ -41,13 +41,21 @@ def _first_id(value) -> int | None:
     return int(value)
 
 
-def _take(sd: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], *, transpose: bool) -> torch.Tensor:
-    """Fetch ``name`` (HF layout ``shape``) as a fresh float64 tensor, transposed to (in, out) for linears."""
+def _take(
+    sd: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], *, transpose: bool, dtype=torch.float64
+) -> torch.Tensor:
+    """Fetch ``name`` (HF layout ``shape``) as a fresh float64 tensor, transposed to (in, out) for linears.
+
+    ``dtype=torch.float32`` (a lean load for a caller that drops the HF model at once): the checkpoint's
+    own float32 tensor, not copied, and a transposed view for linears."""
     if name not in sd:
         raise ConfigError(f"checkpoint is missing tensor {name!r} (expected shape {tuple(shape)})")
     t = sd[name]
     if tuple(t.shape) != tuple(shape):
         raise ConfigError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype != torch.float64:
+        t = t.detach().to(device="cpu", dtype=dtype)
+        return t.T if transpose else t
     t = t.detach().to(device="cpu", dtype=torch.float64, copy=True)  # never aliases the HF model
     return t.T.contiguous() if transpose else t
 
@@ -122,8 +130,11 @@ def decoder_config_from_hf(hf_config) -> DecoderConfig:
     )
 
 
-def decoder_weights_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: DecoderConfig) -> DecoderWeights:
-    """Validate names/shapes of a Llama-style HF state dict and return float64 (in, out) weights.
+def decoder_weights_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: DecoderConfig, *, dtype=torch.float64
+) -> DecoderWeights:
+    """Validate names/shapes of a Llama-style HF state dict and return float64 (in, out) weights
+    (``dtype=torch.float32``: the state dict's own float32 tensors and views, see `_take`).
 
     Accepts keys with or without the ``model.`` prefix of ``*ForCausalLM``. Raises ConfigError naming the
     first missing or mis-shaped tensor, or listing unused tensors (e.g. biases).
@@ -135,7 +146,7 @@ def decoder_weights_from_state_dict(state_dict: Mapping[str, torch.Tensor], conf
 
     def take(name, shape, transpose=False):
         used.add(name)
-        return _take(sd, name, shape, transpose=transpose)
+        return _take(sd, name, shape, transpose=transpose, dtype=dtype)
 
     embed = take("embed_tokens.weight", (vocab, d))
     layers = []
@@ -162,7 +173,7 @@ def decoder_weights_from_state_dict(state_dict: Mapping[str, torch.Tensor], conf
         # lm_head lives outside the "model." prefix in *ForCausalLM
         head_sd = state_dict if "lm_head.weight" in state_dict else sd
         used.add("lm_head.weight")
-        lm_head = _take(head_sd, "lm_head.weight", (vocab, d), transpose=True)
+        lm_head = _take(head_sd, "lm_head.weight", (vocab, d), transpose=True, dtype=dtype)
     # the original (prefixed) lm_head key is not in sd after stripping; nothing else may be left over
     _check_no_extras(sd, used, ignore_suffixes=("rotary_emb.inv_freq",))
     return DecoderWeights(config=c, embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)

@@ -143,18 +143,20 @@ def load_decoder_tokenizer(path_or_dir, gguf_file: str | None = None):
     return _public_part(_transformers().AutoTokenizer, "tokenizers", path_or_dir, gguf_file)
 
 
-def decoder_weights_from_hf(model) -> DecoderWeights:
-    """Extract :class:`DecoderWeights` from a loaded HF ``*ForCausalLM`` (copies; the model can be dropped)."""
+def decoder_weights_from_hf(model, *, dtype=torch.float64) -> DecoderWeights:
+    """Extract :class:`DecoderWeights` from a loaded HF ``*ForCausalLM`` (float64 copies; the model can be
+    dropped). ``dtype=torch.float32``: the model's own tensors, not copied (drop the model right after)."""
     config = decoder_config_from_hf(model.config)
     with torch.no_grad():
-        return decoder_weights_from_state_dict(model.state_dict(), config)
+        return decoder_weights_from_state_dict(model.state_dict(), config, dtype=dtype)
 
 
-def load_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: bool = True):
-    """Load a Llama-style decoder from disk -> ``(DecoderWeights, tokenizer or None)``; the HF model is freed."""
+def load_decoder(path_or_dir, gguf_file: str | None = None, *, tokenizer: bool = True, dtype=torch.float64):
+    """Load a Llama-style decoder from disk -> ``(DecoderWeights, tokenizer or None)``; the HF model is freed.
+    ``dtype=torch.float32`` keeps the checkpoint's float32 tensors (half the memory, no copy)."""
     model, tok = load_hf_decoder(path_or_dir, gguf_file, tokenizer=tokenizer)
     try:
-        weights = decoder_weights_from_hf(model)
+        weights = decoder_weights_from_hf(model, dtype=dtype)
     finally:
         del model
         gc.collect()
@@ -197,19 +199,21 @@ def load_encoder(model_dir):
     return weights, tokenizer
 
 
-def load_model(name: str, *, tokenizer: bool = True):
+def load_model(name: str, *, tokenizer: bool = True, dtype=torch.float64):
     """``"smollm2"`` -> ``load_decoder(<bundled GGUF>)``; ``"minilm"`` -> ``load_encoder(<bundled dir>)``;
     the path of a Llama-style checkpoint (a ``.gguf`` file or a folder with ``config.json``) -> ``load_decoder``.
-    ``tokenizer=False`` (the owner, who never tokenizes) returns None for the tokenizer."""
+    ``tokenizer=False`` (the owner, who never tokenizes) returns None for the tokenizer. ``dtype``: a
+    decoder's weights as float64 copies (default) or as the checkpoint's float32 tensors (the owner's
+    lean load, `load_decoder`); an encoder's are float64 either way."""
     key = name.strip().lower()
     if key == "smollm2":
-        return load_decoder(find_smollm2_gguf(), tokenizer=tokenizer)
+        return load_decoder(find_smollm2_gguf(), tokenizer=tokenizer, dtype=dtype)
     if key == "minilm":
         weights, tok = load_encoder(find_minilm_dir())
         return weights, (tok if tokenizer else None)
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").is_file():
-        return load_decoder(path, tokenizer=tokenizer)
+        return load_decoder(path, tokenizer=tokenizer, dtype=dtype)
     raise ConfigError(
         f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}, or give the path of a "
         "Llama-style checkpoint (.gguf file or folder with config.json)"

@@ -3,7 +3,8 @@
 The owner folds what must stay hidden from the user into the linear layers (the RMSNorm gains
 multiply the rows of the next layer's weight; the attention's 1/sqrt(head_dim) scales W_q), encodes
 every weight in fixed point, and masks it: W~ = W - U with U from the seed it shares with the helper.
-The user receives W~ once (preparation); the helper regenerates U; only the owner holds W.
+The user receives W~ once (preparation); the helper regenerates U; only the owner holds W, as int32
+where it fits (`packed`), and never the whole U (`masked_weight` draws it by row blocks).
 
 Linear layers, by name (x @ W orientation, W of shape (d_in, d_out)):
     L{i}.qkv      hidden -> heads*hd + 2*kv_heads*hd   diag(g_attn) [W_q / sqrt(hd) | W_k | W_v]
@@ -91,35 +92,102 @@ def packed(encoded: torch.Tensor) -> torch.Tensor:
     return encoded.contiguous()
 
 
+MASK_CHUNK_ELEMENTS = 1 << 20
+"""Entries per block when encoding a weight or drawing its mask U (8 MB of int64)."""
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64)
+
+
+def folded_rows(weights):
+    """The owner's folded weights, lazily: yields (name, rows) in `linear_shapes` order, rows(i, j) the
+    float64 rows i:j of W with the norm gains and the attention scale folded in. Every fold scales the
+    rows of W by the gain of its input feature and concatenates columns, so row blocks are exact slices
+    of the whole folded W (float32 sources are widened first: the same float64 values either way)."""
+    arch = DecoderArch.from_config(weights.config)
+    scale = 1.0 / math.sqrt(arch.head_dim)
+    yield "embed", lambda i, j: _f64(weights.embed[i:j])
+    yield "lm_head", lambda i, j: _f64(weights.final_norm[i:j])[:, None] * _f64(weights.lm_head[i:j])
+    for i, layer in enumerate(weights.layers):
+
+        def qkv(a, b, layer=layer):
+            rows = torch.cat([_f64(layer.wq[a:b]) * scale, _f64(layer.wk[a:b]), _f64(layer.wv[a:b])], dim=1)
+            return _f64(layer.attn_norm[a:b])[:, None] * rows
+
+        def gate_up(a, b, layer=layer):
+            pairs = torch.stack([_f64(layer.w_gate[a:b]), _f64(layer.w_up[a:b])], dim=2).reshape(b - a, -1)
+            return _f64(layer.mlp_norm[a:b])[:, None] * pairs
+
+        yield f"L{i}.qkv", qkv
+        yield f"L{i}.o", lambda a, b, layer=layer: _f64(layer.wo[a:b])
+        yield f"L{i}.gate_up", gate_up
+        yield f"L{i}.down", lambda a, b, layer=layer: _f64(layer.w_down[a:b])
+
+
 def folded_float_weights(weights) -> dict[str, torch.Tensor]:
     """The owner's float64 weights with norm gains and the attention scale folded in (name -> W)."""
-    arch = DecoderArch.from_config(weights.config)
-    folded = {"embed": weights.embed, "lm_head": weights.final_norm[:, None] * weights.lm_head}
-    scale = 1.0 / math.sqrt(arch.head_dim)
-    for i, layer in enumerate(weights.layers):
-        qkv = torch.cat([layer.wq * scale, layer.wk, layer.wv], dim=1)
-        folded[f"L{i}.qkv"] = layer.attn_norm[:, None] * qkv
-        folded[f"L{i}.o"] = layer.wo
-        gate_up = torch.stack([layer.w_gate, layer.w_up], dim=2).reshape(arch.hidden, 2 * arch.intermediate)
-        folded[f"L{i}.gate_up"] = layer.mlp_norm[:, None] * gate_up
-        folded[f"L{i}.down"] = layer.w_down
-    return folded
+    shapes = linear_shapes(DecoderArch.from_config(weights.config))
+    return {name: rows(0, shapes[name][0]) for name, rows in folded_rows(weights)}
 
 
-def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight]:
-    """The owner's LinearWeights (local = W encoded and `packed`, mask = U). `progress(n)` is called per weight."""
+def encode_packed(rows, d_in: int, d_out: int, bits: int) -> torch.Tensor:
+    """encode(W, bits), `packed`, from W's float64 row blocks rows(i, j): a block at a time, so no float
+    copy of the whole W is ever made. The same tensor as packed(encode(rows(0, d_in), bits))."""
+    step = max(1, MASK_CHUNK_ELEMENTS // max(d_out, 1))
+    out = torch.empty((d_in, d_out), dtype=torch.int32)
+    for i in range(0, d_in, step):
+        j = min(d_in, i + step)
+        block = encode(rows(i, j), bits)
+        if tuple(block.shape) != (j - i, d_out):
+            raise ValueError(f"folded rows {i}:{j} have shape {tuple(block.shape)}, expected {(j - i, d_out)}")
+        if out.dtype == torch.int32 and block.numel() and int(block.abs().max()) >= INT32_LIMIT:
+            out = out.to(torch.int64)  # once: this weight does not fit in 32 bits
+        out[i:j] = block
+    return out
+
+
+def owner_weights(weights, progress=None, *, release: bool = False) -> dict[str, LinearWeight]:
+    """The owner's LinearWeights (local = W encoded and `packed`; no mask: the owner never needs U
+    online, `masked_weight` derives W - U for the preparation). Folds and encodes one weight at a
+    time, by row blocks. `progress(n)` is called per weight.
+
+    release=True frees the float weights as they are used (sets the fields of `weights` to None: the
+    caller must not use them afterwards): the owner then never holds a float copy of the whole model
+    next to the encoded one."""
     arch = DecoderArch.from_config(weights.config)
     shapes = linear_shapes(arch)
     out = {}
-    for name, w in folded_float_weights(weights).items():
+    for name, rows in folded_rows(weights):
         d_in, d_out, bits = shapes[name]
-        if tuple(w.shape) != (d_in, d_out):
-            raise ValueError(f"{name}: weight has shape {tuple(w.shape)}, expected {(d_in, d_out)}")
-        out[name] = LinearWeight(
-            name, bits, d_in, d_out, local=packed(encode(w, bits)), mask=weight_mask(seed, name, d_in, d_out)
-        )
+        if d_in and rows(d_in, d_in + 1).shape[0] != 0:
+            raise ValueError(f"{name}: weight has more than the expected {d_in} rows")
+        out[name] = LinearWeight(name, bits, d_in, d_out, local=encode_packed(rows, d_in, d_out, bits))
+        if release:
+            _release(weights, name)
         if progress:
             progress(1)
+    return out
+
+
+def _release(weights, name: str) -> None:
+    """Drop the float tensors no later weight needs (after `name` was encoded)."""
+    if name == "lm_head":
+        weights.embed = weights.lm_head = weights.final_norm = None
+    elif name.endswith(".down"):
+        weights.layers[int(name[1 : name.index(".")])] = None
+
+
+def masked_weight(weight: LinearWeight, seed: bytes) -> torch.Tensor:
+    """W - U (int64) for the owner's `weight`, with U drawn from `seed` a row block at a time (the
+    stream of `weight_mask`): the owner never holds the whole U."""
+    d_in, d_out = weight.d_in, weight.d_out
+    prg = Prg(seed, f"weight/{weight.name}")
+    out = torch.empty((d_in, d_out), dtype=torch.int64)
+    step = max(1, MASK_CHUNK_ELEMENTS // max(d_out, 1))
+    for i in range(0, d_in, step):
+        j = min(d_in, i + step)
+        torch.sub(weight.local[i:j].to(torch.int64), prg.int64((j - i, d_out)), out=out[i:j])
     return out
 
 

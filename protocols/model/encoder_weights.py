@@ -32,13 +32,14 @@ import torch
 
 from permllm.fixed import LINEAR_BITS, WEIGHT_BITS, encode
 from protocols.linear import LinearWeight
-from protocols.model.decoder_weights import packed, received_weight, shape_only_weights, weight_mask
+from protocols.model.decoder_weights import masked_weight, packed, received_weight, shape_only_weights, weight_mask
 
 __all__ = [
     "EncoderArch",
     "folded_float_weights",
     "helper_weights",
     "linear_shapes",
+    "masked_weight",
     "owner_weights",
     "user_weight",
     "weight_mask",
@@ -123,8 +124,10 @@ def folded_float_weights(weights) -> dict[str, tuple[torch.Tensor, torch.Tensor 
     return folded
 
 
-def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight]:
-    """The owner's LinearWeights (local = W encoded, mask = U, bias float64). `progress(n)` is called per weight."""
+def owner_weights(weights, progress=None, *, release: bool = False) -> dict[str, LinearWeight]:
+    """The owner's LinearWeights (local = W encoded and `packed`, bias float64; no mask: `masked_weight`
+    derives W - U for the preparation). `progress(n)` is called per weight. release: accepted for the
+    decoder's signature; the encoder (22M parameters) is folded at once and its floats freed by the caller."""
     arch = EncoderArch.from_config(weights.config)
     shapes = linear_shapes(arch)
     out = {}
@@ -141,7 +144,6 @@ def owner_weights(weights, seed: bytes, progress=None) -> dict[str, LinearWeight
             d_in,
             d_out,
             local=packed(encode(w, bits)),
-            mask=weight_mask(seed, name, d_in, d_out),
             bias=None if bias is None else bias.to(torch.float64).contiguous(),
         )
         if progress:
