@@ -62,8 +62,9 @@ class Services:
         from parties.cli import build_parser
 
         folders, users = keys
-        weights = tiny_decoder(seed=4)
-        monkeypatch.setattr(loading, "load_model", lambda name, tokenizer=True: (weights, None))
+        # a fresh copy per load: the owner frees the float weights it has encoded
+        fresh = lambda name, tokenizer=True, dtype=None: (tiny_decoder(seed=4), None)  # noqa: E731
+        monkeypatch.setattr(loading, "load_model", fresh)
         self.front, control = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
         common = ["--timeout", "20", "--setup-timeout", "60", "--users", str(users)]
         common += ["--max-concurrent", str(max_concurrent), "--quiet", "--drain-s", "20"]
