@@ -1,5 +1,6 @@
 """`permllm helper` as a service: connect to the owner's control channel and deal every session it
-announces, until SIGTERM.
+announces, until SIGTERM (with --once: one session, or a timeout error when none is announced within
+--setup-timeout).
 
 Per announced session {"session", "owner_port", "user_host", "user_port", "user_key"} the helper checks
 that the user key is one of its authorised users (under CURVE), connects a channel to the owner's
@@ -11,6 +12,7 @@ authorises), and runs `parties.helper.run_helper` on them in a thread of its own
 from __future__ import annotations
 
 import threading
+import time
 
 import zmq
 
@@ -35,11 +37,17 @@ def serve_helper(args, curve, authorised, log, *, once: bool = False, stop=None)
     if stop is not None:  # a caller in-process stops the service by setting its event
         sessions.stopping = stop
     served = 0
+    started = time.monotonic()
     try:
         while not sessions.stopping.is_set() and not (once and served):
             try:
                 raw = control.recv_bytes("session", max_len=4096, timeout=POLL_S)
             except ChannelTimeout:
+                if once and time.monotonic() - started > args.setup_timeout:
+                    raise ChannelTimeout(
+                        f"timed out: no session announced by the owner at {args.owner} within "
+                        f"{args.setup_timeout:g} s (--setup-timeout); is it running and reachable?"
+                    ) from None
                 continue
             except PeerGone:
                 log("helper: the owner closed its control channel; waiting for it to come back")
