@@ -23,11 +23,10 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from parties.security import fsync_dir
+from parties.security import write_atomically
 from permllm.errors import ConfigError, ProtocolError
 
 LEDGER_VERSION = 1
@@ -124,19 +123,7 @@ class QueryBudget:
 
     def _store(self, keys: dict) -> None:
         data = json.dumps({"version": LEDGER_VERSION, "keys": keys}, indent=1, sort_keys=True).encode("utf-8")
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(self.path.parent)
+        write_atomically(self.path, data, 0o600)  # fsyncs the file, then its folder after the rename
 
 
 class ChargedToPeer:

@@ -80,18 +80,13 @@ def serve_helper(args, curve, authorised, log, *, once: bool = False, stop=None)
 
             sessions.start(tag, run, cleanup)
             served += 1
-        if once and served:
-            sessions.wait_ended(float("inf"))
-        elif not sessions.drain(args.drain_s):
-            log(f"helper: ending {sessions.running} sessions that did not finish in time")
+        sessions.finish(once, served, args.drain_s)
     finally:
         sessions.restore_signals()
         control.close()
         if curve is None:
             terminate_context(context, 15.0, log)
-    if once and sessions.errors:
-        raise next(iter(sessions.errors.values()))
-    return {"role": "helper", "service": True, "sessions": sessions.reports}
+    return sessions.outcome(once)
 
 
 def _order(message: dict, curve, authorised) -> dict:

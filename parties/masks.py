@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from parties.security import write_atomically
 from permllm.errors import ConfigError
 from permllm.prg import fresh_seed
 
@@ -46,18 +46,8 @@ def masked_digest(items) -> str:
     return digest.hexdigest()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_private(path: Path, data) -> None:
+    write_atomically(path, data, 0o600)
 
 
 def _private_folder(folder: Path) -> Path:
@@ -142,17 +132,8 @@ class MaskedCache:
     def store(self, key: tuple, arrays: dict, digest: str) -> None:
         data_path, meta_path = self._paths(key)
         meta_path.unlink(missing_ok=True)  # never a description of bytes that are not there yet
-        tmp = data_path.with_name(f".{data_path.name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for array in arrays.values():
-                    f.write(memoryview(np.ascontiguousarray(array, dtype=np.int64)).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, data_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_private(
+            data_path, (memoryview(np.ascontiguousarray(a, dtype=np.int64)).cast("B") for a in arrays.values())
+        )
         meta = {"key": list(map(str, key)), "shapes": [list(a.shape) for a in arrays.values()], "digest": digest}
         _write_private(meta_path, json.dumps(meta).encode())

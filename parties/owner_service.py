@@ -116,12 +116,7 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
             door.reply(request.identity, {"session": tag, "user_port": port_of(raw_user.endpoint)})
             log(f"owner: session {tag} for user key {key[:12]}... started ({sessions.running} running)")
             served += 1
-        if once and served:
-            sessions.wait_ended(float("inf"))
-        else:
-            log(f"owner: stopping; waiting up to {args.drain_s:g} s for {sessions.running} running sessions")
-            if not sessions.drain(args.drain_s):
-                log(f"owner: ending {sessions.running} sessions that did not finish in time")
+        sessions.finish(once, served, args.drain_s)
     finally:
         sessions.restore_signals()
         door.close()
@@ -129,9 +124,7 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
             control.close()
         if curve is None:
             terminate_context(context, 15.0, log)
-    if once and sessions.errors:
-        raise next(iter(sessions.errors.values()))
-    return {"role": "owner", "service": True, "sessions": sessions.reports}
+    return sessions.outcome(once)
 
 
 def _server(curve, domain: str, context) -> dict:

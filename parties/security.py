@@ -39,18 +39,21 @@ def generate_keypair(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]
     out.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.curve_keypair()
     secret_path, public_path = out / f"{name}.key", out / f"{name}.pub"
-    _write_atomically(secret_path, secret + b"\n", 0o600)
-    _write_atomically(public_path, public + b"\n", 0o644)
+    write_atomically(secret_path, secret + b"\n", 0o600)
+    write_atomically(public_path, public + b"\n", 0o644)
     return secret_path, public_path
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data, mode: int) -> None:
+    """Write `data` (bytes, or an iterable of buffers written in order) to `path` with exactly `mode`:
+    a fresh temporary file (O_EXCL), fsynced, then renamed over `path`; removed again on failure."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)  # the umask may only have narrowed it; 0644 for a public key is deliberate
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

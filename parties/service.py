@@ -15,11 +15,12 @@ session's entry is {"session": TAG, "error": TEXT}.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
+from pathlib import Path
 
+from parties.security import write_atomically
 from permllm.errors import ConfigError
 
 DEFAULT_MAX_CONCURRENT = 2
@@ -111,20 +112,28 @@ class Sessions:
             time.sleep(0.05)
         return not self.running
 
-    def wait_ended(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while self.running and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def finish(self, once: bool, served: int, drain_s: float) -> None:
+        """After the accept loop: with `once`, wait for the one session served; otherwise give the running
+        sessions up to `drain_s` seconds (the caller then ends the rest by closing their context)."""
+        if once and served:
+            self.drain(float("inf"))
+            return
+        self.log(f"{self.role}: stopping; waiting up to {drain_s:g} s for {self.running} running sessions")
+        if not self.drain(drain_s):
+            self.log(f"{self.role}: ending {self.running} sessions that did not finish in time")
+
+    def outcome(self, once: bool) -> dict:
+        """The service report; with `once`, the served session's error is raised instead."""
+        if once and self.errors:
+            raise next(iter(self.errors.values()))
+        return self.report()
+
+    def report(self) -> dict:
+        return {"role": self.role, "service": True, "sessions": self.reports}
 
     def _write_report(self) -> None:
-        if not self.report_path:
-            return
-        data = json.dumps({"role": self.role, "service": True, "sessions": self.reports}, indent=2).encode()
-        tmp = f"{self.report_path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.report_path)
+        if self.report_path:
+            write_atomically(Path(self.report_path), json.dumps(self.report(), indent=2).encode(), 0o600)
 
 
 def terminate_context(context, seconds: float, log) -> None:
