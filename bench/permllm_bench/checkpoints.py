@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,18 +233,9 @@ COMMAND = MakeCheckpointCommand()
 
 def main(argv=None) -> int:
     """`python -m permllm_bench.checkpoints ...`: the same command without the `permllm` front end."""
-    import argparse
+    from permllm_bench.standalone import run_standalone
 
-    from permllm.errors import PermLLMError
-
-    parser = argparse.ArgumentParser(prog="permllm make-checkpoint", description=COMMAND.description)
-    COMMAND.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return COMMAND.run(args)
-    except PermLLMError as exc:
-        print(f"permllm make-checkpoint: error: {exc}", file=sys.stderr)
-        return 2
+    return run_standalone(COMMAND, "permllm make-checkpoint", argv)
 
 
 if __name__ == "__main__":

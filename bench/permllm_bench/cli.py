@@ -37,7 +37,7 @@ from pathlib import Path
 
 from permllm_bench.config import SCALING_WINDOW, SCHEMA, add_arguments, config_from_args
 from permllm_bench.cost_model import bfv_token_bytes, complete_summary, curve_cost, permllm_cost
-from permllm_bench.model_choice import OUTSIDE_FLIGHTS_DEFAULT, decoder_source, describe_model
+from permllm_bench.model_choice import decoder_source, describe_model, shape_of
 from permllm_bench.report import format_table, results_markdown
 from permllm_bench.sessions import loadavg, machine_info, run_session, say
 
@@ -61,31 +61,9 @@ COMMAND = BenchCommand()
 
 def main(argv=None) -> int:
     """`python -m permllm_bench.cli ...`: the same command without the `permllm` front end."""
-    import argparse
+    from permllm_bench.standalone import run_standalone
 
-    from permllm.errors import PermLLMError
-
-    parser = argparse.ArgumentParser(prog="permllm bench", description=COMMAND.description)
-    COMMAND.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return COMMAND.run(args)
-    except PermLLMError as exc:
-        print(f"permllm bench: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _model_shape(arch) -> dict:
-    return {
-        "hidden": arch.hidden,
-        "layers": arch.layers,
-        "heads": arch.heads,
-        "kv_heads": arch.kv_heads,
-        "head_dim": arch.head_dim,
-        "intermediate": arch.intermediate,
-        "vocab": arch.vocab,
-        "outside_flights_default": OUTSIDE_FLIGHTS_DEFAULT,
-    }
+    return run_standalone(COMMAND, "permllm bench", argv)
 
 
 def _command_line() -> str:
@@ -192,7 +170,7 @@ def run_bench(args) -> int:
             prepared = prepare_model(weights)
             del weights
             arch = prepared.arch
-            summary["model"] = _model_shape(arch)
+            summary["model"] = shape_of(arch)
             if "breakdown" in cfg.parts:
                 say("breakdown of a decode step by layer part (in-process, no delay)")
                 run = run_generation(

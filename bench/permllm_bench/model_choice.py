@@ -9,6 +9,7 @@ from pathlib import Path
 from permllm.errors import ConfigError
 from permllm_bench.checkpoints import synthetic_entry
 from permllm_bench.config import MODEL, MODEL_LABEL
+from protocols.model.decoder_weights import DecoderArch
 
 # flights of a decode step outside the layers when no breakdown was measured (cost_model.complete_summary)
 OUTSIDE_FLIGHTS_DEFAULT = 6
@@ -47,16 +48,16 @@ def parameter_count(cfg) -> int:
     return cfg.num_layers * per_layer + embed + h
 
 
-def shape_of(cfg) -> dict:
-    """The bench summary's "model" entry of a DecoderConfig."""
+def shape_of(arch) -> dict:
+    """The bench summary's "model" entry of a DecoderArch (`DecoderArch.from_config` of a checkpoint)."""
     return {
-        "hidden": cfg.hidden_size,
-        "layers": cfg.num_layers,
-        "heads": cfg.num_heads,
-        "kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate": cfg.intermediate_size,
-        "vocab": cfg.vocab_size,
+        "hidden": arch.hidden,
+        "layers": arch.layers,
+        "heads": arch.heads,
+        "kv_heads": arch.kv_heads,
+        "head_dim": arch.head_dim,
+        "intermediate": arch.intermediate,
+        "vocab": arch.vocab,
         "outside_flights_default": OUTSIDE_FLIGHTS_DEFAULT,
     }
 
@@ -83,6 +84,6 @@ def describe_model(spec: str) -> dict:
         "spec": spec,
         "label": f"{label}, {params / 1e6:.0f}M parameters",
         "parameters": params,
-        "shape": shape_of(cfg),
+        "shape": shape_of(DecoderArch.from_config(cfg)),
         "synthetic": synthetic,
     }
