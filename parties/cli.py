@@ -2,6 +2,7 @@
 
 permllm demo                          owner, user and helper as three processes on this machine
 permllm bench                         token-latency benchmarks under simulated networks
+permllm make-checkpoint --shape S     a seeded random-weight checkpoint of a bigger model's shape
 permllm keygen --role ROLE --out keys this machine's CURVE key pair (run once on each machine)
 permllm owner --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
 permllm user  --keys keys --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt-file q.txt

@@ -156,7 +156,11 @@ def _add_debug(p):
 def _role_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     """The subcommand of one role, its epilog showing the three roles on separate machines."""
     return sub.add_parser(
-        name, help=help_text, epilog=TWO_MACHINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        name,
+        help=help_text,
+        epilog=TWO_MACHINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
 
 
@@ -196,11 +200,14 @@ def _add_role_output(p):
 def build_parser() -> argparse.ArgumentParser:
     from parties.security import ROLES
 
-    parser = argparse.ArgumentParser(prog="permllm", description="Private two-party LLM inference (PermLLM-style).")
+    parser = argparse.ArgumentParser(
+        prog="permllm", description="Private two-party LLM inference (PermLLM-style).", allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
         "demo",
+        allow_abbrev=False,
         help="run owner, user and helper as three local processes",
         description="Starts owner, user and helper as separate processes talking ZeroMQ over "
         "loopback, asks the model a question privately and prints a summary.",
@@ -224,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = sub.add_parser(
         "keygen",
+        allow_abbrev=False,
         help="write this machine's CURVE key pair for one role",
         description="Writes ROLE.key (secret, mode 0600) and ROLE.pub (mode 0644) into --out. Run it on the "
         "machine of that role; copy only ROLE.pub to the other two.",
@@ -232,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", required=True, help="folder to write the keys into")
 
     for name, command in plugin_commands().items():
-        plugin = sub.add_parser(name, help=command.help, description=command.description)
+        plugin = sub.add_parser(name, help=command.help, description=command.description, allow_abbrev=False)
         command.add_arguments(plugin)
         plugin.set_defaults(plugin_command=command)
 

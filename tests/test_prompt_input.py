@@ -177,3 +177,17 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
     monkeypatch.setenv("PERMLLM_DEBUG", "1")
     assert main(["keygen", "--role", "user", "--out", str(tmp_path)]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["helper", "--keys", "k", "--owner", "tcp://127.0.0.1:1", "--user", "u"],  # not --users
+        ["demo", "--session", "2"],  # not --sessions
+        ["owner", "--keys", "k", "--listen-user", "tcp://*:1", "--listen-helper", "tcp://*:2", "--max-conc", "3"],
+    ],
+)
+def test_an_abbreviated_option_is_refused_not_guessed(argv, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "unrecognized arguments" in capsys.readouterr().err

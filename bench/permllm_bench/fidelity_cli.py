@@ -32,7 +32,9 @@ def select_prompts(spec: str, count: int) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m permllm_bench.fidelity", description="Secure vs plaintext generation of SmolLM2-135M-Instruct."
+        prog="python -m permllm_bench.fidelity",
+        description="Secure vs plaintext generation of SmolLM2-135M-Instruct.",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--prompts", default="all", help="'all' (FIDELITY_PROMPTS), N (the first N) or indices like '0,5,24-27'"

@@ -73,7 +73,9 @@ def scale_markdown(summaries: list[dict], pending: list[tuple[str, str]] = ()) -
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m permllm_bench.scale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m permllm_bench.scale", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("summaries", nargs="+", metavar="JSON", help="`permllm bench --json` files, one per model")
     parser.add_argument(
         "--pending", action="append", default=[], metavar="MODEL=WHY", help="a model not yet run, and why"

@@ -10,7 +10,7 @@ from permllm.errors import PermLLMError
 
 def run_standalone(command, prog: str, argv=None) -> int:
     """Parse `argv` with `command.add_arguments` and run it; a PermLLMError exits 2 with its message."""
-    parser = argparse.ArgumentParser(prog=prog, description=command.description)
+    parser = argparse.ArgumentParser(prog=prog, description=command.description, allow_abbrev=False)
     command.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
