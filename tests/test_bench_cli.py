@@ -345,13 +345,29 @@ def test_results_page_names_date_machine_command_and_embeds_the_plot(tmp_path):
     assert report.format_table(s) in page
 
 
-def test_results_page_links_the_scale_page_when_it_is_there(tmp_path, monkeypatch):
-    page = tmp_path / "SCALE.md"
+def test_results_page_carries_the_model_size_table_when_runs_are_there(tmp_path, monkeypatch):
+    from permllm_bench import scale
+
+    page, runs = tmp_path / "SCALE.md", tmp_path / "results"
+    runs.mkdir()
     monkeypatch.setattr(report, "SCALE_PAGE", page)
-    assert "SCALE.md" not in report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
+    monkeypatch.setattr(report, "SCALE_RUNS", runs)
     page.write_text("x")
+    assert "Model size" not in report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
+    small, big = fabricated_summary(), fabricated_summary()
+    small["scenario"].update(model="small, 1M parameters", parameters=1_000_000)
+    big["scenario"].update(model="big, 9M parameters", parameters=9_000_000)
+    (runs / "scale-a.json").write_text(json.dumps(big))  # sorted by size, not by file name
+    (runs / "scale-b.json").write_text(json.dumps(small))
     text = report.results_markdown(fabricated_summary(), str(tmp_path / "RESULTS.md"), None, None)
-    assert "[SCALE.md](SCALE.md)" in text
+    assert "## Model size" in text and "[SCALE.md](SCALE.md)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| small") or line.startswith("| big")]
+    assert [r.split("|")[1].strip() for r in rows] == ["small", "big"]
+    # the section is rewritten in place, and appended to a page without one
+    old = text.replace("| big", "| stale")
+    new = scale.update_section(old, scale.scale_section([small]))
+    assert "stale" not in new and new.count(scale.SECTION_START) == 1 and new.startswith(old[:40])
+    assert scale.update_section("# page\n", "S") == "# page\n\nS\n"
 
 
 def test_scale_table_has_a_row_per_model_and_the_pending_ones(tmp_path, capsys):

@@ -10,8 +10,10 @@ from permllm_bench.config import MODEL_LABEL
 from permllm_bench.cost_model import CURVE_FIGURES, RATIO_LIMIT
 from permllm_bench.tables import fmt_bytes, fmt_num, fmt_ratio, fmt_s, fmt_signed_s, grid
 
-# the hand-written model-size page (bench/SCALE.md), linked from the results page when it is there
+# the model-size notes (bench/SCALE.md) and the summaries of its runs (bench/results/scale-*.json), whose
+# table the results page carries when they are there
 SCALE_PAGE = Path(__file__).resolve().parent.parent / "SCALE.md"
+SCALE_RUNS = Path(__file__).resolve().parent.parent / "results"
 
 
 def mbit_label(p) -> str:
@@ -261,10 +263,10 @@ def results_markdown(summary: dict, path: str, plot_path: str | None, json_path:
         lines += [f"![decode seconds per token against RTT, with the floor]({link(plot_path)})", ""]
     if json_path:
         lines += [f"Every figure, as JSON: [{os.path.basename(json_path)}]({link(json_path)}).", ""]
-    if SCALE_PAGE.is_file():
-        lines += [
-            f"Bigger models (`permllm bench --model`, synthetic checkpoints): [SCALE.md]({link(SCALE_PAGE)}).",
-            "",
-        ]
     lines += ["```text", format_table(summary), "```", ""]
+    runs = sorted(SCALE_RUNS.glob("scale-*.json"))
+    if runs and SCALE_PAGE.is_file():
+        from permllm_bench.scale import read_summaries, scale_section
+
+        lines += [scale_section(read_summaries(runs), notes=link(SCALE_PAGE)), ""]
     return "\n".join(lines)

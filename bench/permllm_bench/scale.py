@@ -1,7 +1,8 @@
-"""The model-size table of bench/SCALE.md: one row per `permllm bench --json` summary (one model each),
-with the three-process figures that grow with the model.
+"""The model-size table (bench/RESULTS.md's "Model size" section, notes in bench/SCALE.md): one row per
+`permllm bench --json` summary (one model each), with the three-process figures that grow with the model.
 
     python -m permllm_bench.scale 135m.json 360m.json [--pending "SmolLM2-1.7B shape=why"]
+    python -m permllm_bench.scale bench/results/scale-*.json --update bench/RESULTS.md
 
 A row: the model (the bench's label), its parameters, decode s/token under 'none' and 'wan' (the median of
 the session's decode steps), online bytes per generated token (both directions, the 'none' session),
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from permllm_bench.tables import fmt_bytes, fmt_s
 
@@ -70,6 +72,44 @@ def scale_markdown(summaries: list[dict], pending: list[tuple[str, str]] = ()) -
     return "\n".join(lines)
 
 
+SECTION_START, SECTION_END = "<!-- model-size -->", "<!-- /model-size -->"
+
+
+def scale_section(summaries: list[dict], pending: list[tuple[str, str]] = (), notes: str = "SCALE.md") -> str:
+    """The results page's "Model size" section, between markers that `update_section` finds again."""
+    ordered = sorted(summaries, key=lambda s: (s.get("scenario") or {}).get("parameters") or 0)
+    return "\n".join(
+        [
+            SECTION_START,
+            "## Model size",
+            "",
+            "`permllm bench --model PATH --quick --profiles none,wan` per model, three processes over ZeroMQ "
+            f"with CURVE; the bigger shapes are seeded random-weight checkpoints. How, and what else was "
+            f"measured: [{Path(notes).name}]({notes}).",
+            "",
+            scale_markdown(ordered, pending),
+            SECTION_END,
+        ]
+    )
+
+
+def update_section(page: str, section: str) -> str:
+    """`page` with its model-size section replaced by `section` (appended when it has none)."""
+    start, end = page.find(SECTION_START), page.find(SECTION_END)
+    if start < 0 or end < start:
+        return page.rstrip("\n") + "\n\n" + section + "\n"
+    return page[:start] + section + page[end + len(SECTION_END) :]
+
+
+def read_summaries(paths) -> list[dict]:
+    """The JSON summaries at `paths` (OSError or ValueError for one that cannot be read)."""
+    summaries = []
+    for path in paths:
+        with open(path) as f:
+            summaries.append(json.load(f))
+    return summaries
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -80,17 +120,21 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--pending", action="append", default=[], metavar="MODEL=WHY", help="a model not yet run, and why"
     )
+    parser.add_argument(
+        "--update", default=None, metavar="PAGE", help="rewrite the model-size section of this page (bench/RESULTS.md)"
+    )
     args = parser.parse_args(argv)
-    summaries = []
-    for path in args.summaries:
-        try:
-            with open(path) as f:
-                summaries.append(json.load(f))
-        except (OSError, ValueError) as exc:
-            print(f"{parser.prog}: error: cannot read {path}: {exc}", file=sys.stderr)
-            return 2
+    try:
+        summaries = read_summaries(args.summaries)
+        page = None if args.update is None else Path(args.update).read_text()
+    except (OSError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     pending = [tuple(item.split("=", 1)) if "=" in item else (item, "") for item in args.pending]
-    print(scale_markdown(summaries, pending))
+    if page is None:
+        print(scale_markdown(summaries, pending))
+    else:
+        Path(args.update).write_text(update_section(page, scale_section(summaries, pending)))
     return 0
 
 
