@@ -190,8 +190,12 @@ class ExtensionChooser:
         u = np.empty((BASE_OTS, nbytes), dtype=np.uint8)
         for i in range(BASE_OTS):
             t[i] = _stream(self._keys0[i], batch, i, nbytes)
-            u[i] = t[i] ^ _stream(self._keys1[i], batch, i, nbytes) ^ packed
+            u[i] = t[i] ^ self._second(i, batch, nbytes) ^ packed
         return u.tobytes(), _transpose(t, m)
+
+    def _second(self, i: int, batch: int, nbytes: int) -> np.ndarray:
+        """G(K_i^1), the stream that hides the choices in u_i."""
+        return _stream(self._keys1[i], batch, i, nbytes)
 
 
 class ExtensionSender:

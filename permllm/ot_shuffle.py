@@ -131,12 +131,11 @@ class ShuffleClient:
             raise ProtocolError(f"shuffle query shapes {theirs} differ from the inputs {shapes}")
         m = sum(switch_count(n) for n, _ in shapes)
         rows = self._ext.extend(query[1], m, batch)
-        secret = self._ext.secret
         messages, shares, first, block = [], [], 0, 0
         for a in inputs:
             c, net = a.shape[1], network(a.shape[0])
             mine = rows[first : first + net.switches]
-            pad0, pad1 = _pads(mine, c, batch, block), _pads(mine ^ secret, c, batch, block)
+            pad0, pad1 = self._pad_pair(mine, c, batch, block)
             values = np.ascontiguousarray(a.numpy()).view(np.uint64)
             out, y = sender_pass(net.in0, net.in1, net.out0, net.out1, net.outputs, values, net.wires, pad0, pad1)
             messages.append(y.tobytes())
@@ -144,6 +143,10 @@ class ShuffleClient:
             first, block = first + net.switches, block + net.switches * c
         self._batch += 1
         return [_HEAD.pack(b"PLSR", _VERSION, batch, len(inputs)), b"".join(messages)], shares
+
+    def _pad_pair(self, rows: np.ndarray, c: int, batch: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Both pads of each switch's OT: p0 from q_l, p1 from q_l ^ s."""
+        return _pads(rows, c, batch, block), _pads(rows ^ self._ext.secret, c, batch, block)
 
 
 def _check_input(a, i: int) -> torch.Tensor:
