@@ -9,25 +9,28 @@ for any permutation (segment permutations included), several of them (pi and pi^
 permutation of a layer) in one batch. Mohassel and Sadeghian's oblivious switching network (2013) on
 the Waksman-style network of permllm.switching, with one OT per switch (permllm.ot, IKNP over AES):
 
-- every wire w has a user mask r_w and an owner value z_w with z_w + r_w = the value on w; on the
-  input wires r = a and z = 0 (a itself is the mask: nothing is sent for the inputs);
-- a switch with inputs (w0, w1), outputs (o0, o1) and the owner's bit e is one OT with choice e; the
-  user holds both pads (p0, p1), each 2 x c ring elements, the owner p_e. The user sets
-  r_o0 = r_w0 - p0[0], r_o1 = r_w1 - p0[1], so m0 = (r_w0 - r_o0, r_w1 - r_o1) is p0 itself, and
-  sends y = m1 - p1 with m1 = (r_w1 - r_o0, r_w0 - r_o1). The owner takes m_e (p0, or y + p1) and
-  sets z_o0 = z_{w_e} + m_e[0], z_o1 = z_{w_{1-e}} + m_e[1];
+- every wire w has a user mask r_w and an owner value z_w with z_w + r_w = the value v_w on w; on the
+  input wires the user draws r = rho uniform and sends z = a - rho;
+- a switch with inputs (w0, w1), outputs (o0, o1) and the owner's bit e computes
+  v_o0 = v_w0 + e D, v_o1 = v_w1 - e D with D = v_w1 - v_w0 = (z_w1 - z_w0) + delta,
+  delta = r_w1 - r_w0: one OT with choice e for the product e delta. The user holds both pads
+  (p0, p1) of c ring elements, the owner p_e; the user sends y = delta + p0 - p1, so the owner's
+  X_e = p0 (e = 0) or y + p1 (e = 1) is e delta + p0. The owner adds x = e (z_w1 - z_w0) + X_e to
+  z_w0 and subtracts it from z_w1; the user sets r_o0 = r_w0 - p0, r_o1 = r_w1 + p0;
 - at the outputs the owner holds b = z_out = pi(a) - r_out and the user r_out = pi(a) - b.
 
 What each side sees: the user only U of the extension (pseudo-random without the owner's base keys),
-so nothing of pi; the owner its pads and y, each y masked by the pad it does not hold (p1 when e = 0;
-p0 inside m1 when e = 1), so nothing of a, and b is uniform.
+so nothing of pi; the owner a - rho (uniform), its pads and y, each y masked by the pad it does not
+hold (p1 when e = 0, p0 when e = 1), so nothing of a. Every switch is a bijection of its two owner
+values plus a pad, so b is uniform because a - rho is (a switch alone keeps the sum of its two
+values: without the masked input, b would sum to zero).
 
 Messages and flights (S(n) switches, m = sum of S(n_i) over the batch)::
 
     once:  user -> owner base request (7 + 128 x 384 bytes); owner -> user base reply (7 + 384 bytes),
            which travels with the first query
     batch: owner -> user query [header (13 + 8 k bytes), U (128 ceil(m / 8) bytes)]
-           user -> owner reply [header (13 bytes), y (sum 16 c_i S(n_i) bytes)]
+           user -> owner reply [header (13 bytes), a - rho (sum 8 c_i n_i bytes), y (sum 8 c_i S(n_i))]
 
 one round trip per batch. Every size is checked against the shapes before anything is decoded.
 """
@@ -64,7 +67,7 @@ def query_bytes(shapes) -> int:
 
 def reply_bytes(shapes) -> int:
     """Bytes of a reply for permutations of these (n, c)."""
-    return _HEAD.size + sum(16 * c * switch_count(n) for n, c in shapes)
+    return _HEAD.size + sum(8 * c * (n + switch_count(n)) for n, c in shapes)
 
 
 def _check_shapes(shapes) -> None:
@@ -77,12 +80,12 @@ def _check_shapes(shapes) -> None:
         raise ConfigError(f"the batch needs more than {MAX_OTS} switches")
 
 
-def _head(msg, magic: bytes, what: str) -> tuple[int, int, bytes]:
-    """(batch, count, rest of the header) of a two-part message."""
-    if not isinstance(msg, (list, tuple)) or len(msg) != 2:
-        raise ProtocolError(f"{what} must be a list of two byte strings")
+def _head(msg, magic: bytes, what: str, parts: int = 2) -> tuple[int, int, bytes]:
+    """(batch, count, rest of the header) of a message of ``parts`` byte strings."""
+    if not isinstance(msg, (list, tuple)) or len(msg) != parts:
+        raise ProtocolError(f"{what} must be a list of {parts} byte strings")
     if not all(isinstance(p, (bytes, bytearray, memoryview)) for p in msg):
-        raise ProtocolError(f"{what} must be a list of two byte strings")
+        raise ProtocolError(f"{what} must be a list of {parts} byte strings")
     head = bytes(msg[0])
     if len(head) < _HEAD.size:
         raise ProtocolError(f"{what} header has {len(head)} bytes, shorter than {_HEAD.size}")
@@ -92,16 +95,24 @@ def _head(msg, magic: bytes, what: str) -> tuple[int, int, bytes]:
     return batch, count, head[_HEAD.size :]
 
 
+def _blocks(c: int) -> int:
+    """Hash blocks of one pad of c ring elements."""
+    return (c + 1) // 2
+
+
 def _pads(rows: np.ndarray, c: int, batch: int, block: int) -> np.ndarray:
-    """(S, 2, c) uint64 ring pads from OT rows (S, 16)."""
-    return tccr(rows, c, batch, block).view("<u8").reshape(rows.shape[0], 2, c).astype(np.uint64, copy=False)
+    """(S, c) uint64 ring pads from OT rows (S, 16)."""
+    words = tccr(rows, _blocks(c), batch, block).view("<u8").reshape(rows.shape[0], 2 * _blocks(c))
+    return np.ascontiguousarray(words[:, :c]).astype(np.uint64, copy=False)
 
 
 class ShuffleClient:
     """User side: answers the owner's queries with its inputs a, reads pi(a) - b."""
 
     def __init__(self, *, seed: bytes | None = None) -> None:
-        self._base = BaseReceiver(Prg(fresh_seed() if seed is None else seed, "ot_shuffle/user/base"))
+        seed = fresh_seed() if seed is None else seed
+        self._base = BaseReceiver(Prg(seed, "ot_shuffle/user/base"))
+        self._masks = Prg(seed, "ot_shuffle/user/inputs")
         self._ext: ExtensionSender | None = None
         self._batch = 0
 
@@ -131,18 +142,23 @@ class ShuffleClient:
             raise ProtocolError(f"shuffle query shapes {theirs} differ from the inputs {shapes}")
         m = sum(switch_count(n) for n, _ in shapes)
         rows = self._ext.extend(query[1], m, batch)
-        messages, shares, first, block = [], [], 0, 0
+        masked, messages, shares, first, block = [], [], [], 0, 0
         for a in inputs:
-            c, net = a.shape[1], network(a.shape[0])
+            (n, c), net = a.shape, network(a.shape[0])
             mine = rows[first : first + net.switches]
             pad0, pad1 = self._pad_pair(mine, c, batch, block)
-            values = np.ascontiguousarray(a.numpy()).view(np.uint64)
-            out, y = sender_pass(net.in0, net.in1, net.out0, net.out1, net.outputs, values, net.wires, pad0, pad1)
+            rho = self._input_mask(n, c)
+            masked.append((a.numpy().view(np.uint64) - rho).tobytes())
+            out, y = sender_pass(net.in0, net.in1, net.out0, net.out1, net.outputs, rho, net.wires, pad0, pad1)
             messages.append(y.tobytes())
             shares.append(torch.from_numpy(out.view(np.int64)))
-            first, block = first + net.switches, block + net.switches * c
+            first, block = first + net.switches, block + net.switches * _blocks(c)
         self._batch += 1
-        return [_HEAD.pack(b"PLSR", _VERSION, batch, len(inputs)), b"".join(messages)], shares
+        return [_HEAD.pack(b"PLSR", _VERSION, batch, len(inputs)), b"".join(masked), b"".join(messages)], shares
+
+    def _input_mask(self, n: int, c: int) -> np.ndarray:
+        """rho (n, c) uniform: the user's masks on the input wires."""
+        return self._masks.uint64(n * c).reshape(n, c)
 
     def _pad_pair(self, rows: np.ndarray, c: int, batch: int, block: int) -> tuple[np.ndarray, np.ndarray]:
         """Both pads of each switch's OT: p0 from q_l, p1 from q_l ^ s."""
@@ -189,7 +205,7 @@ class ShuffleServer:
         pads, first, block = [], 0, 0
         for net, (_, c) in zip(nets, shapes):
             pads.append(_pads(rows[first : first + net.switches], c, batch, block))
-            first, block = first + net.switches, block + net.switches * c
+            first, block = first + net.switches, block + net.switches * _blocks(c)
         self._pending[batch] = [shapes, nets, bits, pads]
         self._batch += 1
         head = _HEAD.pack(b"PLSQ", _VERSION, batch, len(shapes)) + np.array(shapes, dtype="<u4").tobytes()
@@ -197,19 +213,22 @@ class ShuffleServer:
 
     def finish(self, reply) -> list[torch.Tensor]:
         """The owner's b_i (n_i, c_i) torch.int64, uniform, for the query the reply answers."""
-        batch, count, rest = _head(reply, b"PLSR", "shuffle reply")
+        batch, count, rest = _head(reply, b"PLSR", "shuffle reply", parts=3)
         if batch not in self._pending or rest:
             raise ProtocolError(f"shuffle reply for batch {batch}, which no query is waiting for")
         shapes, nets, bits, pads = self._pending[batch]
-        expected = reply_bytes(shapes) - _HEAD.size
-        if count != len(shapes) or len(reply[1]) != expected:
-            raise ProtocolError(f"shuffle reply has {count} parts of {len(reply[1])} bytes, expected {expected}")
+        sizes = (8 * sum(n * c for n, c in shapes), 8 * sum(c * net.switches for (_, c), net in zip(shapes, nets)))
+        if count != len(shapes) or (len(reply[1]), len(reply[2])) != sizes:
+            got = (len(reply[1]), len(reply[2]))
+            raise ProtocolError(f"shuffle reply has {count} permutations of {got} bytes, expected {sizes}")
         del self._pending[batch]
-        y_all = np.frombuffer(bytes(reply[1]), dtype="<u8").astype(np.uint64, copy=False)
-        out, first = [], 0
+        z_all = np.frombuffer(bytes(reply[1]), dtype="<u8").astype(np.uint64, copy=False)
+        y_all = np.frombuffer(bytes(reply[2]), dtype="<u8").astype(np.uint64, copy=False)
+        out, first_z, first_y = [], 0, 0
         for (n, c), net, e, pad in zip(shapes, nets, bits, pads):
-            y = y_all[first : first + 2 * c * net.switches].reshape(net.switches, 2, c)
-            z = chooser_pass(net.in0, net.in1, net.out0, net.out1, net.outputs, n, net.wires, e, pad, y)
+            z_in = z_all[first_z : first_z + n * c].reshape(n, c)
+            y = y_all[first_y : first_y + c * net.switches].reshape(net.switches, c)
+            z = chooser_pass(net.in0, net.in1, net.out0, net.out1, net.outputs, z_in, net.wires, e, pad, y)
             out.append(torch.from_numpy(z.view(np.int64)))
-            first += 2 * c * net.switches
+            first_z, first_y = first_z + n * c, first_y + c * net.switches
         return out

@@ -224,40 +224,40 @@ def apply(net: Network, bits: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def sender_pass(in0, in1, out0, out1, outputs, a, wires, pad0, pad1):
-    """User: wire masks r (inputs r = a, r_out = r_in - pad0) and the message y = m1 - pad1 per switch,
-    m1 = (r_in1 - r_out0, r_in0 - r_out1). pads (S, 2, c) uint64. Returns (r at the outputs, y)."""
-    r = np.empty((wires, a.shape[1]), dtype=np.uint64)
-    r[: a.shape[0]] = a
+def sender_pass(in0, in1, out0, out1, outputs, rho, wires, pad0, pad1):
+    """User: wire masks r (inputs r = rho; a switch sets r_out0 = r_in0 - p0, r_out1 = r_in1 + p0) and
+    the message y = delta + p0 - p1, delta = r_in1 - r_in0. pads (S, c) uint64. Returns (r at the
+    outputs, y (S, c))."""
+    c = rho.shape[1]
+    r = np.empty((wires, c), dtype=np.uint64)
+    r[: rho.shape[0]] = rho
     y = np.empty_like(pad0)
     for s in range(in0.shape[0]):
-        for ch in range(a.shape[1]):
-            r[out0[s], ch] = r[in0[s], ch] - pad0[s, 0, ch]
-            r[out1[s], ch] = r[in1[s], ch] - pad0[s, 1, ch]
-            y[s, 0, ch] = r[in1[s], ch] - r[out0[s], ch] - pad1[s, 0, ch]
-            y[s, 1, ch] = r[in0[s], ch] - r[out1[s], ch] - pad1[s, 1, ch]
-    out = np.empty((outputs.shape[0], a.shape[1]), dtype=np.uint64)
+        for ch in range(c):
+            y[s, ch] = r[in1[s], ch] - r[in0[s], ch] + pad0[s, ch] - pad1[s, ch]
+            r[out0[s], ch] = r[in0[s], ch] - pad0[s, ch]
+            r[out1[s], ch] = r[in1[s], ch] + pad0[s, ch]
+    out = np.empty((outputs.shape[0], c), dtype=np.uint64)
     for j in range(outputs.shape[0]):
         out[j] = r[outputs[j]]
     return out, y
 
 
 @numba.njit(cache=True)
-def chooser_pass(in0, in1, out0, out1, outputs, n, wires, bits, pad, y):
-    """Owner: wire values z (inputs 0), z_out = z_in(crossed by the bit) + m_bit with m_0 = pad,
-    m_1 = y + pad. Returns z at the outputs (n, c)."""
-    c = pad.shape[2]
-    z = np.zeros((wires, c), dtype=np.uint64)
+def chooser_pass(in0, in1, out0, out1, outputs, z_in, wires, bits, pad, y):
+    """Owner: wire values z (inputs z_in); a switch with bit e adds x = e (z_in1 - z_in0) + X_e to
+    z_in0 and subtracts it from z_in1, X_0 = p0, X_1 = y + p1 (its pad p_e). Returns z at the outputs."""
+    c = z_in.shape[1]
+    z = np.empty((wires, c), dtype=np.uint64)
+    z[: z_in.shape[0]] = z_in
     for s in range(in0.shape[0]):
-        if bits[s]:
-            for ch in range(c):
-                z[out0[s], ch] = z[in1[s], ch] + y[s, 0, ch] + pad[s, 0, ch]
-                z[out1[s], ch] = z[in0[s], ch] + y[s, 1, ch] + pad[s, 1, ch]
-        else:
-            for ch in range(c):
-                z[out0[s], ch] = z[in0[s], ch] + pad[s, 0, ch]
-                z[out1[s], ch] = z[in1[s], ch] + pad[s, 1, ch]
-    out = np.empty((n, c), dtype=np.uint64)
-    for j in range(n):
+        for ch in range(c):
+            x = pad[s, ch]
+            if bits[s]:
+                x += z[in1[s], ch] - z[in0[s], ch] + y[s, ch]
+            z[out0[s], ch] = z[in0[s], ch] + x
+            z[out1[s], ch] = z[in1[s], ch] - x
+    out = np.empty((outputs.shape[0], c), dtype=np.uint64)
+    for j in range(outputs.shape[0]):
         out[j] = z[outputs[j]]
     return out

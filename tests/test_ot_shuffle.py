@@ -134,7 +134,11 @@ def test_the_shuffle_is_exact_and_costs_one_round_trip(session):
     shapes = [tuple(a.shape) for a in inputs]
     m = sum(switch_count(n) for n, _ in shapes)
     assert [len(p) for p in query] == [HEAD + 8 * len(shapes), 128 * math.ceil(m / 8)]
-    assert [len(p) for p in reply] == [HEAD, sum(16 * c * switch_count(n) for n, c in shapes)]
+    assert [len(p) for p in reply] == [
+        HEAD,
+        sum(8 * c * n for n, c in shapes),
+        sum(8 * c * switch_count(n) for n, c in shapes),
+    ]
     assert (sum(map(len, query)), sum(map(len, reply))) == (query_bytes(shapes), reply_bytes(shapes))
 
 
@@ -147,6 +151,15 @@ def test_pi_and_its_inverse_in_one_batch(session):
     _, _, (c1, c2), (b, b2) = _run(client, server, [pi, invert_permutation(pi)], [a, a2])
     assert torch.equal(c1 + b, gather_rows(a, pi))
     assert torch.equal(gather_rows(c2 + b2, pi), a2)
+
+
+def test_a_batch_without_switches(session):
+    """n = 1 everywhere: no OT, an empty U; the reply carries the masked inputs only."""
+    client, server = session
+    inputs = [_uniform(4, 1, 3), _uniform(5, 1, 1)]
+    query, reply, shares, b = _run(client, server, [[0], [0]], inputs)
+    assert [len(p) for p in query] == [HEAD + 16, 0] and [len(p) for p in reply] == [HEAD, 32, 0]
+    assert all(torch.equal(share + mask, a) for a, share, mask in zip(inputs, shares, b))
 
 
 def test_the_same_contract_as_the_bfv_correlation(session):
@@ -173,43 +186,55 @@ def test_the_same_contract_as_the_bfv_correlation(session):
 
 
 class _NoSecondPad(ShuffleClient):
-    """A user that forgets the pad p1 over y (y = m1 in the clear)."""
+    """A user that forgets the pad p1 over y (y = delta + p0)."""
 
     def _pad_pair(self, rows, c, batch, block):
         pad0, pad1 = super()._pad_pair(rows, c, batch, block)
         return pad0, np.zeros_like(pad1)
 
 
-class _NoWireMask(ShuffleClient):
-    """A user whose wire masks are not refreshed at a switch (p0 = 0: r_out = r_in)."""
+class _NoFirstPad(ShuffleClient):
+    """A user that forgets the pad p0 (y = delta - p1, and its wire masks are never refreshed)."""
 
     def _pad_pair(self, rows, c, batch, block):
         pad0, pad1 = super()._pad_pair(rows, c, batch, block)
         return np.zeros_like(pad0), pad1
 
 
+class _NoInputMask(ShuffleClient):
+    """A user that sends its input unmasked (rho = 0)."""
+
+    def _input_mask(self, n, c):
+        return np.zeros((n, c), dtype=np.uint64)
+
+
 def _owner_hits(server, client, n: int, seed: int) -> int:
-    """The owner's attack on a: how many values it can compute from its view (y, y -/+ its pads, its
-    outputs b) equal an entry of a or a difference of two entries."""
+    """The owner's attack on a: how many values it can compute from its view (a - rho, y, y -/+ its
+    pads, on the first switches also z_w1 - z_w0 + (y -/+ pads), its outputs b) equal an entry of a or
+    a difference of two entries."""
     a = _uniform(seed, n, 1)
     pi = Prg(OWNER_SEED, f"owner-view/{seed}").permutation(n)
     query = server.query([pi], [1])
-    (pads,) = server._pending[max(server._pending)][3]
+    pads = server._pending[max(server._pending)][3][0][:, 0]
     reply, _ = client.answer(query, [a])
     (b,) = server.finish(reply)
-    y = np.frombuffer(reply[1], dtype="<u8").reshape(pads.shape)
-    seen = np.concatenate([y.ravel(), (y - pads).ravel(), (y + pads).ravel(), b.numpy().view(np.uint64).ravel()])
+    z_in, y = np.frombuffer(reply[1], dtype="<u8"), np.frombuffer(reply[2], dtype="<u8")
+    net = network(n)
+    first = (net.in0 < n) & (net.in1 < n)
+    zd = z_in[net.in1[first]] - z_in[net.in0[first]]
+    minus, plus = y - pads, y + pads
+    seen = [z_in, y, minus, plus, zd + minus[first], zd + plus[first], b.numpy().view(np.uint64)[:, 0]]
     av = a.numpy().view(np.uint64)[:, 0]
     targets = set(av.tolist()) | set((av[:, None] - av[None, :])[~np.eye(n, dtype=bool)].tolist())
-    return sum(int(v) in targets for v in seen.tolist())
+    return sum(int(v) in targets for v in np.concatenate(seen).tolist())
 
 
-@pytest.mark.parametrize("broken", [_NoSecondPad, _NoWireMask])
+@pytest.mark.parametrize("broken", [_NoSecondPad, _NoFirstPad, _NoInputMask])
 def test_the_owner_learns_nothing_of_a_unless_a_mask_is_broken(session, broken):
     client, server = session
     assert _owner_hits(server, client, 64, 1) == 0
     bad_client, bad_server = _session(broken)
-    assert _owner_hits(bad_server, bad_client, 64, 1) >= 32  # half the first layer's switches at least
+    assert _owner_hits(bad_server, bad_client, 64, 1) >= 8  # 15 to 64 hits with these seeds
 
 
 class _Unhidden(ExtensionChooser):
@@ -250,13 +275,15 @@ def test_bad_peer_bytes_are_protocol_errors():
         client.answer([query[0], query[1][:-1]], a)
     with pytest.raises(ProtocolError, match="magic"):
         client.answer([b"XXXX" + query[0][4:], query[1]], a)
-    with pytest.raises(ProtocolError, match="two byte strings"):
+    with pytest.raises(ProtocolError, match="2 byte strings"):
         client.answer(query[:1], a)
     reply, _ = client.answer(query, a)
     with pytest.raises(ProtocolError, match="batch 0"):
         client.answer(query, a)  # a replayed query
     with pytest.raises(ProtocolError, match="expected"):
-        server.finish([reply[0], reply[1][:-8]])
+        server.finish([reply[0], reply[1], reply[2][:-8]])
+    with pytest.raises(ProtocolError, match="3 byte strings"):
+        server.finish(reply[:2])
     server.finish(reply)
     with pytest.raises(ProtocolError, match="no query is waiting"):
         server.finish(reply)
