@@ -214,7 +214,9 @@ class ShuffleServer:
     def finish(self, reply) -> list[torch.Tensor]:
         """The owner's b_i (n_i, c_i) torch.int64, uniform, for the query the reply answers."""
         batch, count, rest = _head(reply, b"PLSR", "shuffle reply", parts=3)
-        if batch not in self._pending or rest:
+        if rest:
+            raise ProtocolError(f"shuffle reply header has {len(rest)} bytes after its {_HEAD.size}")
+        if batch not in self._pending:
             raise ProtocolError(f"shuffle reply for batch {batch}, which no query is waiting for")
         shapes, nets, bits, pads = self._pending[batch]
         sizes = (8 * sum(n * c for n, c in shapes), 8 * sum(c * net.switches for (_, c), net in zip(shapes, nets)))

@@ -284,6 +284,8 @@ def test_bad_peer_bytes_are_protocol_errors():
         server.finish([reply[0], reply[1], reply[2][:-8]])
     with pytest.raises(ProtocolError, match="3 byte strings"):
         server.finish(reply[:2])
+    with pytest.raises(ProtocolError, match="after its 13"):
+        server.finish([reply[0] + b"x", reply[1], reply[2]])
     server.finish(reply)
     with pytest.raises(ProtocolError, match="no query is waiting"):
         server.finish(reply)
