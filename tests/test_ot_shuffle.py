@@ -92,6 +92,44 @@ def test_random_permutations_are_routed(n):
 # -- base OTs and the extension --------------------------------------------------------------------
 
 
+def _pi_bits(bits: int) -> int:
+    """floor(2^bits pi) by Machin's formula pi = 16 atan(1/5) - 4 atan(1/239), with guard bits."""
+    guard = bits + 64
+
+    def atan_inv(x: int) -> int:
+        total, term, k = 0, (1 << guard) // x, 0
+        while term:
+            total += term // (2 * k + 1) if k % 2 == 0 else -(term // (2 * k + 1))
+            term //= x * x
+            k += 1
+        return total
+
+    return (16 * atan_inv(5) - 4 * atan_inv(239)) >> 64
+
+
+def _probably_prime(n: int) -> bool:
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for base in (2, 3, 5, 7, 11, 13):
+        x = pow(base, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def test_the_group_is_rfc_3526_group_15():
+    assert P == 2**3072 - 2**3008 - 1 + 2**64 * (_pi_bits(2942) + 1690314)
+    assert _probably_prime(P) and _probably_prime((P - 1) // 2)
+    assert pow(2, (P - 1) // 2, P) == 1  # g = 2 generates the subgroup of order (p - 1) / 2
+
+
 def test_base_ots_and_the_extension_give_the_chosen_pad():
     receiver, sender = BaseReceiver(Prg(USER_SEED, "base")), BaseSender(Prg(OWNER_SEED, "base"))
     reply, keys0, keys1 = sender.reply(receiver.request())
