@@ -275,6 +275,21 @@ def test_the_owner_learns_nothing_of_a_unless_a_mask_is_broken(session, broken):
     assert _owner_hits(bad_server, bad_client, 64, 1) >= 8  # 15 to 64 hits with these seeds
 
 
+def test_a_reaches_the_owner_only_through_a_minus_rho():
+    """Same seeds, two inputs: y is byte-identical, the masked inputs differ by a1 - a2 exactly, so the
+    owner's view of a is a one-time pad (rho uniform from the user's Prg)."""
+    pi = Prg(OWNER_SEED, "pad").permutation(40)
+    a1, a2 = _uniform(6, 40, 2), _uniform(7, 40, 2)
+    replies = []
+    for a in (a1, a2):
+        client, server = _session()
+        query = server.query([pi], [2])
+        replies.append(client.answer(query, [a])[0])
+    assert replies[0][2] == replies[1][2]
+    masked = [torch.from_numpy(np.frombuffer(r[1], dtype="<i8").reshape(40, 2).copy()) for r in replies]
+    assert torch.equal(masked[0] - masked[1], a1 - a2)
+
+
 class _Unhidden(ExtensionChooser):
     """An owner whose u_i is not hidden by G(K_i^1) (it uses G(K_i^0), so u_i = r)."""
 
