@@ -44,6 +44,8 @@ __all__ = [
     "ExtensionChooser",
     "ExtensionSender",
     "MAX_OTS",
+    "P",
+    "matrix_bytes",
     "tccr",
 ]
 

@@ -32,7 +32,7 @@ import numpy as np
 from permllm.errors import ConfigError
 from permllm.kernels import is_permutation
 
-__all__ = ["MAX_SIZE", "Network", "network", "route", "switch_count"]
+__all__ = ["MAX_SIZE", "Network", "apply", "chooser_pass", "network", "route", "sender_pass", "switch_count"]
 
 MAX_SIZE = 1 << 18
 """Largest network size n."""
