@@ -74,16 +74,14 @@ def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, prog
     None). Returns the number of calls."""
     from protocols.context import DealerContext
     from protocols.material import Dealer
-    from protocols.model.decoder_weights import weight_mask
+    from protocols.model.decoder_weights import mask_product
 
     shapes = fam.linear_shapes(arch)
-    masks: dict = {}
+    seed = mask_seed or owner_seed
 
-    def mask_of(name):
-        if name not in masks:
-            d_in, d_out, _ = shapes[name]
-            masks[name] = weight_mask(mask_seed or owner_seed, name, d_in, d_out)
-        return masks[name]
+    def product(name, v):  # v @ U with U drawn by row blocks: the helper never holds a whole mask
+        d_in, d_out, _ = shapes[name]
+        return mask_product(seed, name, d_in, d_out, v)
 
     bar = progress_bar(None, "helper: dealing", unit="call", enabled=progress)
 
@@ -94,7 +92,7 @@ def deal(owner, user, fam, arch, plan, owner_seed: bytes, user_seed: bytes, prog
 
     dealer = Dealer(owner_seed, user_seed, sink=sink)
     driver = fam.driver(arch, fam.helper_weights(arch), plan.prompt_tokens + plan.max_new_tokens)
-    fam.run_session(DealerContext(dealer, mask_of), driver, plan)
+    fam.run_session(DealerContext(dealer, mask_product=product), driver, plan)
     dealer.flush()
     bar.close()
     return dealer.calls
