@@ -125,6 +125,8 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         user.append("--sample")
     owner = ["owner", *addresses["owner"], "--model", args.model, "--report", str(reports / "owner.json")]
     helper = ["helper", *addresses["helper"], "--quiet", "--report", str(reports / "helper.json")]
+    if getattr(args, "pool_depth", None) is not None:
+        helper += ["--pool-depth", str(args.pool_depth)]
     return {
         "owner": base + owner + common + security["owner"],
         "helper": base + helper + common + security["helper"],
@@ -312,6 +314,8 @@ def merge_reports(reports: dict, network: str) -> dict:
         "prepare_bytes": owner["prepare_bytes"],
         "model_load_s": owner["phases_s"].get("load"),
         "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
+        "pool_depth": helper.get("pool_depth", 0),
+        "served_from_pool": helper.get("served_from_pool", False),
     }
     if "embedding" in user:
         return {
