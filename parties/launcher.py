@@ -314,6 +314,8 @@ def merge_reports(reports: dict, network: str) -> dict:
         "prepare_bytes": owner["prepare_bytes"],
         "model_load_s": owner["phases_s"].get("load"),
         "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
+        # what the user waited after the handshake before its online phase (W - U, then the material)
+        "setup_s": sum(user.get("phases_s", {}).get(k, 0.0) for k in ("prepare", "offline")),
         "pool_depth": helper.get("pool_depth", 0),
         "served_from_pool": helper.get("served_from_pool", False),
     }
@@ -337,9 +339,11 @@ def merge_reports(reports: dict, network: str) -> dict:
 def format_session_line(i: int, s: dict) -> str:
     """One line per later session of `--sessions N`."""
     first = f"time to first token {fmt_s(s['ttft_s'])}, " if "ttft_s" in s else ""
+    pooled = "material from the helper's pool" if s.get("served_from_pool") else "material dealt live"
     return (
-        f"session {i}: {first}preparation {fmt_bytes(s['prepare_bytes'])}, peak RSS owner "
-        f"{s['peak_rss_mb']['owner']:.0f} MB"
+        f"session {i}: {first}set-up {fmt_s(s.get('setup_s', 0.0))} ({pooled}), preparation "
+        f"{fmt_bytes(s['prepare_bytes'])}, peak RSS owner {s['peak_rss_mb']['owner']:.0f} / helper "
+        f"{s['peak_rss_mb']['helper']:.0f} MB"
     )
 
 
