@@ -316,6 +316,7 @@ def merge_reports(reports: dict, network: str) -> dict:
         "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
         # what the user waited after the handshake before its online phase (W - U, then the material)
         "setup_s": sum(user.get("phases_s", {}).get(k, 0.0) for k in ("prepare", "offline")),
+        "user_phases_s": dict(user.get("phases_s", {})),
         "pool_depth": helper.get("pool_depth", 0),
         "served_from_pool": helper.get("served_from_pool", False),
     }
