@@ -164,6 +164,30 @@ def _role_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     )
 
 
+def _pool_depth(text: str) -> int:
+    try:
+        depth = int(text)
+    except ValueError:
+        depth = -1
+    if not 0 <= depth <= 8:
+        raise argparse.ArgumentTypeError(f"--pool-depth must be an integer from 0 to 8, got {text!r}")
+    return depth
+
+
+def _add_pool_depth(p):
+    from parties.helper_pool import DEFAULT_POOL_DEPTH
+
+    p.add_argument(
+        "--pool-depth",
+        type=_pool_depth,
+        default=DEFAULT_POOL_DEPTH,
+        metavar="N",
+        help="the helper deals up to N sessions per user key ahead of time, while idle, for the plan that "
+        f"key used last; a matching session is served from them (0: deal every session live; default "
+        f"{DEFAULT_POOL_DEPTH})",
+    )
+
+
 def _add_service(p):
     from parties.service import DEFAULT_DRAIN_S, DEFAULT_MAX_CONCURRENT
 
@@ -223,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N user sessions one after another (the same user key) against one owner and one helper "
         "service; the JSON adds `sessions`, one summary per session (default 1)",
     )
+    _add_pool_depth(demo)
     demo.add_argument(
         "--insecure",
         action="store_true",
@@ -308,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network(helper, "none")
     _add_security(helper)
     _add_service(helper)
+    _add_pool_depth(helper)
     _add_role_output(helper)
     for command in sub.choices.values():
         _add_debug(command)

@@ -26,7 +26,8 @@ from permllm.errors import ChannelTimeout, PeerGone, ProtocolError
 def serve_helper(args, curve, authorised, log, *, once: bool = False, stop=None) -> dict:
     """Deal the sessions the owner at `args.owner` announces. authorised(): the z85 user keys accepted
     (under CURVE). Returns the service report; with once=True one session, whose error is raised."""
-    from parties.helper import run_helper
+    from parties.helper import deal_to, run_helper
+    from parties.helper_pool import MaterialPool
 
     context = curve.context if curve is not None else zmq.Context()
     options = curve.socket_options("owner", False) if curve is not None else {"context": context}
@@ -38,6 +39,8 @@ def serve_helper(args, curve, authorised, log, *, once: bool = False, stop=None)
         sessions.stopping = stop
     served = 0
     started = time.monotonic()
+    depth = 0 if once else getattr(args, "pool_depth", 0)
+    pool = MaterialPool(deal_to, depth, log=log) if depth else None
     try:
         while not sessions.stopping.is_set() and not (once and served):
             try:
@@ -72,7 +75,14 @@ def serve_helper(args, curve, authorised, log, *, once: bool = False, stop=None)
                     to_user = open_channel(user_addr, "user", False, args, user_options)[1]
                     opened.append(to_user)
                     channels = {"owner": to_owner, "user": to_user}
-                    return run_helper(channels, progress=False, log=log, setup_timeout=args.setup_timeout)
+                    return run_helper(
+                        channels,
+                        progress=False,
+                        log=log,
+                        setup_timeout=args.setup_timeout,
+                        pool=pool,
+                        user_key=user_key.decode(),
+                    )
 
             def cleanup(opened=opened):
                 for channel in opened:
@@ -82,6 +92,8 @@ def serve_helper(args, curve, authorised, log, *, once: bool = False, stop=None)
             served += 1
         sessions.finish(once, served, args.drain_s)
     finally:
+        if pool is not None:
+            pool.close()
         sessions.restore_signals()
         control.close()
         if curve is None:

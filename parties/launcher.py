@@ -125,6 +125,8 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         user.append("--sample")
     owner = ["owner", *addresses["owner"], "--model", args.model, "--report", str(reports / "owner.json")]
     helper = ["helper", *addresses["helper"], "--quiet", "--report", str(reports / "helper.json")]
+    if getattr(args, "pool_depth", None) is not None:
+        helper += ["--pool-depth", str(args.pool_depth)]
     return {
         "owner": base + owner + common + security["owner"],
         "helper": base + helper + common + security["helper"],
@@ -312,6 +314,11 @@ def merge_reports(reports: dict, network: str) -> dict:
         "prepare_bytes": owner["prepare_bytes"],
         "model_load_s": owner["phases_s"].get("load"),
         "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
+        # what the user waited after the handshake before its online phase (W - U, then the material)
+        "setup_s": sum(user.get("phases_s", {}).get(k, 0.0) for k in ("prepare", "offline")),
+        "user_phases_s": dict(user.get("phases_s", {})),
+        "pool_depth": helper.get("pool_depth", 0),
+        "served_from_pool": helper.get("served_from_pool", False),
     }
     if "embedding" in user:
         return {
@@ -333,9 +340,11 @@ def merge_reports(reports: dict, network: str) -> dict:
 def format_session_line(i: int, s: dict) -> str:
     """One line per later session of `--sessions N`."""
     first = f"time to first token {fmt_s(s['ttft_s'])}, " if "ttft_s" in s else ""
+    pooled = "material from the helper's pool" if s.get("served_from_pool") else "material dealt live"
     return (
-        f"session {i}: {first}preparation {fmt_bytes(s['prepare_bytes'])}, peak RSS owner "
-        f"{s['peak_rss_mb']['owner']:.0f} MB"
+        f"session {i}: {first}set-up {fmt_s(s.get('setup_s', 0.0))} ({pooled}), preparation "
+        f"{fmt_bytes(s['prepare_bytes'])}, peak RSS owner {s['peak_rss_mb']['owner']:.0f} / helper "
+        f"{s['peak_rss_mb']['helper']:.0f} MB"
     )
 
 

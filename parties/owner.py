@@ -16,7 +16,7 @@ from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
 from parties.pinning import weights_digest
 from parties.progress import progress_bar
-from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, require, send_json
+from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, recv_stream_seed, require, send_json
 from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
@@ -194,6 +194,7 @@ def send_masked_weights(user, prepared: dict, mask_seed: bytes) -> tuple[int, st
 def receive_material(helper, seed: bytes, setup_timeout: float, calls: int) -> tuple[QueuedMaterial, int]:
     """helper -> owner: the material stream for the whole session, at most `calls` records (the plan's
     protocol calls; ProtocolError past them). Returns it and the bytes received."""
+    seed, _ = recv_stream_seed(helper, seed, timeout=setup_timeout)  # the helper's when pooled
     material = QueuedMaterial(seed, max_records=calls)
     received_before = helper.stats.bytes_received
     recv_records(helper, lambda record: material.extend([record]), timeout=setup_timeout, max_records=calls)

@@ -17,7 +17,7 @@ from parties.pinning import check_model_fingerprint
 from parties.progress import progress_bar
 from parties.user_input import UserRequest
 from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
-from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, require, send_json
+from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, recv_stream_seed, require, send_json
 from permllm.errors import ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
@@ -154,6 +154,7 @@ def receive_masked_weights(owner, shapes: dict, setup_timeout: float, progress: 
 def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool, calls: int) -> QueuedMaterial:
     """helper -> user: the material stream for the whole session, at most `calls` records (the plan's
     protocol calls; ProtocolError past them)."""
+    seed, _ = recv_stream_seed(helper, seed, timeout=setup_timeout)  # the helper's when pooled
     material = QueuedMaterial(seed, max_records=calls)
     bar = progress_bar(calls, "user: receiving offline material", unit="call", enabled=progress)
 

@@ -102,6 +102,27 @@ def send_record(channel, record: MaterialRecord) -> None:
         channel.send("mat.t", record.tensors[name])
 
 
+def send_stream_seed(channel, seed: bytes | None) -> None:
+    """helper -> party, first on its material stream: b"live" (the records are dealt now from the seed
+    the party sent) or b"pool" + the 16-byte seed the helper dealt them from ahead of time (its pool)."""
+    channel.send("mat", b"live" if seed is None else b"pool" + seed)
+
+
+def recv_stream_seed(channel, own_seed: bytes, *, timeout: float = SETUP_TIMEOUT_S) -> tuple[bytes, bool]:
+    """The seed this party's material stream was dealt from: (its own seed, False) for a live session,
+    (the helper's seed, True) for one served from the helper's pool; ProtocolError for a refusal or a
+    malformed message."""
+    header = channel.recv_bytes("mat", max_len=MAX_RECORD_HEADER, timeout=timeout)
+    if header.startswith(b"error\t"):
+        reason = header[6:].decode("utf-8", errors="replace")
+        raise ProtocolError(f"the {channel.peer} ended the session: {reason}")
+    if header == b"live":
+        return own_seed, False
+    if header.startswith(b"pool") and len(header) == 4 + len(own_seed):
+        return header[4:], True
+    raise ProtocolError(f"the {channel.peer} began its material stream with a malformed seed message")
+
+
 def finish_records(channel, count: int) -> None:
     channel.send("mat", f"end\t{count}".encode("ascii"))
 

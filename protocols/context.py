@@ -15,6 +15,7 @@ from enum import Enum
 import numpy as np
 import torch
 
+from permllm.errors import ConfigError
 from protocols.material import CallMaterial, Dealer, DealerCall, MaterialSource
 
 
@@ -92,14 +93,32 @@ class DealerContext:
     """The offline helper's dry run: protocols deal material instead of computing.
 
     weight_mask(name) returns the mask U of a linear weight (the helper regenerates it from the seed
-    the owner gave it; it never sees W).
+    the owner gave it; it never sees W). mask_product(name, v), when given, returns v @ U without the
+    whole U (`decoder_weights.mask_product` draws it by row blocks); otherwise it is
+    ring_matmul(v, weight_mask(name)). Both give the same ring tensor.
     """
 
     dealing = True
 
-    def __init__(self, dealer: Dealer, weight_mask: Callable[[str], torch.Tensor]):
+    def __init__(
+        self,
+        dealer: Dealer,
+        weight_mask: Callable[[str], torch.Tensor] | None = None,
+        mask_product: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.dealer = dealer
         self.weight_mask = weight_mask
+        self._mask_product = mask_product
+
+    def mask_product(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """v @ U for the mask U of linear weight `name` (int64, mod 2^64)."""
+        if self._mask_product is not None:
+            return self._mask_product(name, v)
+        if self.weight_mask is None:
+            raise ConfigError(f"the dry run asked for the mask of weight {name!r} but none was configured")
+        from permllm.ring_matmul import ring_matmul
+
+        return ring_matmul(v, self.weight_mask(name))
 
     def call(self, kind: str, key: str) -> DealerCall:
         return self.dealer.call(kind, key)

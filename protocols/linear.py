@@ -67,9 +67,8 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
     out_shape = (m, weight.d_out)
     if ctx.dealing:
         call = ctx.call("linear:" + weight.name, key)
-        u = ctx.weight_mask(weight.name)
         v = x.user_share if x.dealt else call.user_draw("v", (m, d_in))
-        call.to_owner("M", ring_matmul(v, u) - call.user_draw("s", out_shape))
+        call.to_owner("M", ctx.mask_product(weight.name, v) - call.user_draw("s", out_shape))
         return Shared.placeholder(out_shape, out_bits)
 
     mat = ctx.take("linear:" + weight.name, key)

@@ -475,7 +475,7 @@ def _helper_process_with_stand_ins(
     Returns {'helper': exit status, 'stderr': ..., 'owner'/'user': record count or the exception}."""
     from parties.models import PROTOCOL_VERSION, fingerprint
     from parties.roles import SEED_TAG
-    from parties.wire import recv_records, send_json
+    from parties.wire import recv_records, recv_stream_seed, send_json
     from permllm.transport import ZmqChannel
 
     arch = arch.to_dict()
@@ -543,6 +543,7 @@ def _helper_process_with_stand_ins(
             if name == "owner":
                 ch.send("mask-seed", b"m" * 16)
             time.sleep(read_after_s)
+            recv_stream_seed(ch, bytes(16), timeout=10)
             results[name] = recv_records(ch, lambda record: None, timeout=10)
         except Exception as exc:  # reported by the caller
             results[name] = exc

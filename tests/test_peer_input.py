@@ -28,6 +28,7 @@ from parties.wire import (
     recv_json,
     recv_records,
     send_record,
+    send_stream_seed,
 )
 from permllm.errors import ChannelTimeout, ConfigError, PermLLMError, ProtocolError
 from permllm.he import COEFF_MODULUS_CHAIN_BITS, IndexLookupClient, IndexLookupServer, batching_prime
@@ -404,6 +405,7 @@ def test_parties_refuse_material_past_their_plan(role):
     fam, arch = family("smollm2"), DecoderArch.from_config(decoder_config(layers=1))
     calls = fam.material_calls(arch, Plan("smollm2", 2, 1))
     helper, party = MemoryChannel.pair(timeout=SHORT_S, max_payload_bytes=CAP)
+    send_stream_seed(helper, None)
     for index in range(calls + 1):
         send_record(helper, MaterialRecord(index, "k", "key"))
     with pytest.raises(ProtocolError, match=f"more than the {calls} material records"):

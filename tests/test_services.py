@@ -246,6 +246,21 @@ def test_a_user_with_a_current_cache_gets_no_masked_weights(keys, monkeypatch, t
     assert [s["prepare_bytes"] > 0 for s in reports["owner"]["sessions"]] == [True, False, True, True]
 
 
+def test_a_second_session_is_served_from_the_helpers_pool_and_answers_alike(keys, monkeypatch):
+    """The helper deals alice's next session while she decodes; her second session is served from it
+    (the seeds come from the helper) and gets the tokens of the first, live-dealt one."""
+    services = Services(keys, monkeypatch)
+    try:
+        first = run_user(keys, services.front, "alice")
+        second = run_user(keys, services.front, "alice")
+    finally:
+        reports = services.stop()
+    helper = reports["helper"]["sessions"]
+    assert [(s["served_from_pool"], s["pool_depth"]) for s in helper] == [(False, 1), (True, 1)]
+    assert second["token_ids"] == first["token_ids"] and first["token_ids"]
+    assert second["material_left"] == first["material_left"]
+
+
 def test_mask_seeds_persist_and_rotate(tmp_path):
     from parties.masks import MaskSeeds
 

@@ -191,6 +191,24 @@ def masked_weight(weight: LinearWeight, seed: bytes) -> torch.Tensor:
     return out
 
 
+def mask_product(seed: bytes, name: str, d_in: int, d_out: int, v: torch.Tensor) -> torch.Tensor:
+    """v @ U (int64, mod 2^64) for the mask U = `weight_mask(seed, name, d_in, d_out)`, with U drawn a
+    row block at a time: the helper never holds the whole U. The same tensor as ring_matmul(v, U) (a
+    sum of block products is exact in the ring)."""
+    from permllm.ring_matmul import ring_matmul
+
+    if v.dim() != 2 or v.shape[1] != d_in:
+        raise ValueError(f"{name}: mask product input has shape {tuple(v.shape)}, expected (m, {d_in})")
+    prg = Prg(seed, f"weight/{name}")
+    v = v.contiguous()
+    out = torch.zeros((v.shape[0], d_out), dtype=torch.int64)
+    step = max(1, MASK_CHUNK_ELEMENTS // max(d_out, 1))
+    for i in range(0, d_in, step):
+        j = min(d_in, i + step)
+        out += ring_matmul(v[:, i:j].contiguous(), prg.int64((j - i, d_out)))
+    return out
+
+
 def received_weight(name: str, shapes: dict, masked: torch.Tensor) -> LinearWeight:
     """A LinearWeight holding the masked W~ received for `name`, checked against `shapes` (`linear_shapes`)."""
     d_in, d_out, bits = shapes[name]
