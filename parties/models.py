@@ -16,7 +16,7 @@ from pathlib import Path
 from permllm.errors import ConfigError
 
 MODELS = ("smollm2", "minilm")
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: every material stream begins with the seed it was dealt from
 CHECKPOINT_PREFIX = "llama:"
 
 

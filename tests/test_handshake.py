@@ -217,7 +217,7 @@ def test_user_checks_the_welcome():
     good = _welcome()
     assert _check_welcome(good, plan, family("smollm2")).to_dict() == good["arch"]
     for changes, message in [
-        ({"protocol": 2}, "protocol mismatch"),
+        ({"protocol": 1}, "protocol mismatch"),  # the version before the seeded material stream
         ({"session": "s2"}, "session mismatch"),
         ({"model": "minilm"}, "model mismatch"),
         ({"fingerprint": "0" * 32}, "fingerprint"),
