@@ -91,6 +91,10 @@ class CallMaterial:
             return self.dealt(name, shape)
         return self.draw(name, shape)
 
+    def has_dealt(self, name: str) -> bool:
+        """Whether the helper dealt a tensor `name` for this party in this call."""
+        return name in self._record.tensors
+
     def dealt(self, name: str, shape=None) -> torch.Tensor:
         """A tensor the helper dealt for this call; checks its shape."""
         try:
