@@ -149,10 +149,10 @@ def precompute_user_terms(material, weights: dict[str, LinearWeight]) -> int:
 
 def _nonlinear_output(call, numel: int) -> torch.Tensor | None:
     """The user's dealt share c2 of a permuted non-linear call's output, if `call` is one with `numel` entries."""
-    if call is None or not call.kind.startswith("nonlinear:") or not call.has_dealt("c2"):
+    if call is None or not call.kind.startswith("nonlinear:"):
         return None
-    c2 = call.dealt("c2")
-    return c2 if c2.numel() == numel else None
+    c2 = call.ahead("c2")
+    return c2 if c2 is not None and c2.numel() == numel else None
 
 
 def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -> Shared:

@@ -91,9 +91,10 @@ class CallMaterial:
             return self.dealt(name, shape)
         return self.draw(name, shape)
 
-    def has_dealt(self, name: str) -> bool:
-        """Whether the helper dealt a tensor `name` for this party in this call."""
-        return name in self._record.tensors
+    def ahead(self, name: str) -> torch.Tensor | None:
+        """The dealt tensor `name`, read ahead of the call by this party's own precomputation (None
+        when the helper dealt none); the call itself reads it with `dealt`."""
+        return self._record.tensors.get(name)
 
     def dealt(self, name: str, shape=None) -> torch.Tensor:
         """A tensor the helper dealt for this call; checks its shape."""
