@@ -354,6 +354,12 @@ class Prg:
         total = int(seg_lengths.sum())
         if total > MAX_PERMUTATION_SIZE:
             raise ValueError(f"total length {total} exceeds the supported maximum {MAX_PERMUTATION_SIZE}")
+        if seg_lengths.size and (seg_lengths == seg_lengths[0]).all():
+            return self._uniform_segment_permutation(seg_lengths.shape[0], int(seg_lengths[0]))
+        return self._ragged_segment_permutation(seg_lengths, total)
+
+    def _ragged_segment_permutation(self, seg_lengths: np.ndarray, total: int) -> np.ndarray:
+        """`segment_permutation` for any lengths (the general construction)."""
         n_segments = seg_lengths.shape[0]
         seg_offsets = np.zeros(n_segments, dtype=np.int64)
         np.cumsum(seg_lengths[:-1], out=seg_offsets[1:])
@@ -375,4 +381,17 @@ class Prg:
         perm += np.repeat(seg_offsets[source_segment] - seg_offsets, seg_lengths)
         # 3. ... in a uniformly shuffled order.
         self._shuffle_in_place(perm, seg_offsets, seg_lengths)
+        return perm
+
+    def _uniform_segment_permutation(self, n_segments: int, length: int) -> np.ndarray:
+        """`segment_permutation` of n_segments segments of one length (a single group: sigma shuffles
+        them all), with the same draws in the same order and fewer array operations."""
+        total = n_segments * length
+        perm = np.arange(total, dtype=np.int64)
+        if n_segments > 1:
+            sigma = np.arange(n_segments, dtype=np.int64)
+            self._shuffle_in_place(sigma, np.zeros(1, dtype=np.int64), np.array([n_segments], dtype=np.int64))
+            perm += np.repeat((sigma - np.arange(n_segments, dtype=np.int64)) * length, length)
+        offsets = np.arange(n_segments, dtype=np.int64) * length
+        self._shuffle_in_place(perm, offsets, np.full(n_segments, length, dtype=np.int64))
         return perm

@@ -397,3 +397,15 @@ def test_segment_permutation_single_segment_is_uniform_shuffle():
     perm = Prg(SEED_A, "single").segment_permutation([1000])
     assert is_permutation(perm)
     assert not np.array_equal(perm, np.arange(1000))
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [1536], [55] * 9, [3] * 4, [0, 0], [1] * 5])
+def test_segment_permutation_of_equal_lengths_takes_the_general_constructions_draws(lengths):
+    """Equal lengths (one norm row, an element-wise layout, the softmax rows of a decode step) take a
+    shorter path: the same permutation from the same words, and the stream continues alike."""
+    for d in range(10):
+        short, general = Prg(SEED_A, f"eq/{d}"), Prg(SEED_A, f"eq/{d}")
+        perm = short.segment_permutation(lengths)
+        reference = general._ragged_segment_permutation(np.asarray(lengths, dtype=np.int64), sum(lengths))
+        assert np.array_equal(perm, reference)
+        assert short.position == general.position and short.bytes(8) == general.bytes(8)
