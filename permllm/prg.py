@@ -13,6 +13,11 @@ AES-128-CTR under (key, nonce) with the full 128-bit block counter starting at t
 different domains under one seed are AES outputs on disjoint counter ranges unless two 128-bit hashed
 nonces land within (stream length / 16) of each other, which has negligible probability.
 
+A seed's AES key schedule is set up once per `PrgKey` and shared by every stream drawn with it (a
+protocol call draws a handful of short streams; each used to set up its own AES context): short
+reads encrypt their counter blocks with it directly (the CTR keystream computed block by block,
+bit-identical to the CTR mode's), long ones run OpenSSL's CTR mode from the right counter block.
+
 Values are read from the keystream in little-endian byte order. Every method consumes keystream
 from the current position and advances it, so successive calls continue the same stream:
 ``prg.bytes(8) + prg.bytes(8) == Prg(seed, domain).bytes(16)``.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import threading
 from collections.abc import Sequence
 
 import numba
@@ -38,7 +44,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["Prg", "fresh_seed", "derive_nonce", "SEED_BYTES", "MAX_PERMUTATION_SIZE"]
+__all__ = ["Prg", "PrgKey", "fresh_seed", "derive_nonce", "SEED_BYTES", "MAX_PERMUTATION_SIZE"]
 
 SEED_BYTES = 16
 """Length of a Prg seed in bytes (AES-128 key)."""
@@ -51,6 +57,8 @@ _KEYSTREAM_CHUNK_BYTES = 1 << 18  # zero plaintext per OpenSSL call; stays in L2
 _ZERO_CHUNK = bytes(_KEYSTREAM_CHUNK_BYTES)  # immutable
 _AES_BLOCK_BYTES = 16
 _WORD_BITS = 32
+_CTR_MIN_BYTES = 1 << 16  # reads at least this long run OpenSSL's CTR mode; shorter ones the shared key
+_U64_MASK = (1 << 64) - 1
 _REFILL_WORDS = 64  # words drawn each time rejections exhaust the buffer
 _LE_UINT32 = np.dtype("<u4")
 _LE_UINT64 = np.dtype("<u8")
@@ -154,27 +162,73 @@ def _shuffle_segments(values, starts, lengths, words, word_bits, seg_from, step_
 # --------------------------------------------------------------------------------------------------
 
 
+class PrgKey:
+    """One seed's AES-128 key schedule, set up once and shared by the `Prg` streams of many domains.
+
+    Holds the seed (as the key) for as long as it lives: keep it with the session that owns the seed.
+    Thread-safe (one lock around each block encryption)."""
+
+    __slots__ = ("_seed", "_ecb", "_lock")
+
+    def __init__(self, seed: bytes) -> None:
+        if not isinstance(seed, (bytes, bytearray)):
+            raise TypeError(f"Prg seed must be bytes, got {type(seed).__name__}")
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"Prg seed must be exactly {SEED_BYTES} bytes, got {len(seed)}")
+        self._seed = bytes(seed)
+        self._ecb = Cipher(algorithms.AES(self._seed), modes.ECB()).encryptor()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never shows the seed
+        return "PrgKey(...)"
+
+    def counter_blocks(self, first: int, count: int) -> np.ndarray:
+        """AES_key(first + i mod 2^128) for i in [0, count): the CTR keystream of `count` blocks from
+        counter block `first`, as a fresh uint8 array of 16 * count bytes."""
+        if count == 0:
+            return np.empty(0, dtype=np.uint8)
+        first &= (1 << 128) - 1
+        hi, lo = first >> 64, first & _U64_MASK
+        low = np.arange(count, dtype=np.uint64)
+        low += np.uint64(lo)  # wraps mod 2^64; a wrap carries into the high word
+        counters = np.empty((count, 2), dtype=">u8")
+        counters[:, 0] = hi
+        counters[:, 1] = low
+        if int(low[-1]) < lo:
+            counters[low < np.uint64(lo), 0] = (hi + 1) & _U64_MASK
+        out = np.empty(16 * count + _AES_BLOCK_BYTES - 1, dtype=np.uint8)
+        with self._lock:
+            written = self._ecb.update_into(memoryview(counters).cast("B"), out)
+        if written != 16 * count:
+            raise RuntimeError(f"AES produced {written} bytes for {count} blocks")
+        return out[: 16 * count]
+
+    def ctr(self, first: int):
+        """A fresh OpenSSL AES-CTR encryptor whose keystream starts at counter block `first`."""
+        nonce = (first & ((1 << 128) - 1)).to_bytes(_AES_BLOCK_BYTES, "big")
+        return Cipher(algorithms.AES(self._seed), modes.CTR(nonce)).encryptor()
+
+
 class Prg:
     """AES-128-CTR keystream generator for one (seed, domain) pair.
 
     Args:
-        seed: exactly 16 secret bytes (use `fresh_seed()` in production, explicit bytes in tests).
+        seed: exactly 16 secret bytes (use `fresh_seed()` in production, explicit bytes in tests), or
+            a `PrgKey` of them (no AES key set-up of its own: the same stream, cheaper to start).
         domain: public label (str is UTF-8 encoded) separating independent streams under one seed.
 
     The object is stateful: `position` counts keystream bytes consumed so far and every draw
     continues from there. Not thread-safe; give each thread its own Prg (distinct domain).
     """
 
-    __slots__ = ("_encryptor", "_position", "domain")
+    __slots__ = ("_key", "_nonce", "_ctr", "_position", "domain")
 
-    def __init__(self, seed: bytes, domain: str | bytes) -> None:
-        if not isinstance(seed, (bytes, bytearray)):
-            raise TypeError(f"Prg seed must be bytes, got {type(seed).__name__}")
-        if len(seed) != SEED_BYTES:
-            raise ValueError(f"Prg seed must be exactly {SEED_BYTES} bytes, got {len(seed)}")
+    def __init__(self, seed: bytes | PrgKey, domain: str | bytes) -> None:
+        key = seed if isinstance(seed, PrgKey) else PrgKey(seed)
         self.domain: bytes = _domain_bytes(domain)
-        cipher = Cipher(algorithms.AES(bytes(seed)), modes.CTR(derive_nonce(self.domain)))
-        self._encryptor = cipher.encryptor()
+        self._key = key
+        self._nonce = int.from_bytes(derive_nonce(self.domain), "big")
+        self._ctr = None  # an OpenSSL CTR encryptor positioned at _position, once a long read made one
         self._position = 0
 
     def __repr__(self) -> str:  # never shows the seed
@@ -191,6 +245,24 @@ class Prg:
         """Next `n_bytes` of keystream as a fresh writable, 16-byte aligned uint8 numpy array."""
         if n_bytes < 0:
             raise ValueError(f"byte count must be non-negative, got {n_bytes}")
+        if n_bytes >= _CTR_MIN_BYTES or self._ctr is not None:
+            buffer = self._ctr_keystream(n_bytes)
+        else:
+            skip = self._position % _AES_BLOCK_BYTES
+            first = self._position // _AES_BLOCK_BYTES
+            count = -(-(skip + n_bytes) // _AES_BLOCK_BYTES)
+            blocks = self._key.counter_blocks(self._nonce + first, count)
+            buffer = blocks[:n_bytes] if skip == 0 else blocks[skip : skip + n_bytes].copy()
+        self._position += n_bytes
+        return buffer
+
+    def _ctr_keystream(self, n_bytes: int) -> np.ndarray:
+        """Long reads: OpenSSL's CTR mode, set up at the current position and kept for the reads after it."""
+        if self._ctr is None:
+            self._ctr = self._key.ctr(self._nonce + self._position // _AES_BLOCK_BYTES)
+            skip = self._position % _AES_BLOCK_BYTES
+            if skip:
+                self._ctr.update(bytes(skip))
         # A little slack keeps older `cryptography` releases happy (they demand len + 15 for update_into).
         buffer = np.empty(n_bytes + _AES_BLOCK_BYTES - 1, dtype=np.uint8)
         view = memoryview(buffer)
@@ -198,11 +270,10 @@ class Prg:
         while offset < n_bytes:
             chunk = min(_KEYSTREAM_CHUNK_BYTES, n_bytes - offset)
             plaintext = _ZERO_CHUNK if chunk == _KEYSTREAM_CHUNK_BYTES else _ZERO_CHUNK[:chunk]
-            written = self._encryptor.update_into(plaintext, view[offset : offset + chunk + _AES_BLOCK_BYTES - 1])
+            written = self._ctr.update_into(plaintext, view[offset : offset + chunk + _AES_BLOCK_BYTES - 1])
             if written != chunk:  # CTR is a stream mode: output length equals input length
                 raise RuntimeError(f"AES-CTR produced {written} bytes for a {chunk}-byte request")
             offset += chunk
-        self._position += n_bytes
         return buffer[:n_bytes]
 
     def bytes(self, n: int) -> bytes:
@@ -283,6 +354,12 @@ class Prg:
         total = int(seg_lengths.sum())
         if total > MAX_PERMUTATION_SIZE:
             raise ValueError(f"total length {total} exceeds the supported maximum {MAX_PERMUTATION_SIZE}")
+        if seg_lengths.size and (seg_lengths == seg_lengths[0]).all():
+            return self._uniform_segment_permutation(seg_lengths.shape[0], int(seg_lengths[0]))
+        return self._ragged_segment_permutation(seg_lengths, total)
+
+    def _ragged_segment_permutation(self, seg_lengths: np.ndarray, total: int) -> np.ndarray:
+        """`segment_permutation` for any lengths (the general construction)."""
         n_segments = seg_lengths.shape[0]
         seg_offsets = np.zeros(n_segments, dtype=np.int64)
         np.cumsum(seg_lengths[:-1], out=seg_offsets[1:])
@@ -304,4 +381,17 @@ class Prg:
         perm += np.repeat(seg_offsets[source_segment] - seg_offsets, seg_lengths)
         # 3. ... in a uniformly shuffled order.
         self._shuffle_in_place(perm, seg_offsets, seg_lengths)
+        return perm
+
+    def _uniform_segment_permutation(self, n_segments: int, length: int) -> np.ndarray:
+        """`segment_permutation` of n_segments segments of one length (a single group: sigma shuffles
+        them all), with the same draws in the same order and fewer array operations."""
+        total = n_segments * length
+        perm = np.arange(total, dtype=np.int64)
+        if n_segments > 1:
+            sigma = np.arange(n_segments, dtype=np.int64)
+            self._shuffle_in_place(sigma, np.zeros(1, dtype=np.int64), np.array([n_segments], dtype=np.int64))
+            perm += np.repeat((sigma - np.arange(n_segments, dtype=np.int64)) * length, length)
+        offsets = np.arange(n_segments, dtype=np.int64) * length
+        self._shuffle_in_place(perm, offsets, np.full(n_segments, length, dtype=np.int64))
         return perm

@@ -76,6 +76,7 @@ def product(ctx, x: Shared, y_new: Shared, cache: GrowingOperand) -> Shared:
     cache._append("opened", opened[x.local.numel() :].reshape(y_new.shape))
     cache._append("mask", b_new)
     cache.rows = rows
-    z = e_x @ cache._op(cache.mask) + a @ cache._op(cache.opened) + mat.part("C", out_shape)
-    z = z + ctx.owner_term(lambda: e_x @ cache._op(cache.opened))
+    # the owner's E_X op(E_Y) + E_X op(B_o) as one product E_X op(E_Y + B_o) (equal mod 2^64)
+    held = cache.mask + cache.opened if ctx.is_owner else cache.mask
+    z = e_x @ cache._op(held) + a @ cache._op(cache.opened) + mat.part("C", out_shape)
     return Shared.of(z, out_bits)

@@ -16,7 +16,9 @@ depend on the input, so `precompute_user_terms` computes it when the material ar
 online phase (the user's online work is then the subtraction d = x_u - v).
 Online, dealt input (x_u known to the helper, e.g. the output of a permuted non-linear step):
     0 flights: the helper deals owner M = x_u @ U - s directly; y_o = x_o @ W + M + b,
-    y_u = x_u @ W~ + s. Check: x_o W + x_u U - s + x_u (W - U) + s = x W.
+    y_u = x_u @ W~ + s. Check: x_o W + x_u U - s + x_u (W - U) + s = x W. When x_u is the dealt
+    output of the call before (a permuted non-linear step), `precompute_user_terms` computes y_u
+    ahead too.
 
 Why s: the owner knows U, so an unmasked M = v @ U (or x_u @ U) together with d would give it
 x_u @ U, and from that x_u itself (U is left-invertible mod 2^64 for d_in <= d_out, and for the
@@ -76,7 +78,7 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
         if ctx.is_owner:
             y = ring_matmul(x.local, weight.local) + mat.dealt("M", out_shape)
         else:
-            y = ring_matmul(x.local, weight.local) + mat.draw("s", out_shape)
+            y = _dealt_user_term(mat, weight, x.local)
     elif ctx.is_owner:
         d = ctx.receive(f"lin.{weight.name}", (m, d_in))
         y = ring_matmul(x.local + d, weight.local) + mat.dealt("M", out_shape)
@@ -100,23 +102,56 @@ def _user_term(mat, weight: LinearWeight, m: int) -> torch.Tensor:
     return term
 
 
+_DEALT_TERM = "x_u@W~+s"
+"""The name under which a dealt-input call's user share is kept, with the input x_u it was computed from."""
+
+
+def _dealt_user_term(mat, weight: LinearWeight, x_u: torch.Tensor) -> torch.Tensor:
+    """The user's share x_u @ W~ + s of a dealt-input call: kept ahead for exactly this x_u, or now."""
+    kept = mat.local(_DEALT_TERM)
+    if kept is not None and kept[0].shape == x_u.shape and torch.equal(kept[0], x_u):
+        return kept[1]
+    return ring_matmul(x_u, weight.local) + mat.draw("s", (x_u.shape[0], weight.d_out))
+
+
 def precompute_user_terms(material, weights: dict[str, LinearWeight]) -> int:
-    """The user's input-independent shares v @ W~ + s of every masked-input linear call queued in
-    `material` (a `QueuedMaterial`), computed now and kept with each call's material, so that the
-    online step only subtracts d = x_u - v and sends it. Returns how many calls it prepared.
-    (m, d_out) int64 per call: for SmolLM2-135M ~1.4 MB per generated token."""
+    """The user's input-independent shares of the linear calls queued in `material` (a
+    `QueuedMaterial`), computed now and kept with each call's material. Returns how many calls it prepared.
+
+    Masked input: v @ W~ + s, so that the online step only subtracts d = x_u - v and sends it.
+    Dealt input right after a permuted non-linear call (a norm before QKV, SwiGLU before the down
+    projection): x_u is that call's dealt c2, so x_u @ W~ + s is computed from it now; the online call
+    uses it only when its input equals that c2 (compared exactly), else computes its share itself.
+    (m, d_out) int64 per call (and the m * d_in input of a dealt one): for SmolLM2-135M ~2 MB per
+    generated token."""
     count = 0
+    previous = None
     for call in material.pending():
-        kind, key = call.kind, call.key
-        if not kind.startswith("linear:") or not key.endswith("|masked"):
+        kind, key, before, previous = call.kind, call.key, previous, call
+        if not kind.startswith("linear:"):
             continue
         weight = weights.get(kind[len("linear:") :])
-        if weight is None or call.local(_TERM) is not None:
+        if weight is None:
             continue
         m = int(key.split("x", 1)[0])
-        call.keep(_TERM, _user_term(call, weight, m))
-        count += 1
+        if key.endswith("|masked") and call.local(_TERM) is None:
+            call.keep(_TERM, _user_term(call, weight, m))
+            count += 1
+        elif key.endswith("|dealt") and call.local(_DEALT_TERM) is None:
+            x_u = _nonlinear_output(before, m * weight.d_in)
+            if x_u is not None:
+                x_u = x_u.reshape(m, weight.d_in)
+                call.keep(_DEALT_TERM, (x_u, ring_matmul(x_u, weight.local) + call.draw("s", (m, weight.d_out))))
+                count += 1
     return count
+
+
+def _nonlinear_output(call, numel: int) -> torch.Tensor | None:
+    """The user's dealt share c2 of a permuted non-linear call's output, if `call` is one with `numel` entries."""
+    if call is None or not call.kind.startswith("nonlinear:"):
+        return None
+    c2 = call.ahead("c2")
+    return c2 if c2 is not None and c2.numel() == numel else None
 
 
 def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -> Shared:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from permllm.errors import MaterialExhausted, MaterialMismatch, ProtocolError
-from permllm.prg import Prg
+from permllm.prg import Prg, PrgKey
 
 
 @dataclass
@@ -41,23 +41,30 @@ class MaterialRecord:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def _seeded_draw(seed: bytes, index: int, name: str, shape) -> torch.Tensor:
-    """The uniform ring tensor `name` of call `index` from a party's seed: the party and the helper draw it alike."""
-    return Prg(seed, f"{index}/{name}").int64(tuple(shape))
+def _seeded_draw(key: PrgKey, index: int, name: str, shape) -> torch.Tensor:
+    """The uniform ring tensor `name` of call `index` from a party's seed (its `PrgKey`, set up once per
+    party and session): the party and the helper draw it alike."""
+    return Prg(key, f"{index}/{name}").int64(tuple(shape))
 
 
-def _seeded_permutation(seed: bytes, index: int, name: str, lengths) -> np.ndarray:
+def _seeded_permutation(key: PrgKey, index: int, name: str, lengths) -> np.ndarray:
     """The segment permutation `name` of call `index` from a party's seed (see Prg.segment_permutation)."""
-    return Prg(seed, f"{index}/{name}").segment_permutation(list(lengths))
+    return Prg(key, f"{index}/{name}").segment_permutation(list(lengths))
+
+
+def _key_of(seed: bytes | PrgKey) -> PrgKey:
+    return seed if isinstance(seed, PrgKey) else PrgKey(seed)
 
 
 class CallMaterial:
-    """One party's material for one call: seeded draws plus the dealt tensors."""
+    """One party's material for one call: seeded draws plus the dealt tensors.
 
-    def __init__(self, seed: bytes, record: MaterialRecord, kept: dict | None = None):
+    seed: the party's seed, or its `PrgKey` (a queue passes one key to all its calls)."""
+
+    def __init__(self, seed: bytes | PrgKey, record: MaterialRecord, kept: dict | None = None):
         self.index = record.index
         self.kind, self.key = record.kind, record.key
-        self._seed = seed
+        self._seed = _key_of(seed)
         self._record = record
         self._kept = {} if kept is None else kept
 
@@ -83,6 +90,11 @@ class CallMaterial:
         if name in self._record.tensors:
             return self.dealt(name, shape)
         return self.draw(name, shape)
+
+    def ahead(self, name: str) -> torch.Tensor | None:
+        """The dealt tensor `name`, read ahead of the call by this party's own precomputation (None
+        when the helper dealt none); the call itself reads it with `dealt`."""
+        return self._record.tensors.get(name)
 
     def dealt(self, name: str, shape=None) -> torch.Tensor:
         """A tensor the helper dealt for this call; checks its shape."""
@@ -117,7 +129,7 @@ class QueuedMaterial:
     """
 
     def __init__(self, seed: bytes, records=(), *, max_records: int | None = None):
-        self._seed = seed
+        self._seed = _key_of(seed)
         self._queue: deque[MaterialRecord] = deque()
         self._kept: dict[int, dict] = {}
         self.calls_taken = 0
@@ -163,10 +175,17 @@ class QueuedMaterial:
 class DealerCall:
     """The helper's side of one call: the same seeded streams as the parties, plus dealing."""
 
-    def __init__(self, index: int, owner_seed: bytes, user_seed: bytes, owner: MaterialRecord, user: MaterialRecord):
+    def __init__(
+        self,
+        index: int,
+        owner_seed: bytes | PrgKey,
+        user_seed: bytes | PrgKey,
+        owner: MaterialRecord,
+        user: MaterialRecord,
+    ):
         self.index = index
-        self._owner_seed = owner_seed
-        self._user_seed = user_seed
+        self._owner_seed = _key_of(owner_seed)
+        self._user_seed = _key_of(user_seed)
         self._owner = owner
         self._user = user
 
@@ -196,6 +215,7 @@ class Dealer:
     def __init__(self, owner_seed: bytes, user_seed: bytes, sink=None):
         self.owner_seed = owner_seed
         self.user_seed = user_seed
+        self._owner_key, self._user_key = PrgKey(owner_seed), PrgKey(user_seed)
         self.calls = 0
         self.owner_records: list[MaterialRecord] = []
         self.user_records: list[MaterialRecord] = []
@@ -217,7 +237,7 @@ class Dealer:
         user = MaterialRecord(index, kind, key)
         self.owner_records.append(owner)
         self.user_records.append(user)
-        return DealerCall(index, self.owner_seed, self.user_seed, owner, user)
+        return DealerCall(index, self._owner_key, self._user_key, owner, user)
 
     def take_records(self) -> tuple[list[MaterialRecord], list[MaterialRecord]]:
         """The records dealt so far for (owner, user); the dealer forgets them."""

@@ -113,7 +113,7 @@ def _table_lookup(ctx, mat, vocab: int, j: int | None, pi) -> int | None:
         raise ProtocolError(f"the user sent the shift {delta} for a vocabulary of {vocab}")
 
     def table():
-        shifted = torch.from_numpy(pi[(np.arange(vocab) + delta) % vocab])
+        shifted = torch.from_numpy(np.roll(pi, -delta))  # shifted[i] = pi[(i + delta) mod V]
         return shifted + mat.draw("K", (vocab,))
 
     words = ctx.owner_sends("sel.table", table, (vocab,))

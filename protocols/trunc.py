@@ -19,13 +19,11 @@ Reference: the MSB-known truncation pattern, e.g. Escudero et al., CRYPTO 2020.
 
 from __future__ import annotations
 
-import torch
-
 from permllm.ring import logical_rshift, top_bit
+from permllm.ring_kernels import OFFSET_BITS as _OFFSET_BITS
+from permllm.ring_kernels import truncation_close, truncation_open
 from permllm.sharing import Shared
 from protocols.context import shape_key
-
-_OFFSET_BITS = 62
 
 
 def trunc(ctx, x: Shared, k: int) -> Shared:
@@ -46,10 +44,10 @@ def trunc(ctx, x: Shared, k: int) -> Shared:
         return Shared.placeholder(shape, x.bits - k)
 
     mat = ctx.take("trunc", key)
-    mine = x.local + mat.draw("r", shape) + ctx.owner_term(lambda: torch.tensor(1 << _OFFSET_BITS, dtype=torch.int64))
-    c = mine + ctx.exchange("trunc", mine)
+    mine = truncation_open(x.local, mat.draw("r", shape), ctx.is_owner)
+    theirs = ctx.exchange("trunc", mine)
     alpha, rho = mat.part("alpha", shape), mat.part("rho", shape)
-    wrap_weight = (1 - top_bit(c)) << (64 - k)
-    y = wrap_weight * rho - alpha
-    y = y + ctx.owner_term(lambda: logical_rshift(c, k) - (1 << (_OFFSET_BITS - k)))
+    # the formula above in one fused pass (permllm.ring_kernels): c = mine + theirs,
+    # y = 2^(64-k) (1 - c_63) rho - alpha, plus floor(c / 2^k) - 2^(62-k) on the owner's side
+    y = truncation_close(mine, theirs, rho, alpha, k, ctx.is_owner)
     return Shared.of(y, x.bits - k)

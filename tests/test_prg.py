@@ -19,6 +19,7 @@ from permllm.prg import (
     MAX_PERMUTATION_SIZE,
     SEED_BYTES,
     Prg,
+    PrgKey,
     _lemire_bounded,
     _shuffle_segments,
     derive_nonce,
@@ -103,6 +104,32 @@ def test_continuation_two_draws_equal_one_double_draw(n):
     first, second = split.bytes(n), split.bytes(n)
     assert first + second == Prg(SEED_A, "cont").bytes(2 * n)
     assert split.position == 2 * n
+
+
+def test_shared_key_gives_the_streams_of_the_seed():
+    """A PrgKey set up once serves many domains; each stream equals the seed's own, at every read
+    length (short reads from the shared key schedule, long ones from OpenSSL's CTR mode) and offset."""
+    key = PrgKey(SEED_A)
+    for domain in (b"kat", b"3/a", b""):
+        lengths = [3, 16, 5, 70_000, 9, 1, 200_000, 13]
+        from_key, from_seed = Prg(key, domain), Prg(SEED_A, domain)
+        parts = [from_key.bytes(n) for n in lengths]
+        assert b"".join(parts) == direct_keystream(SEED_A, domain, sum(lengths))
+        assert b"".join(from_seed.bytes(n) for n in lengths) == b"".join(parts)
+    assert Prg(key, "r").int64((3, 5)).equal(Prg(SEED_A, "r").int64((3, 5)))
+    assert "PrgKey(...)" == repr(key)
+
+
+@pytest.mark.parametrize("low", [(1 << 64) - 2, (1 << 64) - 1])
+def test_shared_key_counter_carries_into_the_high_word(low):
+    """The counter blocks are the full 128-bit big-endian counter of CTR mode, carry included."""
+    first = (5 << 64) + low
+    blocks = PrgKey(SEED_A).counter_blocks(first, 4).tobytes()
+    reference = Cipher(algorithms.AES(SEED_A), modes.CTR(first.to_bytes(16, "big"))).encryptor()
+    assert blocks == reference.update(bytes(64))
+    top = PrgKey(SEED_A).counter_blocks((1 << 128) - 1, 2).tobytes()
+    wrap = Cipher(algorithms.AES(SEED_A), modes.CTR(bytes([255] * 16))).encryptor()
+    assert top == wrap.update(bytes(32))
 
 
 def test_continuation_across_value_types():
@@ -370,3 +397,15 @@ def test_segment_permutation_single_segment_is_uniform_shuffle():
     perm = Prg(SEED_A, "single").segment_permutation([1000])
     assert is_permutation(perm)
     assert not np.array_equal(perm, np.arange(1000))
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [1536], [55] * 9, [3] * 4, [0, 0], [1] * 5])
+def test_segment_permutation_of_equal_lengths_takes_the_general_constructions_draws(lengths):
+    """Equal lengths (one norm row, an element-wise layout, the softmax rows of a decode step) take a
+    shorter path: the same permutation from the same words, and the stream continues alike."""
+    for d in range(10):
+        short, general = Prg(SEED_A, f"eq/{d}"), Prg(SEED_A, f"eq/{d}")
+        perm = short.segment_permutation(lengths)
+        reference = general._ragged_segment_permutation(np.asarray(lengths, dtype=np.int64), sum(lengths))
+        assert np.array_equal(perm, reference)
+        assert short.position == general.position and short.bytes(8) == general.bytes(8)

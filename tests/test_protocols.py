@@ -90,6 +90,55 @@ def test_user_terms_precomputed_from_the_material_give_the_same_shares(seeds):
     assert torch.equal(runs[1].owner.local + runs[1].user.local, x @ w + encode(b, ACT_BITS + WEIGHT_BITS))
 
 
+def test_dealt_input_terms_precomputed_after_a_nonlinear_step_give_the_same_shares(seeds):
+    """A permuted SiLU, then a linear on its dealt output: `precompute_user_terms` computes the user's
+    x_u @ W~ + s from the SiLU's dealt c2 before the online phase; shares, flights and bytes are
+    those computed online."""
+    m, d_in, d_out = 2, 6, 3
+    _, w, b, owner_w, user_w, helper_w, mask = _linear_setup(m, d_in, d_out)
+    z = encode(torch.linspace(-3.0, 3.0, m * d_in, dtype=torch.float64).reshape(m * d_in, 1), LINEAR_BITS)
+    zo, zu = share(z, LINEAR_BITS, seed=9)
+    weights = {Role.OWNER: owner_w, Role.USER: user_w}
+
+    def program(ctx, inp, weight):
+        act = permuted_apply(ctx, inp, SILU, [m * d_in])
+        return act, linear(ctx, act.reshape(m, d_in), weight)
+
+    runs = []
+    for ahead in (False, True):
+        owner_mat, user_mat = deal(
+            lambda ctx: program(ctx, Shared.placeholder((m * d_in, 1), LINEAR_BITS), helper_w), seeds, mask
+        )
+        if ahead:
+            assert precompute_user_terms(user_mat, {"w": user_w}) == 1
+        runs.append(
+            run_pair(
+                lambda ctx: program(ctx, zo, weights[ctx.role]),
+                lambda ctx: program(ctx, zu, weights[ctx.role]),
+                owner_mat,
+                user_mat,
+            )
+        )
+    for role in ("owner", "user"):
+        assert torch.equal(getattr(runs[0], role)[1].local, getattr(runs[1], role)[1].local)
+    act = runs[1].owner[0].local + runs[1].user[0].local
+    y = runs[1].owner[1].local + runs[1].user[1].local
+    assert torch.equal(y, act.reshape(m, d_in) @ w + encode(b, ACT_BITS + WEIGHT_BITS))
+    assert (
+        (runs[0].flights, runs[0].bytes_user_to_owner, runs[0].bytes_owner_to_user)
+        == (
+            runs[1].flights,
+            runs[1].bytes_user_to_owner,
+            runs[1].bytes_owner_to_user,
+        )
+        == (
+            3,
+            wire_bytes("nl.mask", (m * d_in, 1)) + wire_bytes("nl.reshare", (m * d_in, 1)),
+            wire_bytes("nl.perm", (m * d_in, 1)),
+        )
+    )
+
+
 def test_linear_on_dealt_input_sends_nothing():
     m, d_in, d_out = 2, 6, 3
     x, w, _, owner_w, user_w, helper_w, mask = _linear_setup(m, d_in, d_out, bias=False)

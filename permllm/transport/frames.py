@@ -115,7 +115,7 @@ def check_tag(tag: str) -> bytes:
         raise ProtocolError(f"tag must be a str, got {type(tag).__name__}")
     if not 1 <= len(tag) <= MAX_TAG_LEN:
         raise ProtocolError(f"tag must have 1..{MAX_TAG_LEN} characters, got {len(tag)}: {tag[:80]!r}")
-    if not all(" " <= ch <= "~" for ch in tag):
+    if not (tag.isascii() and tag.isprintable()):  # exactly " " .. "~" (ASCII's printable range)
         raise ProtocolError(f"tag must be printable ASCII, got {tag!r}")
     return tag.encode("ascii")
 
@@ -187,7 +187,7 @@ def decode_header(buf) -> Header:
         raise ProtocolError(f"{kind} frame header: {len(view)} bytes, its fields declare {expected_len}")
     shape = struct.unpack_from(f"<{ndim}Q", view, FIXED_HEADER_LEN)
     raw_tag = bytes(view[FIXED_HEADER_LEN + 8 * ndim :])
-    if not all(0x20 <= b <= 0x7E for b in raw_tag):
+    if not (raw_tag.isascii() and raw_tag.decode("ascii").isprintable()):  # exactly 0x20 .. 0x7E
         raise ProtocolError(f"frame tag is not printable ASCII: {raw_tag!r}")
     return Header(
         dtype=dtype, shape=tuple(shape), tag=raw_tag.decode("ascii"), seq=seq, depth=depth, deliver_at_ns=deliver_at_ns

@@ -43,6 +43,7 @@ import torch
 
 from permllm.errors import FixedPointOverflow, ProtocolError
 from permllm.fixed import ACT_BITS, LINEAR_BITS, MAX_ENCODABLE, ROPE_BITS, WEIGHT_BITS, decode, encode
+from permllm.ring_kernels import rotate_heads
 from permllm.sharing import Shared
 from protocols.beaver import GrowingOperand, product
 from protocols.functions import SOFTMAX, SWIGLU, inverse_rms, rms_normalize
@@ -161,13 +162,9 @@ class SecureDecoder(StepHooks):
         positions = slice(self.position, self.position + m)
         cos, sin = self._cos[positions], self._sin[positions]
 
-        def rotate_and_align(t: torch.Tensor) -> torch.Tensor:
-            q = _rope(t[:, :q_end].reshape(m, a.heads, hd), cos, sin)
-            k = _rope(t[:, q_end:k_end].reshape(m, groups, hd), cos, sin)
-            v = t[:, k_end:].reshape(m, groups, hd) << ROPE_BITS
-            return torch.cat([q.reshape(m, -1), k.reshape(m, -1), v.reshape(m, -1)], dim=1)
-
-        aligned = qkv.map(rotate_and_align, bits=qkv.bits + ROPE_BITS)
+        # RoPE on the query and key heads (public tables, local), V shifted to the same scale: one fused
+        # pass equal to rotate_heads_torch on q and k and `<< ROPE_BITS` on v (permllm.ring_kernels.rotate_heads)
+        aligned = qkv.map(lambda t: rotate_heads(t, cos, sin, k_end, hd, ROPE_BITS), bits=qkv.bits + ROPE_BITS)
         qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, aligned, aligned.bits - ACT_BITS))
         # group layout: queries (G, per_group*m, hd) ordered (head in group, position); keys/values (G, m, hd)
         q = qkv16.map(
@@ -182,17 +179,23 @@ class SecureDecoder(StepHooks):
         v = qkv16.map(lambda t: t[:, k_end:].reshape(m, groups, hd).transpose(0, 1).contiguous(), shape=(groups, m, hd))
         scores = self._mark("scores", ctx, lambda: product(ctx, q, k, self.keys[i]))
         length = self.keys[i].rows
-        valid = _causal_mask(self.position, m, length, per_group, groups)
-        lengths = valid.sum(dim=2).reshape(-1).tolist()
-        flat = scores.map(lambda t: t[valid], shape=(int(valid.sum()),))
-        probs = self._mark("softmax", ctx, lambda: permuted_apply(ctx, flat, SOFTMAX, lengths, tag=f"L{i}.sm"))
+        if m == 1:  # one new position sees every key: the causal layout is the whole score tensor, row by row
+            lengths = [length] * (groups * per_group)
+            flat = scores.map(lambda t: t.reshape(-1), shape=(groups * per_group * length,))
+            probs = self._mark("softmax", ctx, lambda: permuted_apply(ctx, flat, SOFTMAX, lengths, tag=f"L{i}.sm"))
+            weights = probs.map(lambda t: t.reshape(groups, per_group, length), shape=(groups, per_group, length))
+        else:
+            valid = _causal_mask(self.position, m, length, per_group, groups)
+            lengths = valid.sum(dim=2).reshape(-1).tolist()
+            flat = scores.map(lambda t: t[valid], shape=(int(valid.sum()),))
+            probs = self._mark("softmax", ctx, lambda: permuted_apply(ctx, flat, SOFTMAX, lengths, tag=f"L{i}.sm"))
 
-        def place(t: torch.Tensor) -> torch.Tensor:
-            full = torch.zeros((groups, per_group * m, length), dtype=torch.int64)
-            full[valid] = t.reshape(-1)
-            return full
+            def place(t: torch.Tensor) -> torch.Tensor:
+                full = torch.zeros((groups, per_group * m, length), dtype=torch.int64)
+                full[valid] = t.reshape(-1)
+                return full
 
-        weights = probs.map(place, shape=(groups, per_group * m, length))
+            weights = probs.map(place, shape=(groups, per_group * m, length))
         mixed = self._mark("weighted_values", ctx, lambda: product(ctx, weights, v, self.values[i]))
         heads = mixed.map(
             lambda t: t.reshape(groups, per_group, m, hd).permute(2, 0, 1, 3).reshape(m, a.heads * hd),
@@ -237,13 +240,6 @@ def _rope_tables(arch: DecoderArch, positions: int) -> tuple[torch.Tensor, torch
     angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=1)
     return encode(torch.cos(angles), ROPE_BITS), encode(torch.sin(angles), ROPE_BITS)
-
-
-def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of a share (m, heads, hd) with encoded tables (m, hd): scale grows by ROPE_BITS."""
-    half = t.shape[-1] // 2
-    rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
-    return t * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def _causal_mask(start: int, m: int, length: int, per_group: int, groups: int) -> torch.Tensor:
