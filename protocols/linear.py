@@ -17,6 +17,10 @@ online phase (the user's online work is then the subtraction d = x_u - v).
 Online, dealt input (x_u known to the helper, e.g. the output of a permuted non-linear step):
     0 flights: the helper deals owner M = x_u @ U - s directly; y_o = x_o @ W + M + b,
     y_u = x_u @ W~ + s. Check: x_o W + x_u U - s + x_u (W - U) + s = x W.
+x_u is then the user's dealt output c2 of the call just before (a permuted step), already in its
+material: `precompute_user_terms` computes x_u @ W~ + s ahead too, and the online call checks that
+its input is that c2. So the user needs W~ only while it precomputes, one weight (even one row block)
+at a time, and may hold none online (a LinearWeight with local=None).
 
 Why s: the owner knows U, so an unmasked M = v @ U (or x_u @ U) together with d would give it
 x_u @ U, and from that x_u itself (U is left-invertible mod 2^64 for d_in <= d_out, and for the
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from permllm.errors import MaterialMismatch
 from permllm.fixed import encode
 from permllm.ring_matmul import ring_matmul
 from permllm.sharing import Shared
@@ -44,7 +49,8 @@ class LinearWeight:
     name: identifies the weight across parties (the helper derives U from it; nobody holds U in a
         LinearWeight: the owner never needs it online).
     bits: fixed-point scale of W.
-    local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64); helper: None.
+    local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64), or None once every
+        call's share is precomputed (`precompute_user_terms`); helper: None.
     bias: owner only, float64 (encoded at the output scale on use), or None.
     d_in, d_out: the shape of W.
     """
@@ -77,7 +83,7 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
         if ctx.is_owner:
             y = ring_matmul(x.local, weight.local) + mat.dealt("M", out_shape)
         else:
-            y = ring_matmul(x.local, weight.local) + mat.draw("s", out_shape)
+            y = _dealt_user_term(mat, weight, x.local)
     elif ctx.is_owner:
         d = ctx.receive(f"lin.{weight.name}", (m, d_in))
         y = ring_matmul(x.local + d, weight.local) + mat.dealt("M", out_shape)
@@ -91,32 +97,95 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
 
 _TERM = "v@W~+s"
 """The name under which a linear call's input-independent user share is kept with its material."""
+_INPUT = "x_u"
+"""The dealt input a dealt-input call's share was precomputed for (kept with it, checked on use)."""
+PRECOMPUTE_BLOCK_ELEMENTS = 1 << 21
+"""Entries of W~ per row block when `precompute_user_terms` multiplies by blocks (16 MB of int64)."""
+
+
+def _held(weight: LinearWeight) -> torch.Tensor:
+    if weight.local is None:
+        raise MaterialMismatch(
+            f"{weight.name}: the user holds no W~ for this call and its share was not precomputed for this input"
+        )
+    return weight.local
 
 
 def _user_term(mat, weight: LinearWeight, m: int) -> torch.Tensor:
     """The user's share v @ W~ + s of a masked-input call: precomputed with the material, or now."""
     term = mat.local(_TERM)
     if term is None:
-        term = ring_matmul(mat.draw("v", (m, weight.d_in)), weight.local) + mat.draw("s", (m, weight.d_out))
+        term = ring_matmul(mat.draw("v", (m, weight.d_in)), _held(weight)) + mat.draw("s", (m, weight.d_out))
     return term
 
 
-def precompute_user_terms(material, weights: dict[str, LinearWeight]) -> int:
-    """The user's input-independent shares v @ W~ + s of every masked-input linear call queued in
-    `material` (a `QueuedMaterial`), computed now and kept with each call's material, so that the
-    online step only subtracts d = x_u - v and sends it. Returns how many calls it prepared.
-    (m, d_out) int64 per call: for SmolLM2-135M ~1.4 MB per generated token."""
-    count = 0
+def _dealt_user_term(mat, weight: LinearWeight, x_u: torch.Tensor) -> torch.Tensor:
+    """The user's share x_u @ W~ + s of a dealt-input call: precomputed for this very x_u, or now."""
+    term, seen = mat.local(_TERM), mat.local(_INPUT)
+    if term is not None and seen is not None and torch.equal(seen, x_u):
+        return term
+    return ring_matmul(x_u, _held(weight)) + mat.draw("s", (x_u.shape[0], weight.d_out))
+
+
+def user_term_inputs(material) -> dict[str, list]:
+    """The user's linear calls queued in `material` whose share it can compute ahead, by weight name:
+    [(call, m, d_in, x)] with x the input the share multiplies (None: the masked call's v, drawn when
+    needed; a tensor: a dealt-input call's x_u, the c2 the call just before dealt with m*d_in entries)."""
+    inputs: dict[str, list] = {}
+    previous = None
     for call in material.pending():
         kind, key = call.kind, call.key
-        if not kind.startswith("linear:") or not key.endswith("|masked"):
-            continue
-        weight = weights.get(kind[len("linear:") :])
-        if weight is None or call.local(_TERM) is not None:
-            continue
-        m = int(key.split("x", 1)[0])
-        call.keep(_TERM, _user_term(call, weight, m))
-        count += 1
+        if kind.startswith("linear:") and call.local(_TERM) is None:
+            m, d_in, _ = (int(n) for n in key.split("|", 1)[0].split("x"))
+            if key.endswith("|masked"):
+                inputs.setdefault(kind[len("linear:") :], []).append((call, m, d_in, None))
+            elif key.endswith("|dealt") and previous is not None and previous.numel() == m * d_in:
+                inputs.setdefault(kind[len("linear:") :], []).append((call, m, d_in, previous.reshape(m, d_in)))
+        previous = call.dealt("c2") if call.has_dealt("c2") else None
+    return inputs
+
+
+def precompute_weight_terms(calls: list, d_out: int, blocks) -> int:
+    """The shares of `calls` (one weight's entry of `user_term_inputs`) from W~ given as row blocks:
+    blocks yields (i, j, W~[i:j]) covering the rows in order. sum_b x[:, b] @ W~[b] + s is the same
+    ring value as x @ W~ + s, so only one block of W~ is needed at a time. Returns len(calls)."""
+    inputs = [call.draw("v", (m, d_in)) if x is None else x for call, m, d_in, x in calls]
+    sums = [torch.zeros((m, d_out), dtype=torch.int64) for _, m, _, _ in calls]
+    for i, j, block in blocks:
+        for x, acc in zip(inputs, sums):
+            acc += ring_matmul(x[:, i:j].contiguous(), block)
+    for (call, m, _, x), acc in zip(calls, sums):
+        call.keep(_TERM, acc + call.draw("s", (m, d_out)))
+        if x is not None:
+            call.keep(_INPUT, x)
+    return len(calls)
+
+
+def weight_blocks(local: torch.Tensor, rows: int | None = None):
+    """(i, j, local[i:j]) row blocks of a held W~ (PRECOMPUTE_BLOCK_ELEMENTS entries each unless `rows`)."""
+    d_in, d_out = local.shape
+    step = rows or max(1, PRECOMPUTE_BLOCK_ELEMENTS // max(d_out, 1))
+    for i in range(0, d_in, step):
+        yield i, min(d_in, i + step), local[i : i + step]
+
+
+def user_terms_missing(material) -> set[str]:
+    """The weights of the user's linear calls queued in `material` that have no precomputed share."""
+    pending = material.pending()
+    return {c.kind[len("linear:") :] for c in pending if c.kind.startswith("linear:") and c.local(_TERM) is None}
+
+
+def precompute_user_terms(material, weights: dict[str, LinearWeight]) -> int:
+    """The user's input-independent shares of every linear call queued in `material` (a
+    `QueuedMaterial`) whose weight `weights` holds: v @ W~ + s of a masked-input call, x_u @ W~ + s of
+    a dealt-input call (see the module docstring), computed now and kept with each call's material,
+    so that the online step only subtracts d = x_u - v and sends it (or adds nothing). Returns how
+    many calls it prepared. (m, d_out) int64 per call: for SmolLM2-135M ~1.5 MB per generated token."""
+    count = 0
+    for name, calls in user_term_inputs(material).items():
+        weight = weights.get(name)
+        if weight is not None and weight.local is not None:
+            count += precompute_weight_terms(calls, weight.d_out, weight_blocks(weight.local))
     return count
 
 

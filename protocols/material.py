@@ -84,6 +84,9 @@ class CallMaterial:
             return self.dealt(name, shape)
         return self.draw(name, shape)
 
+    def has_dealt(self, name: str) -> bool:
+        return name in self._record.tensors
+
     def dealt(self, name: str, shape=None) -> torch.Tensor:
         """A tensor the helper dealt for this call; checks its shape."""
         try:
