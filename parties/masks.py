@@ -243,7 +243,9 @@ class MaskedCache:
             for shape, blocks in weights:
                 shapes.append([int(d) for d in shape])
                 for block in [blocks] if isinstance(blocks, np.ndarray) else blocks:
-                    yield memoryview(np.ascontiguousarray(block, dtype=np.int64)).cast("B")
+                    block = np.ascontiguousarray(block, dtype=np.int64)
+                    if block.size:
+                        yield memoryview(block).cast("B")
 
         _write_private(data_path, chunks())
         try:

@@ -84,8 +84,10 @@ class CallMaterial:
             return self.dealt(name, shape)
         return self.draw(name, shape)
 
-    def has_dealt(self, name: str) -> bool:
-        return name in self._record.tensors
+    def peek(self, name: str) -> torch.Tensor | None:
+        """The tensor the helper dealt under `name` for this call, or None; for work ahead of the
+        online phase (`protocols.linear.user_term_inputs`), which reads it without using it."""
+        return self._record.tensors.get(name)
 
     def dealt(self, name: str, shape=None) -> torch.Tensor:
         """A tensor the helper dealt for this call; checks its shape."""
