@@ -11,7 +11,7 @@ import torch
 
 from parties.families import family
 from parties.handshake import MASK_SEED_TAG, SEED_TAG, Offer, check_hello
-from parties.masks import masked_digest
+from parties.masks import MaskedDigest
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
 from parties.pinning import weights_digest
@@ -21,7 +21,7 @@ from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.material import QueuedMaterial
-from protocols.model.decoder_weights import masked_weight
+from protocols.model.decoder_weights import masked_blocks
 from protocols.selection import BFV
 
 
@@ -56,8 +56,10 @@ class LoadedModel:
 def load_owner_model(model: str, log=print, progress: bool = True) -> LoadedModel:
     """model: a model spec (`parties.models`: a bundled name or a checkpoint path). Loads float32 (no
     float64 copy), folds and encodes one weight at a time and frees the floats as it goes."""
+    from permllm.memory import return_large_frees
     from permllm.model.loading import load_model
 
+    return_large_frees()  # the session's 8 MB blocks of W - U go back to the system once sent
     fam = family(model_name(model))
     start = time.perf_counter()
     log("owner: loading the model")
@@ -120,9 +122,8 @@ def serve_session(
     with phases.timed("prepare"):
         cached = require(recv_json(user, "cache", timeout=setup_timeout), "digest", str, "user", "cache")
         prepared = loaded.prepared
-        if cached and not known_digest:
-            known_digest = masked_digest((name, masked_weight(w, mask_seed).numpy()) for name, w in prepared.items())
-            masks.remember_digest(user_key, offer.weights_digest, known_digest)
+        # A seed with no digest was never sent whole: the digest is kept before "prepare-end" goes out,
+        # so no user can hold a current entry for it and W - U is sent without being derived twice.
         if cached and cached == known_digest:
             log("owner: the user holds the current W - U: nothing to send")
             send_json(user, "prepare", {"send": False})
@@ -131,9 +132,9 @@ def serve_session(
             log("owner: sending W - U to the user")
             send_json(user, "prepare", {"send": True})
             prepare_bytes, digest = send_masked_weights(user, prepared, mask_seed)
-            send_json(user, "prepare-end", {"digest": digest})
             if digest != known_digest:
                 masks.remember_digest(user_key, offer.weights_digest, digest)
+            send_json(user, "prepare-end", {"digest": digest})
 
     with phases.timed("offline"):
         calls = fam.material_calls(offer.arch, plan)
@@ -177,18 +178,18 @@ def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, use
 
 
 def send_masked_weights(user, prepared: dict, mask_seed: bytes) -> tuple[int, str]:
-    """owner -> user: every masked weight W - U, one message each, U drawn from `mask_seed` by row
-    blocks as each is built (`masked_weight`). Returns (the bytes sent, their `masked_digest`)."""
+    """owner -> user: every masked weight W - U by row blocks of at most 8 MB (`w.NAME`, int64
+    (rows, d_out), `masked_blocks`), U drawn from `mask_seed` as each block is built: the owner holds
+    one block at a time, and the channel's send waits while the user's receive queue is full.
+    Returns (the bytes sent, their `masked_digest`)."""
     sent_before = user.stats.bytes_sent
-
-    def each():
-        for name, w in prepared.items():
-            masked = masked_weight(w, mask_seed)
-            user.send(f"w.{name}", masked)
-            yield name, masked.numpy()
-
-    digest = masked_digest(each())
-    return user.stats.bytes_sent - sent_before, digest
+    digest = MaskedDigest()
+    for name, w in prepared.items():
+        digest.begin(name, (w.d_in, w.d_out))
+        for _, _, block in masked_blocks(w, mask_seed):
+            user.send(f"w.{name}", block)
+            digest.update(block.numpy())
+    return user.stats.bytes_sent - sent_before, digest.hexdigest()
 
 
 def receive_material(helper, seed: bytes, setup_timeout: float, calls: int) -> tuple[QueuedMaterial, int]:

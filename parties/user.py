@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from parties.families import family
 from parties.handshake import SEED_TAG, Plan, check_welcome, first_answer
@@ -21,7 +20,7 @@ from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, recv_stream_s
 from permllm.errors import ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
-from protocols.linear import precompute_user_terms
+from protocols.linear import precompute_weight_terms, user_term_inputs, user_terms_missing
 from protocols.material import QueuedMaterial
 from protocols.selection import BFV
 
@@ -81,11 +80,14 @@ def run_user(
     helper.send(SEED_TAG, seed)
 
     with phases.timed("prepare"):
-        weights, prepare_bytes = prepare_weights(owner, fam, arch, welcome, setup_timeout, progress, cache_dir)
+        masked, prepare_bytes = prepare_weights(owner, fam, arch, welcome, setup_timeout, progress, cache_dir)
 
     with phases.timed("offline"):
-        material = receive_material(helper, seed, setup_timeout, progress, fam.material_calls(arch, plan))
-        precompute_user_terms(material, weights)  # the linear layers' input-independent shares
+        try:
+            material = receive_material(helper, seed, setup_timeout, progress, fam.material_calls(arch, plan))
+            weights = precompute_shares(fam, arch, material, masked)
+        finally:
+            masked.close()
     offline_bytes = helper.stats.bytes_received
 
     ctx = PartyContext(Role.USER, owner, material)
@@ -113,42 +115,94 @@ def handshake(owner, fam, plan: Plan, setup_timeout: float):
 
 def prepare_weights(owner, fam, arch, welcome: dict, setup_timeout: float, progress: bool, cache_dir):
     """user -> owner the digest of its cached W - U for this model and mask epoch (or ""); owner -> user
-    whether it sends W - U, then every masked weight and their digest (`parties.masks`). Returns (the
-    user's `LinearWeight`s by name, the W - U bytes received)."""
-    from parties.masks import MaskedCache, masked_digest
+    whether it sends W - U, then every masked weight by row blocks and their digest (`parties.masks`).
+    Each block goes to disk as it arrives: the cache entry's file, or an unnamed private temporary
+    file without a cache. Returns (a `MaskedFile` of every W - U, checked against its digest; the W - U
+    bytes received)."""
+    from parties.masks import MaskedCache, MaskedDigest, MaskedFile, private_scratch_file
     from parties.models import PROTOCOL_VERSION
 
     shapes = fam.linear_shapes(arch)
     epoch = require(welcome, "mask_epoch", int, "owner", "welcome")
     key = (PROTOCOL_VERSION, welcome["fingerprint"], welcome.get("weights_digest", ""), epoch)
     cache = None if cache_dir is None else MaskedCache(cache_dir)
-    entry = None if cache is None else cache.load(key, shapes)
-    send_json(owner, "cache", {"digest": "" if entry is None else entry[0]})
-    if not require(recv_json(owner, "prepare", timeout=setup_timeout), "send", bool, "owner", "prepare"):
+    entry = None if cache is None else cache.open(key, shapes)
+    try:
+        send_json(owner, "cache", {"digest": "" if entry is None else entry[0]})
+        send = require(recv_json(owner, "prepare", timeout=setup_timeout), "send", bool, "owner", "prepare")
+    except BaseException:
+        if entry is not None:
+            entry[1].close()
+        raise
+    if not send:
         if entry is None:
             raise ProtocolError("the owner sent no masked weights, and this user holds none for its model")
-        arrays, received = entry[1], 0
-    else:
-        del entry
-        arrays, received = receive_masked_weights(owner, shapes, setup_timeout, progress)
-        digest = require(recv_json(owner, "prepare-end", timeout=setup_timeout), "digest", str, "owner", "prepare")
-        if masked_digest(arrays.items()) != digest:
+        return entry[1], 0
+    if entry is not None:
+        entry[1].close()
+    digest, received = MaskedDigest(), {}
+    weights = receive_masked_weights(owner, shapes, digest, received, setup_timeout, progress)
+
+    def announced() -> str:
+        want = require(recv_json(owner, "prepare-end", timeout=setup_timeout), "digest", str, "owner", "prepare")
+        if digest.hexdigest() != want:
             raise ProtocolError("the masked weights the owner sent do not give the digest it announced")
-        if cache is not None:
-            cache.store(key, arrays, digest)
-    return {name: fam.user_weight(name, arch, torch.from_numpy(a)) for name, a in arrays.items()}, received
+        return want
+
+    if cache is not None:
+        cache.store_stream(key, weights, announced)
+        return cache.data_file(key, shapes), received["bytes"]
+    scratch = private_scratch_file()
+    try:
+        for _, blocks in weights:
+            for block in blocks:
+                scratch.write(memoryview(block).cast("B"))
+        scratch.flush()
+        announced()
+    except BaseException:
+        scratch.close()
+        raise
+    return MaskedFile(scratch, shapes), received["bytes"]
 
 
-def receive_masked_weights(owner, shapes: dict, setup_timeout: float, progress: bool) -> tuple[dict, int]:
-    """owner -> user: every masked weight W - U (int64 arrays by name) and the bytes they took."""
+def receive_masked_weights(owner, shapes: dict, digest, received: dict, setup_timeout: float, progress: bool):
+    """owner -> user: every masked weight W - U as int64 row blocks (`w.NAME`, shape (rows, d_out)).
+    Yields [(d_in, d_out), the weight's blocks (a generator: consume it before the next weight)], feeds
+    `digest` (a `MaskedDigest`) and finally sets received["bytes"] to the bytes they took."""
     before = owner.stats.bytes_received
-    arrays = {}
     bar = progress_bar(len(shapes), "user: receiving masked weights", unit="weight", enabled=progress)
-    for name, (d_in, d_out, _) in shapes.items():
-        arrays[name] = owner.recv(f"w.{name}", dtype=np.int64, shape=(d_in, d_out), timeout=setup_timeout)
+
+    def blocks(name: str, d_in: int, d_out: int):
+        rows = 0
+        while rows < d_in:
+            block = owner.recv(f"w.{name}", dtype=np.int64, timeout=setup_timeout)
+            if block.ndim != 2 or block.shape[1] != d_out or not 1 <= block.shape[0] <= d_in - rows:
+                raise ProtocolError(
+                    f"the owner sent a block of shape {block.shape} for {name} (rows {rows} of {d_in}, {d_out} columns)"
+                )
+            digest.update(block)
+            rows += block.shape[0]
+            yield block
+
+    for name, (d_in, d_out, *_) in shapes.items():
+        digest.begin(name, (d_in, d_out))
+        yield (d_in, d_out), blocks(name, d_in, d_out)
         bar.update(1)
     bar.close()
-    return arrays, owner.stats.bytes_received - before
+    received["bytes"] = owner.stats.bytes_received - before
+
+
+def precompute_shares(fam, arch, material, masked) -> dict:
+    """The user's linear shares for every call queued in `material` (`protocols.linear`), from W~
+    read back from `masked` (a `MaskedFile`) one weight, by row blocks, at a time. Returns the user's
+    `LinearWeight`s by name: shape only (no W~ held online) where every call's share is precomputed,
+    the whole W~ for a weight with a call that could not be (none in the decoder or the encoder)."""
+    weights = fam.helper_weights(arch)
+    for name, calls in user_term_inputs(material).items():
+        precompute_weight_terms(calls, weights[name].d_out, masked.blocks(name))
+    for name in user_terms_missing(material):
+        weights[name].local = masked.whole(name)
+    return weights
 
 
 def receive_material(helper, seed: bytes, setup_timeout: float, progress: bool, calls: int) -> QueuedMaterial:

@@ -16,9 +16,11 @@ depend on the input, so `precompute_user_terms` computes it when the material ar
 online phase (the user's online work is then the subtraction d = x_u - v).
 Online, dealt input (x_u known to the helper, e.g. the output of a permuted non-linear step):
     0 flights: the helper deals owner M = x_u @ U - s directly; y_o = x_o @ W + M + b,
-    y_u = x_u @ W~ + s. Check: x_o W + x_u U - s + x_u (W - U) + s = x W. When x_u is the dealt
-    output of the call before (a permuted non-linear step), `precompute_user_terms` computes y_u
-    ahead too.
+    y_u = x_u @ W~ + s. Check: x_o W + x_u U - s + x_u (W - U) + s = x W.
+x_u is then the user's dealt output c2 of the call just before (a permuted step), already in its
+material: `precompute_user_terms` computes x_u @ W~ + s ahead too, and the online call checks that
+its input is that c2. So the user needs W~ only while it precomputes, one weight (even one row block)
+at a time, and may hold none online (a LinearWeight with local=None).
 
 Why s: the owner knows U, so an unmasked M = v @ U (or x_u @ U) together with d would give it
 x_u @ U, and from that x_u itself (U is left-invertible mod 2^64 for d_in <= d_out, and for the
@@ -33,8 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from permllm.errors import MaterialMismatch
 from permllm.fixed import encode
-from permllm.ring_matmul import ring_matmul
+from permllm.ring_matmul import TORCH_MIN_ROWS, ring_matmul
 from permllm.sharing import Shared
 from protocols.context import shape_key
 
@@ -46,7 +49,8 @@ class LinearWeight:
     name: identifies the weight across parties (the helper derives U from it; nobody holds U in a
         LinearWeight: the owner never needs it online).
     bits: fixed-point scale of W.
-    local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64); helper: None.
+    local: owner: W (int32 where it fits, else int64); user: W~ = W - U (int64), or None once every
+        call's share is precomputed (`precompute_user_terms`); helper: None.
     bias: owner only, float64 (encoded at the output scale on use), or None.
     d_in, d_out: the shape of W.
     """
@@ -92,66 +96,103 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
 
 _TERM = "v@W~+s"
 """The name under which a linear call's input-independent user share is kept with its material."""
+_INPUT = "x_u"
+"""The dealt input a dealt-input call's share was precomputed for (kept with it, checked on use)."""
+PRECOMPUTE_BLOCK_ELEMENTS = 1 << 21
+"""Entries of W~ per row block when `precompute_user_terms` multiplies by blocks (16 MB of int64)."""
+
+
+def _held(weight: LinearWeight) -> torch.Tensor:
+    if weight.local is None:
+        raise MaterialMismatch(
+            f"{weight.name}: the user holds no W~ for this call and its share was not precomputed for this input"
+        )
+    return weight.local
 
 
 def _user_term(mat, weight: LinearWeight, m: int) -> torch.Tensor:
     """The user's share v @ W~ + s of a masked-input call: precomputed with the material, or now."""
     term = mat.local(_TERM)
     if term is None:
-        term = ring_matmul(mat.draw("v", (m, weight.d_in)), weight.local) + mat.draw("s", (m, weight.d_out))
+        term = ring_matmul(mat.draw("v", (m, weight.d_in)), _held(weight)) + mat.draw("s", (m, weight.d_out))
     return term
 
 
-_DEALT_TERM = "x_u@W~+s"
-"""The name under which a dealt-input call's user share is kept, with the input x_u it was computed from."""
-
-
 def _dealt_user_term(mat, weight: LinearWeight, x_u: torch.Tensor) -> torch.Tensor:
-    """The user's share x_u @ W~ + s of a dealt-input call: kept ahead for exactly this x_u, or now."""
-    kept = mat.local(_DEALT_TERM)
-    if kept is not None and kept[0].shape == x_u.shape and torch.equal(kept[0], x_u):
-        return kept[1]
-    return ring_matmul(x_u, weight.local) + mat.draw("s", (x_u.shape[0], weight.d_out))
+    """The user's share x_u @ W~ + s of a dealt-input call: precomputed for this very x_u, or now."""
+    term, seen = mat.local(_TERM), mat.local(_INPUT)
+    if term is not None and seen is not None and torch.equal(seen, x_u):
+        return term
+    return ring_matmul(x_u, _held(weight)) + mat.draw("s", (x_u.shape[0], weight.d_out))
+
+
+def user_term_inputs(material) -> dict[str, list]:
+    """The user's linear calls queued in `material` whose share it can compute ahead, by weight name:
+    [(call, m, d_in, x)] with x the input the share multiplies (None: the masked call's v, drawn when
+    needed; a tensor: a dealt-input call's x_u, the c2 the call just before dealt with m*d_in entries)."""
+    inputs: dict[str, list] = {}
+    previous = None
+    for call in material.pending():
+        kind, key = call.kind, call.key
+        if kind.startswith("linear:") and call.local(_TERM) is None:
+            m, d_in, _ = (int(n) for n in key.split("|", 1)[0].split("x"))
+            if key.endswith("|masked"):
+                inputs.setdefault(kind[len("linear:") :], []).append((call, m, d_in, None))
+            elif key.endswith("|dealt") and previous is not None and previous.numel() == m * d_in:
+                inputs.setdefault(kind[len("linear:") :], []).append((call, m, d_in, previous.reshape(m, d_in)))
+        previous = call.peek("c2")
+    return inputs
+
+
+def precompute_weight_terms(calls: list, d_out: int, blocks) -> int:
+    """The shares of `calls` (one weight's entry of `user_term_inputs`) from W~ given as row blocks:
+    blocks yields (i, j, W~[i:j]) covering the rows in order. sum_b x[:, b] @ W~[b] + s is the same
+    ring value as x @ W~ + s, so only one block of W~ is needed at a time. Returns len(calls)."""
+    inputs = [call.draw("v", (m, d_in)) if x is None else x for call, m, d_in, x in calls]
+    sums = [torch.zeros((m, d_out), dtype=torch.int64) for _, m, _, _ in calls]
+    for i, j, block in blocks:
+        for x, acc in zip(inputs, sums):
+            acc += _ahead_product(x[:, i:j].contiguous(), block)
+    for (call, m, _, x), acc in zip(calls, sums):
+        call.keep(_TERM, acc + call.draw("s", (m, d_out)))
+        if x is not None:
+            call.keep(_INPUT, x)
+    return len(calls)
+
+
+def _ahead_product(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """x @ block mod 2^64 for the precomputation: torch's int64 matmul (`ring_matmul_torch`, exact)
+    from TORCH_MIN_ROWS rows, where it beats the kernel on an int64 block (one thread here: the
+    prefill's 37 x 49152 x 576 in 0.31 s against 1.43 s), `ring_matmul` below."""
+    return x @ block if x.shape[0] >= TORCH_MIN_ROWS else ring_matmul(x, block)
+
+
+def weight_blocks(local: torch.Tensor, rows: int | None = None):
+    """(i, j, local[i:j]) row blocks of a held W~ (PRECOMPUTE_BLOCK_ELEMENTS entries each unless `rows`)."""
+    d_in, d_out = local.shape
+    step = rows or max(1, PRECOMPUTE_BLOCK_ELEMENTS // max(d_out, 1))
+    for i in range(0, d_in, step):
+        yield i, min(d_in, i + step), local[i : i + step]
+
+
+def user_terms_missing(material) -> set[str]:
+    """The weights of the user's linear calls queued in `material` that have no precomputed share."""
+    pending = material.pending()
+    return {c.kind[len("linear:") :] for c in pending if c.kind.startswith("linear:") and c.local(_TERM) is None}
 
 
 def precompute_user_terms(material, weights: dict[str, LinearWeight]) -> int:
-    """The user's input-independent shares of the linear calls queued in `material` (a
-    `QueuedMaterial`), computed now and kept with each call's material. Returns how many calls it prepared.
-
-    Masked input: v @ W~ + s, so that the online step only subtracts d = x_u - v and sends it.
-    Dealt input right after a permuted non-linear call (a norm before QKV, SwiGLU before the down
-    projection): x_u is that call's dealt c2, so x_u @ W~ + s is computed from it now; the online call
-    uses it only when its input equals that c2 (compared exactly), else computes its share itself.
-    (m, d_out) int64 per call (and the m * d_in input of a dealt one): for SmolLM2-135M ~2 MB per
-    generated token."""
+    """The user's input-independent shares of every linear call queued in `material` (a
+    `QueuedMaterial`) whose weight `weights` holds: v @ W~ + s of a masked-input call, x_u @ W~ + s of
+    a dealt-input call (see the module docstring), computed now and kept with each call's material,
+    so that the online step only subtracts d = x_u - v and sends it (or adds nothing). Returns how
+    many calls it prepared. (m, d_out) int64 per call: for SmolLM2-135M ~1.5 MB per generated token."""
     count = 0
-    previous = None
-    for call in material.pending():
-        kind, key, before, previous = call.kind, call.key, previous, call
-        if not kind.startswith("linear:"):
-            continue
-        weight = weights.get(kind[len("linear:") :])
-        if weight is None:
-            continue
-        m = int(key.split("x", 1)[0])
-        if key.endswith("|masked") and call.local(_TERM) is None:
-            call.keep(_TERM, _user_term(call, weight, m))
-            count += 1
-        elif key.endswith("|dealt") and call.local(_DEALT_TERM) is None:
-            x_u = _nonlinear_output(before, m * weight.d_in)
-            if x_u is not None:
-                x_u = x_u.reshape(m, weight.d_in)
-                call.keep(_DEALT_TERM, (x_u, ring_matmul(x_u, weight.local) + call.draw("s", (m, weight.d_out))))
-                count += 1
+    for name, calls in user_term_inputs(material).items():
+        weight = weights.get(name)
+        if weight is not None and weight.local is not None:
+            count += precompute_weight_terms(calls, weight.d_out, weight_blocks(weight.local))
     return count
-
-
-def _nonlinear_output(call, numel: int) -> torch.Tensor | None:
-    """The user's dealt share c2 of a permuted non-linear call's output, if `call` is one with `numel` entries."""
-    if call is None or not call.kind.startswith("nonlinear:"):
-        return None
-    c2 = call.ahead("c2")
-    return c2 if c2 is not None and c2.numel() == numel else None
 
 
 def lookup(ctx, token_ids: list[int] | None, count: int, weight: LinearWeight) -> Shared:

@@ -91,9 +91,9 @@ class CallMaterial:
             return self.dealt(name, shape)
         return self.draw(name, shape)
 
-    def ahead(self, name: str) -> torch.Tensor | None:
-        """The dealt tensor `name`, read ahead of the call by this party's own precomputation (None
-        when the helper dealt none); the call itself reads it with `dealt`."""
+    def peek(self, name: str) -> torch.Tensor | None:
+        """The tensor the helper dealt under `name` for this call, or None; for work ahead of the
+        online phase (`protocols.linear.user_term_inputs`), which reads it without using it."""
         return self._record.tensors.get(name)
 
     def dealt(self, name: str, shape=None) -> torch.Tensor:

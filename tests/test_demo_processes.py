@@ -42,16 +42,18 @@ def _run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 def _masked_weight_bytes() -> int:
-    from protocols.model.decoder_weights import DecoderArch, linear_shapes
+    from protocols.model.decoder_weights import MASK_CHUNK_ELEMENTS, DecoderArch, linear_shapes
     from tests.tiny_model import decoder_config
 
     smollm2 = decoder_config(
         layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152, rope_theta=1e5
     )
     arch = DecoderArch.from_config(smollm2)
-    return sum(
-        header_length(len(f"w.{name}"), 2) + 8 * d_in * d_out for name, (d_in, d_out, _) in linear_shapes(arch).items()
-    )
+    total = 0
+    for name, (d_in, d_out, _) in linear_shapes(arch).items():  # one message per row block of <= 8 MB
+        blocks = -(-d_in // max(1, MASK_CHUNK_ELEMENTS // d_out))
+        total += blocks * header_length(len(f"w.{name}"), 2) + 8 * d_in * d_out
+    return total
 
 
 @pytest.mark.timeout(1200)  # the demo itself may take its 900 s

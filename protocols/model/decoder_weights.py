@@ -4,7 +4,7 @@ The owner folds what must stay hidden from the user into the linear layers (the 
 multiply the rows of the next layer's weight; the attention's 1/sqrt(head_dim) scales W_q), encodes
 every weight in fixed point, and masks it: W~ = W - U with U from the seed it shares with the helper.
 The user receives W~ once (preparation); the helper regenerates U; only the owner holds W, as int32
-where it fits (`packed`), and never the whole U (`masked_weight` draws it by row blocks).
+where it fits (`packed`), and never the whole U (`masked_blocks` draws it by row blocks).
 
 Linear layers, by name (x @ W orientation, W of shape (d_in, d_out)):
     L{i}.qkv      hidden -> heads*hd + 2*kv_heads*hd   diag(g_attn) [W_q / sqrt(hd) | W_k | W_v]
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from permllm.fixed import LINEAR_BITS, WEIGHT_BITS, encode
+from permllm.memory import page_out
 from permllm.prg import Prg
 from protocols.linear import LinearWeight
 
@@ -171,23 +172,39 @@ def owner_weights(weights, progress=None, *, release: bool = False) -> dict[str,
 
 
 def _release(weights, name: str) -> None:
-    """Drop the float tensors no later weight needs (after `name` was encoded)."""
+    """Drop the float tensors no later weight needs (after `name` was encoded), and page them out
+    (`permllm.memory.page_out`): a memory-mapped checkpoint's pages would otherwise stay resident
+    until the last of its tensors is dropped."""
     if name == "lm_head":
+        done = [weights.embed, weights.lm_head, weights.final_norm]
         weights.embed = weights.lm_head = weights.final_norm = None
     elif name.endswith(".down"):
-        weights.layers[int(name[1 : name.index(".")])] = None
+        i = int(name[1 : name.index(".")])
+        done = [t for t in vars(weights.layers[i]).values() if isinstance(t, torch.Tensor)]
+        weights.layers[i] = None
+    else:
+        return
+    for tensor in done:
+        page_out(tensor)
 
 
-def masked_weight(weight: LinearWeight, seed: bytes) -> torch.Tensor:
-    """W - U (int64) for the owner's `weight`, with U drawn from `seed` a row block at a time (the
-    stream of `weight_mask`): the owner never holds the whole U."""
+def masked_blocks(weight: LinearWeight, seed: bytes):
+    """W - U (int64) for the owner's `weight` by row blocks: yields (i, j, rows i:j of W - U), each of
+    at most MASK_CHUNK_ELEMENTS entries (8 MB), U drawn from `seed` in the stream of `weight_mask`.
+    The owner never holds the whole U nor the whole W - U. Each block is a fresh tensor."""
     d_in, d_out = weight.d_in, weight.d_out
     prg = Prg(seed, f"weight/{weight.name}")
-    out = torch.empty((d_in, d_out), dtype=torch.int64)
     step = max(1, MASK_CHUNK_ELEMENTS // max(d_out, 1))
     for i in range(0, d_in, step):
         j = min(d_in, i + step)
-        torch.sub(weight.local[i:j].to(torch.int64), prg.int64((j - i, d_out)), out=out[i:j])
+        yield i, j, weight.local[i:j].to(torch.int64) - prg.int64((j - i, d_out))
+
+
+def masked_weight(weight: LinearWeight, seed: bytes) -> torch.Tensor:
+    """The whole W - U (int64) for the owner's `weight` (`masked_blocks` put together)."""
+    out = torch.empty((weight.d_in, weight.d_out), dtype=torch.int64)
+    for i, j, block in masked_blocks(weight, seed):
+        out[i:j] = block
     return out
 
 
