@@ -35,6 +35,10 @@ non-result coefficients hold partial dot products with W; they get fresh uniform
 (bfv_packing.FLOOD_BITS), before being modulus-switched to 80 bits. What the user decrypts is
 uniform on every coefficient except the result positions, which carry its share.
 
+Query ciphertexts are serialized seeded (SEAL's symmetric encryption: c1 is expanded on load from
+the seed it was sampled from), about half the bytes of a full ciphertext; the owner cannot tell
+them apart from full ones once loaded, and re-randomizes every reply anyway.
+
 Parameters are pinned on both sides (N = 8192, primes of 50, 30, 45, 45 + 48 bits, t = 2^59);
 peer bytes that do not match, or whose sizes or counts are off, raise ProtocolError.
 """
@@ -164,9 +168,8 @@ class LinearCorrelationClient:
             for bi in range(input_blocks):
                 coeffs = packing.query_coefficients(limbs[br * tw : (br + 1) * tw, bi * nw : (bi + 1) * nw])
                 plain = self._scratch.load(seal.Plaintext(), plaintext_bytes(coeffs), "query plaintext", self._ctx)
-                ct = seal.Ciphertext(self._ctx)
-                self._encryptor.encrypt_symmetric(plain, ct)
-                out.append(self._scratch.dump(ct))
+                # seeded: c1 travels as the seed SEAL expands it from (half the bytes of a full one)
+                out.append(self._scratch.dump(self._encryptor.encrypt_symmetric(plain)))
         return out
 
     def noise_budget(self, ciphertext: seal.Ciphertext | bytes) -> int:
