@@ -58,23 +58,29 @@ _LINEAR_QUERY = struct.Struct("<4sBII")  # bfv_linear's query header prefix: mag
 
 @dataclass(frozen=True)
 class SessionLayout:
-    """groups (KV heads), heads per group, head_dim d, and the rows each step appends to the cache."""
+    """groups (KV heads), heads per group, head_dim d, the rows each step appends to the cache, and
+    ``first``: the material is made for steps first, first + 1, ... (0: the whole session in one pass;
+    a session may also make it in chunks, e.g. one decode step at a time with first = steps - 1)."""
 
     groups: int
     heads: int
     head_dim: int
     appends: tuple[int, ...]
+    first: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "appends", tuple(int(a) for a in self.appends))
         if min(self.groups, self.heads, self.head_dim) < 1 or not self.appends or min(self.appends) < 1:
             raise ConfigError(f"session layout needs positive sizes and appends, got {self}")
+        if not 0 <= self.first < len(self.appends):
+            raise ConfigError(f"first step {self.first} outside the {len(self.appends)} steps")
         if self.total_rows > MAX_ROWS or self.length > MAX_FEATURES or 4 * self.total_rows > MAX_FEATURES:
             raise ConfigError(f"session of {self.total_rows} query rows and {self.length} positions is too large")
 
     @property
-    def steps(self) -> int:
-        return len(self.appends)
+    def steps(self) -> range:
+        """The steps whose material is made."""
+        return range(self.first, len(self.appends))
 
     @property
     def length(self) -> int:
@@ -89,19 +95,20 @@ class SessionLayout:
         return sum(self.appends[: t + 1])
 
     def row_slice(self, t: int) -> slice:
-        start = self.heads * sum(self.appends[:t])
+        """Step t's rows among the stacked rows of the steps made."""
+        start = self.heads * sum(self.appends[self.first : t])
         return slice(start, start + self.rows(t))
 
     @property
     def total_rows(self) -> int:
-        return self.heads * self.length
+        return self.heads * sum(self.appends[self.first :])
 
 
 @dataclass
 class AttentionMasks:
     """One party's shares of a layer's session masks: A per step for scores and values, B per product."""
 
-    score_a: list[torch.Tensor]  # (G, r_t, d)
+    score_a: list[torch.Tensor]  # (G, r_t, d), one per step made
     value_a: list[torch.Tensor]  # (G, r_t, L_t)
     keys: torch.Tensor  # (G, L, d): the score product's B
     values: torch.Tensor  # (G, L, d): the value product's B
@@ -115,15 +122,15 @@ def draw_masks(layout: SessionLayout, seed: bytes) -> AttentionMasks:
     def draw(*shape: int) -> torch.Tensor:
         return torch.from_numpy(prg.uint64(int(np.prod(shape))).view(np.int64).reshape(shape))
 
-    score_a = [draw(g, layout.rows(t), d) for t in range(layout.steps)]
-    value_a = [draw(g, layout.rows(t), layout.cache(t)) for t in range(layout.steps)]
+    score_a = [draw(g, layout.rows(t), d) for t in layout.steps]
+    value_a = [draw(g, layout.rows(t), layout.cache(t)) for t in layout.steps]
     return AttentionMasks(score_a, value_a, draw(g, length, d), draw(g, length, d))
 
 
 def _check_masks(layout: SessionLayout, masks: AttentionMasks) -> None:
     g, d, length = layout.groups, layout.head_dim, layout.length
-    expected = [(g, layout.rows(t), d) for t in range(layout.steps)]
-    expected += [(g, layout.rows(t), layout.cache(t)) for t in range(layout.steps)]
+    expected = [(g, layout.rows(t), d) for t in layout.steps]
+    expected += [(g, layout.rows(t), layout.cache(t)) for t in layout.steps]
     got = list(masks.score_a) + list(masks.value_a)
     shapes_ok = len(got) == len(expected) and all(
         isinstance(x, torch.Tensor) and x.dtype == torch.int64 and tuple(x.shape) == s for x, s in zip(got, expected)
@@ -138,7 +145,7 @@ def _check_masks(layout: SessionLayout, masks: AttentionMasks) -> None:
 def _stack(layout: SessionLayout, per_step: list[torch.Tensor], width: int) -> torch.Tensor:
     """(G, R, width): every step's rows, zero-padded on the right to width columns."""
     out = torch.zeros((layout.groups, layout.total_rows, width), dtype=torch.int64)
-    for t, a in enumerate(per_step):
+    for t, a in zip(layout.steps, per_step):
         out[:, layout.row_slice(t), : a.shape[2]] = a
     return out
 
@@ -171,11 +178,11 @@ def _assemble(layout: SessionLayout, masks: AttentionMasks, cross: list[torch.Te
     """Per step (score C share, value C share) from the local product and the four cross-term shares."""
     t1, t2, t3, t4 = cross
     scores, values = [], []
-    for t in range(layout.steps):
+    for i, t in enumerate(layout.steps):
         rows, length = layout.row_slice(t), layout.cache(t)
-        local = masks.score_a[t] @ masks.keys[:, :length].transpose(1, 2)
+        local = masks.score_a[i] @ masks.keys[:, :length].transpose(1, 2)
         scores.append(local + t1[:, rows, :length] + t2[:, :length, rows].transpose(1, 2))
-        local = masks.value_a[t] @ masks.values[:, :length]
+        local = masks.value_a[i] @ masks.values[:, :length]
         values.append(local + t3[:, rows] + t4[:, :, rows].transpose(1, 2))
     return scores, values
 
@@ -213,7 +220,7 @@ class SessionProductClient:
         return _bundle(b"PLSQ", parts)
 
     def shares(self, reply, masks: AttentionMasks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The user's (score C shares, value C shares), one (G, r_t, L_t) and one (G, r_t, d) per step."""
+        """The user's (score C shares, value C shares), one (G, r_t, L_t) and one (G, r_t, d) per step made."""
         layout = self.layout
         _check_masks(layout, masks)
         parts = _unbundle(reply, b"PLSR", TERMS * layout.groups, "session product reply")

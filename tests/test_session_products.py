@@ -43,16 +43,34 @@ def run(linear):
     return query, reply, owner, client.shares(reply, masks_u), masks_o, masks_u
 
 
-def test_every_steps_triples_are_exact(run):
-    _, _, (score_o, value_o), (score_u, value_u), mo, mu = run
+def _check_exact(layout, owner, user, mo, mu):
+    (score_o, value_o), (score_u, value_u) = owner, user
     keys, values = mo.keys + mu.keys, mo.values + mu.values
-    for t in range(LAYOUT.steps):
-        length = LAYOUT.cache(t)
-        a = mo.score_a[t] + mu.score_a[t]
-        assert torch.equal(score_o[t] + score_u[t], a @ keys[:, :length].transpose(1, 2))
-        a = mo.value_a[t] + mu.value_a[t]
-        assert torch.equal(value_o[t] + value_u[t], a @ values[:, :length])
-        assert score_o[t].shape == (2, LAYOUT.rows(t), length) and value_o[t].shape == (2, LAYOUT.rows(t), 4)
+    assert len(score_o) == len(value_u) == len(layout.steps)
+    for i, t in enumerate(layout.steps):
+        length = layout.cache(t)
+        a = mo.score_a[i] + mu.score_a[i]
+        assert torch.equal(score_o[i] + score_u[i], a @ keys[:, :length].transpose(1, 2))
+        a = mo.value_a[i] + mu.value_a[i]
+        assert torch.equal(value_o[i] + value_u[i], a @ values[:, :length])
+        assert score_o[i].shape == (layout.groups, layout.rows(t), length)
+        assert value_o[i].shape == (layout.groups, layout.rows(t), layout.head_dim)
+
+
+def test_every_steps_triples_are_exact(run):
+    _, _, owner, user, mo, mu = run
+    _check_exact(LAYOUT, owner, user, mo, mu)
+
+
+def test_material_in_chunks_the_later_steps_alone(linear):
+    """first = 1: only the decode steps' material (the cache masks B still cover the prefill rows)."""
+    layout = SessionLayout(groups=2, heads=2, head_dim=4, appends=(3, 1, 1), first=1)
+    masks_o, masks_u = draw_masks(layout, OWNER_SEED), draw_masks(layout, USER_SEED)
+    client = SessionProductClient(linear[0], layout)
+    reply, owner = SessionProductServer(linear[1], layout).answer(client.query(masks_u), masks_o, seed=OUT_SEED)
+    _check_exact(layout, owner, client.shares(reply, masks_u), masks_o, masks_u)
+    with pytest.raises(ConfigError, match="first"):
+        SessionLayout(groups=2, heads=2, head_dim=4, appends=(3, 1), first=2)
 
 
 def _ciphertexts(rows: int, n: int, m: int) -> tuple[int, int]:
