@@ -216,7 +216,7 @@ class SessionProductClient:
         parts = []
         for g in range(self.layout.groups):
             for x, m in zip(operands, outs):
-                parts.append(self._linear.encrypt_rows(x[g].contiguous(), out_features=LIMBS * m))
+                parts.append(self._linear.encrypt_rows(x[g].contiguous(), out_features=LIMBS * m, compact_reply=True))
         return _bundle(b"PLSQ", parts)
 
     def shares(self, reply, masks: AttentionMasks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -257,7 +257,7 @@ class SessionProductServer:
             if len(head) != _LINEAR_QUERY.size or _LINEAR_QUERY.unpack(head)[2] != rows:
                 raise ProtocolError(f"session query part {k} does not have the {rows} rows of its product")
             mask = self._output_mask(prg, rows, LIMBS * m)
-            reply, _ = self._linear.multiply(part, _limb_columns(operands[term][g]), mask=mask)
+            reply, _ = self._linear.multiply(part, _limb_columns(operands[term][g]), mask=mask, compact=True)
             replies.append(reply)
             cross[term][g] = _combine_limbs(mask, m)
         return _bundle(b"PLSR", replies), _assemble(layout, masks, cross)

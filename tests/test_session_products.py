@@ -74,7 +74,7 @@ def test_material_in_chunks_the_later_steps_alone(linear):
 
 
 def _ciphertexts(rows: int, n: int, m: int) -> tuple[int, int]:
-    packing = choose_packing(2 * rows, n, m)
+    packing = choose_packing(2 * rows, n, m, compact=True)
     row_blocks, input_blocks = packing.query_blocks(2 * rows, n)
     return row_blocks * input_blocks, row_blocks * packing.output_blocks(m)
 
@@ -134,6 +134,11 @@ def test_bad_peer_bytes_are_protocol_errors(linear, run):
         server.answer(reply, masks_o)
     with pytest.raises(ProtocolError):
         client.shares([reply[0]] + [b"PLBR" + bytes(20)] + list(reply[2:]), masks_u)
+    # a compact reply ciphertext (c1, then c0's result coefficients): wrong size, or a residue >= its prime
+    with pytest.raises(ProtocolError, match="compact"):
+        client.shares(list(reply[:2]) + [reply[2][:-1]] + list(reply[3:]), masks_u)
+    with pytest.raises(ProtocolError, match="prime"):
+        client.shares(list(reply[:2]) + [b"\xff" * len(reply[2])] + list(reply[3:]), masks_u)
     # a query for another session's rows: refused before anything is multiplied
     other = SessionLayout(groups=2, heads=2, head_dim=4, appends=(3, 1, 2))
     other_query = SessionProductClient(linear[0], other).query(draw_masks(other, USER_SEED))
