@@ -29,7 +29,8 @@ limb rows (hundreds for a session, 3 for one decode step) fill the ciphertexts::
       C_o,t + C_u,t == A_t op(B[:L_t])  (mod 2^64), for every step t and both products
 
 The queries are seeded and the replies compact (bfv_linear: c1 and only the result coefficients
-of c0). One round trip per layer and session (or per chunk of steps, ``SessionLayout.first``). Security is bfv_linear's: the owner sees ciphertexts under the
+of c0). One round trip per layer and session (or per chunk of steps, ``SessionLayout.first``).
+Security is bfv_linear's: the owner sees ciphertexts under the
 user's key (RLWE); every reply is re-randomized, flooded and masked on all N coefficients, and the
 owner's share of each output (the limb masks R'_j, C_o = local + sum_j 2^(16 j) R'_j) is fresh and
 uniform, so the user's share of every step's C_t is uniform and independent of B_o, of A_o and of its
