@@ -35,6 +35,8 @@ non-result coefficients hold partial dot products with W; they get fresh uniform
 (bfv_packing.FLOOD_BITS), before being modulus-switched to 80 bits. What the user decrypts is
 uniform on every coefficient except the result positions, which carry its share.
 
+Queries travel seeded (SEAL expands c1 from its seed on load): about half a full ciphertext's bytes.
+
 Parameters are pinned on both sides (N = 8192, primes of 50, 30, 45, 45 + 48 bits, t = 2^59);
 peer bytes that do not match, or whose sizes or counts are off, raise ProtocolError.
 """
@@ -47,7 +49,14 @@ import numpy as np
 import tenseal.sealapi as seal
 import torch
 
-from permllm.bfv_packing import FLOOD_BITS, Packing, choose_packing, flood_polynomial
+from permllm.bfv_packing import (
+    FLOOD_BITS,
+    Packing,
+    choose_packing,
+    compact_ciphertext,
+    expand_compact,
+    flood_polynomial,
+)
 from permllm.errors import ConfigError, ProtocolError
 from permllm.prg import Prg, fresh_seed
 from permllm.seal_io import (
@@ -132,6 +141,7 @@ class LinearCorrelationClient:
         self._scratch = SealScratch()
         self._first_parms_id = self._ctx.first_parms_id()
         self._reply_parms_id = _level(self._ctx, REPLY_PRIMES).parms_id()
+        self._reply_primes = [mod.value() for mod in _level(self._ctx, REPLY_PRIMES).parms().coeff_modulus()]
         self._public: bytes | None = None
 
     def public_context(self) -> bytes:
@@ -142,8 +152,9 @@ class LinearCorrelationClient:
             self._public = _CONTEXT.pack(b"PLBC", _VERSION, len(parms), len(key)) + parms + key
         return self._public
 
-    def encrypt_rows(self, V: torch.Tensor, *, out_features: int | None = None) -> list[bytes]:
-        """Query for V (T x n, int64): [header, Enc(limb blocks)...]; out_features (m) tunes the packing."""
+    def encrypt_rows(self, V: torch.Tensor, *, out_features: int | None = None, compact_reply=False) -> list[bytes]:
+        """Query for V (T x n, int64): [header, Enc(limb blocks)...]; out_features (m) tunes the packing
+        (and compact_reply: for a server that answers with ``multiply(..., compact=True)``)."""
         if not isinstance(V, torch.Tensor) or V.dtype != torch.int64 or V.dim() != 2:
             raise ConfigError("V must be a 2-D torch.int64 tensor")
         T, n = V.shape
@@ -154,7 +165,7 @@ class LinearCorrelationClient:
         m = n if out_features is None else int(out_features)
         if not 1 <= m <= MAX_FEATURES:
             raise ConfigError(f"out_features must be in [1, {MAX_FEATURES}], got {m}")
-        packing = choose_packing(2 * T, n, m)
+        packing = choose_packing(2 * T, n, m, compact=compact_reply)
         unsigned = V.contiguous().numpy().view(np.uint64)
         limbs = np.concatenate([unsigned >> np.uint64(LOW_BITS), unsigned & np.uint64((1 << LOW_BITS) - 1)])
         tw, nw = packing.rows_per_block, packing.inputs_per_block
@@ -164,9 +175,8 @@ class LinearCorrelationClient:
             for bi in range(input_blocks):
                 coeffs = packing.query_coefficients(limbs[br * tw : (br + 1) * tw, bi * nw : (bi + 1) * nw])
                 plain = self._scratch.load(seal.Plaintext(), plaintext_bytes(coeffs), "query plaintext", self._ctx)
-                ct = seal.Ciphertext(self._ctx)
-                self._encryptor.encrypt_symmetric(plain, ct)
-                out.append(self._scratch.dump(ct))
+                # seeded: c1 travels as the seed SEAL expands it from (half the bytes of a full one)
+                out.append(self._scratch.dump(self._encryptor.encrypt_symmetric(plain)))
         return out
 
     def noise_budget(self, ciphertext: seal.Ciphertext | bytes) -> int:
@@ -186,7 +196,8 @@ class LinearCorrelationClient:
     def decrypt_shares(self, reply, T: int, m: int) -> torch.Tensor:
         """The user's share V @ W - R (mod 2^64) as torch.int64 (T, m) from the owner's reply."""
         parts = _check_list(reply, "reply")
-        T_r, m_r, tw, nw, mw = _unpack(_REPLY, parts[0], b"PLBR", "reply")
+        compact = parts[0][:4] == b"PLBK"
+        T_r, m_r, tw, nw, mw = _unpack(_REPLY, parts[0], b"PLBK" if compact else b"PLBR", "reply")
         packing = Packing(tw, nw)
         if (T_r, m_r) != (T, m) or not packing.valid_for(2 * T, MAX_FEATURES) or packing.outputs_per_block(m) != mw:
             raise ProtocolError(f"reply header (T={T_r}, m={m_r}, Tw={tw}, nw={nw}, mw={mw}) does not fit T={T}, m={m}")
@@ -200,11 +211,16 @@ class LinearCorrelationClient:
                 raise ProtocolError(f"reply ciphertext {k} has {len(data)} bytes, accepted at most {limit}")
             br, bj = divmod(k, output_blocks)
             rows_here, outs_here = min(tw, 2 * T - br * tw), min(mw, m - bj * mw)
+            positions = packing.result_positions(rows_here, outs_here, m)
+            if compact:
+                try:
+                    data = expand_compact(data, positions.reshape(-1), self._reply_primes, self._reply_parms_id)
+                except ValueError as exc:
+                    raise ProtocolError(f"compact reply ciphertext {k}: {exc}") from None
             ct = _load_ciphertext(self._scratch, self._ctx, data, self._reply_parms_id, f"reply ciphertext {k}")
             plain = seal.Plaintext()
             self._decryptor.decrypt(ct, plain)
             count = plain.coeff_count()
-            positions = packing.result_positions(rows_here, outs_here, m)
             got = [plain.data(int(p)) if p < count else 0 for p in positions.reshape(-1)]
             block = np.array(got, dtype=np.uint64).reshape(rows_here, outs_here)
             values[br * tw : br * tw + rows_here, bj * mw : bj * mw + outs_here] = block
@@ -361,14 +377,24 @@ class LinearCorrelationServer:
         data = ciphertext_bytes(self._first_parms_id, polys)
         return self._scratch.load(seal.Ciphertext(self._ctx), data, "flood ciphertext", self._ctx)
 
-    def multiply(self, query, W: torch.Tensor, *, seed: bytes | None = None, mask: torch.Tensor | None = None):
+    def multiply(self, query, W: torch.Tensor, *, seed=None, mask: torch.Tensor | None = None, compact=False):
         """(reply, R): reply for the user (list[bytes]), R the owner's share (torch.int64, T x m).
 
         R is ``mask`` when given, else derived from ``seed`` (16 bytes, permllm.prg) or fresh.
+        compact: each reply ciphertext travels as its c1 and only the result coefficients of its c0
+        (c0 enters decryption coefficient by coefficient), 7 + 4 bytes per residue pair, header PLBK.
         """
         header, cts, R = self._evaluate(query, W, seed=seed, mask=mask)
-        out = [header]
-        for ct in cts:
+        T, m, tw, nw, mw = _REPLY.unpack(header)[2:]
+        packing, output_blocks = Packing(tw, nw), -(-m // mw)
+        primes = [mod.value() for mod in _level(self._ctx, REPLY_PRIMES).parms().coeff_modulus()]
+        out = [b"PLBK" + header[4:] if compact else header]
+        for k, ct in enumerate(cts):
             self._evaluator.mod_switch_to_inplace(ct, self._reply_parms_id)
-            out.append(self._scratch.dump(ct))
+            if not compact:
+                out.append(self._scratch.dump(ct))
+                continue
+            br, bj = divmod(k, output_blocks)
+            positions = packing.result_positions(min(tw, 2 * T - br * tw), min(mw, m - bj * mw), m).reshape(-1)
+            out.append(compact_ciphertext(ct, positions, primes))
         return out, R

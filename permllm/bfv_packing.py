@@ -28,15 +28,25 @@ from functools import lru_cache
 import numpy as np
 
 from permllm.prg import Prg
-from permllm.seal_io import POLY_DEGREE
+from permllm.seal_io import POLY_DEGREE, ciphertext_bytes
 
-__all__ = ["Packing", "choose_packing", "flood_polynomial", "FLOOD_BITS"]
+__all__ = [
+    "Packing",
+    "choose_packing",
+    "flood_polynomial",
+    "pack_residues",
+    "unpack_residues",
+    "compact_ciphertext",
+    "expand_compact",
+    "FLOOD_BITS",
+]
 
 FLOOD_BITS = 90
 # Serialized sizes used only to rank packings (zstd packs the unused high bits of each 64-bit word).
-_QUERY_CT_BYTES = 2 * 170 * POLY_DEGREE // 8
+_QUERY_CT_BYTES = 207_000  # seeded (c1 travels as a seed): c0's 4 residues, zstd, as measured
 _REPLY_CT_BYTES = 2 * 80 * POLY_DEGREE // 8
 _MULTIPLY_WEIGHT_BYTES = 4096  # tie-break: owner time per plaintext x ciphertext multiply
+_REPLY_TIME_BYTES = 65536  # owner time per compact reply ciphertext (~15 ms: encryption of zero, flood, reads)
 
 
 @dataclass(frozen=True)
@@ -98,8 +108,10 @@ def _block_sizes(total: int, limit: int) -> list[int]:
 
 
 @lru_cache(maxsize=256)
-def choose_packing(rows: int, n: int, m: int) -> Packing:
-    """The packing with the fewest estimated bytes on the wire (then fewest multiplies) for rows x n @ n x m."""
+def choose_packing(rows: int, n: int, m: int, compact: bool = False) -> Packing:
+    """The packing with the fewest estimated bytes on the wire (then fewest multiplies) for rows x n @ n x m.
+
+    compact: replies carry c1 and only the result coefficients of c0 (bfv_linear's compact replies)."""
     best, best_cost = None, math.inf
     for tw in _block_sizes(rows, min(rows, POLY_DEGREE)):
         stride = POLY_DEGREE // tw
@@ -107,9 +119,12 @@ def choose_packing(rows: int, n: int, m: int) -> Packing:
             packing = Packing(tw, nw)
             row_blocks, input_blocks = packing.query_blocks(rows, n)
             output_blocks = packing.output_blocks(m)
+            reply = _REPLY_CT_BYTES
+            if compact:  # c1, the results of c0, and the owner's fixed time per reply (re-randomize, flood)
+                reply = (POLY_DEGREE + tw * packing.outputs_per_block(m)) * 11 + _REPLY_TIME_BYTES
             cost = (
                 row_blocks * input_blocks * _QUERY_CT_BYTES
-                + row_blocks * output_blocks * _REPLY_CT_BYTES
+                + row_blocks * output_blocks * reply
                 + row_blocks * input_blocks * output_blocks * _MULTIPLY_WEIGHT_BYTES
             )
             if cost < best_cost:
@@ -147,3 +162,61 @@ def flood_polynomial(primes: list[int], prg: Prg, flood_bits: int = FLOOD_BITS) 
         term = term % pu + np.uint64(p - (1 << flood_bits) % p)
         out[row] = term % pu
     return out
+
+
+def _residue_bytes(primes: list[int]) -> list[int]:
+    return [(int(p).bit_length() + 7) // 8 for p in primes]
+
+
+def pack_residues(residues: np.ndarray, primes: list[int]) -> bytes:
+    """RNS residues (len(primes), count), each < its prime, in ceil(bits / 8) little-endian bytes each."""
+    parts = []
+    for row, width in zip(residues, _residue_bytes(primes)):
+        parts.append(np.ascontiguousarray(row, dtype="<u8").view(np.uint8).reshape(-1, 8)[:, :width].tobytes())
+    return b"".join(parts)
+
+
+def unpack_residues(data: bytes, primes: list[int], count: int) -> np.ndarray:
+    """Inverse of :func:`pack_residues`; ValueError when the size is off or a residue is not below its prime."""
+    widths = _residue_bytes(primes)
+    if len(data) != count * sum(widths):
+        raise ValueError(f"{len(data)} bytes of residues, expected {count * sum(widths)}")
+    out = np.zeros((len(primes), count), dtype=np.uint64)
+    start = 0
+    for row, (p, width) in enumerate(zip(primes, widths)):
+        raw = np.frombuffer(data, dtype=np.uint8, count=count * width, offset=start).reshape(count, width)
+        wide = np.zeros((count, 8), dtype=np.uint8)
+        wide[:, :width] = raw
+        out[row] = wide.view("<u8").reshape(-1)
+        if out[row].size and int(out[row].max()) >= p:
+            raise ValueError("a residue is not below its prime")
+        start += count * width
+    return out
+
+
+def compact_ciphertext(ct, positions: np.ndarray, primes: list[int]) -> bytes:
+    """A 2-component coefficient-form ciphertext as c1 and c0 at ``positions`` only (packed residues).
+
+    Decryption reads c0 coefficient by coefficient, so these decrypt the result positions exactly."""
+    at, size = ct.dyn_array().at, len(primes) * POLY_DEGREE
+    c1 = np.fromiter((at(i) for i in range(size, 2 * size)), dtype=np.uint64, count=size)
+    wanted = (np.arange(len(primes))[:, None] * POLY_DEGREE + positions[None, :]).reshape(-1).tolist()
+    c0 = np.fromiter((at(i) for i in wanted), dtype=np.uint64, count=len(wanted))
+    return pack_residues(c1.reshape(len(primes), -1), primes) + pack_residues(c0.reshape(len(primes), -1), primes)
+
+
+def expand_compact(data: bytes, positions: np.ndarray, primes: list[int], parms_id) -> bytes:
+    """SEAL bytes of the ciphertext (c0 zero off ``positions``, c1) a :func:`compact_ciphertext` encodes.
+
+    ValueError when the size is off or a residue is not below its prime."""
+    split = _packed_bytes(primes, POLY_DEGREE)
+    if len(data) != split + _packed_bytes(primes, positions.size):
+        raise ValueError(f"{len(data)} bytes, expected {split + _packed_bytes(primes, positions.size)}")
+    polys = np.zeros((2, len(primes), POLY_DEGREE), dtype=np.uint64)
+    polys[1] = unpack_residues(data[:split], primes, POLY_DEGREE)
+    polys[0][:, positions] = unpack_residues(data[split:], primes, positions.size)
+    return ciphertext_bytes(parms_id, polys)
+
+
+def _packed_bytes(primes: list[int], count: int) -> int:
+    return count * sum(_residue_bytes(primes))

@@ -197,3 +197,21 @@ def test_bad_local_arguments_raise_config_error(pair):
         server.multiply(query, torch.full((4, 2), 2**19, dtype=torch.int64))
     with pytest.raises(ConfigError):
         server.multiply(query, torch.zeros(4, 2, dtype=torch.int64), mask=torch.zeros(2, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("T,n,m", [(3, 64, 100), (2, 130, 9)], ids=["odd-T", "ragged"])
+def test_compact_replies_decrypt_to_the_same_shares_in_fewer_bytes(pair, T, n, m):
+    """compact=True: c1 and the result coefficients of c0 only (7 + 4 bytes per residue pair)."""
+    client, server = pair
+    V, W = _data(40 + T + n, T, n, m)
+    query = client.encrypt_rows(V, out_features=m)
+    full, R = server.multiply(query, W, seed=bytes(16))
+    compact, R2 = server.multiply(query, W, seed=bytes(16), compact=True)
+    assert torch.equal(R, R2) and len(full) == len(compact)
+    shares = client.decrypt_shares(compact, T, m)
+    assert torch.equal(shares + R, V @ W)
+    tw, nw, mw = struct.unpack("<4sBIIHHH", compact[0])[4:]
+    results = Packing(tw, nw).result_positions(min(tw, 2 * T), min(mw, m), m).size
+    assert len(compact[1]) == 11 * (POLY_DEGREE + results) < len(full[1])
+    with pytest.raises(ProtocolError, match="compact"):
+        client.decrypt_shares(compact[:1] + [compact[1][:-11]] + compact[2:], T, m)
