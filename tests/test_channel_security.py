@@ -102,7 +102,7 @@ def _permllm(*args, timeout=60):
 
 @pytest.mark.processes
 def test_roles_refuse_to_start_without_keys_or_insecure():
-    proc = _permllm("helper", "--owner", "tcp://127.0.0.1:1", "--user", "tcp://127.0.0.1:2")
+    proc = _permllm("helper", "--owner", "tcp://127.0.0.1:1")
     assert proc.returncode == 2
     assert "give --keys DIR" in proc.stderr and "--insecure" in proc.stderr
 

@@ -92,7 +92,7 @@ def test_a_role_process_refuses_a_shared_keys_folder_before_opening_sockets(tmp_
         generate_keypair(tmp_path, role)
     proc = subprocess.run(
         [sys.executable, "-m", "parties.cli", "helper", "--keys", str(tmp_path)]
-        + ["--owner", "tcp://127.0.0.1:1", "--user", "tcp://127.0.0.1:2", "--setup-timeout", "1"],
+        + ["--owner", "tcp://127.0.0.1:1", "--setup-timeout", "1"],
         capture_output=True,
         text=True,
         timeout=60,
