@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -721,3 +722,45 @@ def test_bench_of_a_checkpoint_labels_it_and_runs_its_plaintext_reference(tmp_pa
             torch.tensor([ids]), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=2
         )
     assert summary["plaintext"]["token_ids"] == expected[0, len(ids) :].tolist()
+
+
+SERVICE = """
+import json, signal, sys, time
+done = []
+signal.signal(signal.SIGTERM, lambda *a: done.append(1))
+while not done:
+    time.sleep(0.02)
+with open(sys.argv[1], "w") as f:
+    json.dump({"service": True, "sessions": [{"role": sys.argv[2], "phases_s": {"prepare": 1.0, "online": 2.0}}]}, f)
+"""
+USER = """
+import json, sys
+with open(sys.argv[1], "w") as f:
+    json.dump({"role": "user", "phases_s": {"prepare": 3.0, "offline": 4.0, "online": 5.0}}, f)
+"""
+
+
+def test_a_bench_session_ends_when_the_user_exits_and_stops_the_services(monkeypatch):
+    """Owner and helper serve until SIGTERM: the bench stops them once the user has exited with 0 (not
+    waiting for them to exit by themselves) and reads each service's one session from its report."""
+    import parties.launcher
+    from permllm_bench import sessions
+
+    pools = []
+
+    def commands(args, ports, reports):
+        pools.append(args.pool_depth)
+        script = {"owner": SERVICE, "helper": SERVICE, "user": USER}
+        return {
+            r: [sys.executable, "-c", script[r], str(reports / f"{r}.json"), r] for r in ("owner", "helper", "user")
+        }
+
+    monkeypatch.setattr(parties.launcher, "role_commands", commands)
+    monkeypatch.setattr(parties.launcher, "merge_reports", lambda raw, network: {"prepare_s": 0.0, "raw": raw})
+    start = time.monotonic()
+    summary = sessions.run_session("none", "hi", 3, timeout=60.0)
+    assert time.monotonic() - start < 30.0
+    assert pools == [0]  # nothing dealt ahead in the background of a measured session
+    assert summary["raw"]["owner"] == {"role": "owner", "phases_s": {"prepare": 1.0, "online": 2.0}}
+    assert summary["raw"]["helper"]["role"] == "helper"
+    assert summary["prepare_s"] == 3.0 and summary["owner_online_s"] == 2.0 and summary["user_online_s"] == 5.0

@@ -83,6 +83,7 @@ def run_session(
         top_p=None,
         seed=None,
         sample=False,
+        pool_depth=0,  # no session dealt ahead in the background while this one is measured
     )
     with tempfile.TemporaryDirectory(prefix="permllm-bench-") as tmp:
         reports = Path(tmp)
@@ -100,13 +101,17 @@ def run_session(
             for role in ROLES:
                 logs[role] = open(reports / f"{role}.log", "wb")
                 processes[role] = subprocess.Popen(commands[role], env=env, stdout=logs[role], stderr=subprocess.STDOUT)
-            while True:
+            while True:  # owner and helper are services: the session ends when the user exits with 0
                 codes = {role: proc.poll() for role, proc in processes.items()}
-                bad = [(r, c) for r, c in codes.items() if c not in (None, 0)]
+                bad = [(r, c) for r, c in codes.items() if c is not None and (c != 0 or r != "user")]
                 if bad:
                     failed = bad[0]
                     break
-                if all(c == 0 for c in codes.values()):
+                if codes["user"] == 0:
+                    stop_roles({r: processes[r] for r in ("owner", "helper")}, grace_s=60.0)
+                    failed = next(
+                        ((r, processes[r].returncode) for r in ("owner", "helper") if processes[r].returncode), None
+                    )
                     break
                 if time.perf_counter() - start > timeout:
                     failed = ("session", f"timeout after {timeout:.0f} s")
@@ -129,6 +134,8 @@ def run_session(
                     tails.append(f"--- {r} ---\n" + "\n".join(text))
             raise ConfigError(f"the {network!r} session failed: the {role} exited with {code}\n" + "\n".join(tails))
         raw = {role: json.loads((reports / f"{role}.json").read_text()) for role in ROLES}
+        for role in ("owner", "helper"):  # a service's report lists its sessions: this run had one
+            raw[role] = raw[role]["sessions"][0]
     summary = merge_reports(raw, network=network)
     summary.update(profile_figures(network))
     summary["wall_s"] = wall
