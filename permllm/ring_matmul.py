@@ -17,10 +17,10 @@ split by column blocks over `torch.get_num_threads()` threads (the process's com
 setting, `--threads` on the command line), smaller ones run on the calling thread. Without numba,
 `ring_matmul` is torch's `@`.
 
-With an int32 `b` and TORCH_MIN_ROWS rows or more (a prefill), torch's int64 matmul on b widened a
-block of rows at a time is several times faster than the kernel here (torch 2.13, one thread:
-37 x 576 x 3072 in 7 ms against 44 ms); for one to three rows (a decode step) the kernel is faster
-(1 x 576 x 49152: ~21 ms against ~40 ms).
+With TORCH_MIN_ROWS rows or more (a prefill, a precomputation), torch's int64 matmul on b (an int32 b
+widened a block of rows at a time) is several times faster than the kernel here (torch 2.13, one
+thread: 37 x 576 x 3072 int32 in 7 ms against 44 ms; 37 x 49152 x 576 int64 in 0.31 s against 1.43 s);
+for one to three rows (a decode step) the kernel is faster (1 x 576 x 49152: ~21 ms against ~40 ms).
 
     python -m pytest bench/test_bench_kernels.py -k matmul --benchmark-only   # numba vs torch
 """
@@ -54,7 +54,8 @@ def ring_matmul_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _widened_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for an int32 b, widened WIDEN_BLOCK_ELEMENTS entries at a time (bounded extra memory)."""
+    """a @ b by row blocks of b of WIDEN_BLOCK_ELEMENTS entries (an int32 b widened one block at a time:
+    bounded extra memory; an int64 block is used as it is)."""
     k, n = b.shape
     out = torch.zeros((a.shape[0], n), dtype=torch.int64)
     rows = max(1, WIDEN_BLOCK_ELEMENTS // max(n, 1))
@@ -151,10 +152,10 @@ if NUMBA_AVAILABLE:
         return torch.from_numpy(out)
 
     def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a @ b mod 2^64 (b int64 or int32): the numba kernel, except for an int32 b and at least
-        TORCH_MIN_ROWS rows, where torch's int64 matmul on widened row blocks of b is faster."""
+        """a @ b mod 2^64 (b int64 or int32): the numba kernel, except from TORCH_MIN_ROWS rows on, where
+        torch's int64 matmul on row blocks of b is faster."""
         _check(a, b)
-        if b.dtype == torch.int32 and a.shape[0] >= TORCH_MIN_ROWS:
+        if a.shape[0] >= TORCH_MIN_ROWS:
             return _widened_torch(a, b)
         return ring_matmul_numba(a, b)
 

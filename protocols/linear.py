@@ -37,7 +37,7 @@ import torch
 
 from permllm.errors import MaterialMismatch
 from permllm.fixed import encode
-from permllm.ring_matmul import TORCH_MIN_ROWS, ring_matmul
+from permllm.ring_matmul import ring_matmul
 from permllm.sharing import Shared
 from protocols.context import shape_key
 
@@ -152,19 +152,12 @@ def precompute_weight_terms(calls: list, d_out: int, blocks) -> int:
     sums = [torch.zeros((m, d_out), dtype=torch.int64) for _, m, _, _ in calls]
     for i, j, block in blocks:
         for x, acc in zip(inputs, sums):
-            acc += _ahead_product(x[:, i:j].contiguous(), block)
+            acc += ring_matmul(x[:, i:j].contiguous(), block)
     for (call, m, _, x), acc in zip(calls, sums):
         call.keep(_TERM, acc + call.draw("s", (m, d_out)))
         if x is not None:
             call.keep(_INPUT, x)
     return len(calls)
-
-
-def _ahead_product(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """x @ block mod 2^64 for the precomputation: torch's int64 matmul (`ring_matmul_torch`, exact)
-    from TORCH_MIN_ROWS rows, where it beats the kernel on an int64 block (one thread here: the
-    prefill's 37 x 49152 x 576 in 0.31 s against 1.43 s), `ring_matmul` below."""
-    return x @ block if x.shape[0] >= TORCH_MIN_ROWS else ring_matmul(x, block)
 
 
 def weight_blocks(local: torch.Tensor, rows: int | None = None):
