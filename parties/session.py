@@ -21,11 +21,15 @@ import numpy as np
 
 from parties.families import Family, family
 from parties.inprocess import PairRun, Seeds, deal_records, run_pair
+from permllm.errors import ConfigError
 from protocols.linear import precompute_user_terms
 from protocols.material import QueuedMaterial
 from protocols.model.decoder_weights import masked_weight
 
 SESSION_TIMEOUT_S = 3600.0
+HELPER_MODE = "helper"
+TWO_PARTY_MODE = "two-party"
+MODES = (HELPER_MODE, TWO_PARTY_MODE)
 
 
 @dataclass
@@ -34,8 +38,10 @@ class SessionRun:
 
     pair: each role's result and the online traffic (flights, bytes per direction).
     dealt_call_bytes: material bytes (owner's + user's record) of every dealt protocol call, in order.
-    deal_s / deal_end: the dry run's wall time and its perf_counter() end.
+    deal_s / deal_end: the dry run's wall time and its perf_counter() end (two-party mode: the making
+        of the material by both parties, plans included).
     material_left: dealt calls neither party used (generation that stopped at eos leaves some).
+    offline: two-party mode only: the traffic of making the material (flights, bytes per direction).
     """
 
     pair: PairRun
@@ -44,6 +50,7 @@ class SessionRun:
     deal_end: float
     online_s: float
     material_left: int
+    offline: PairRun | None = None
 
     @property
     def dealt_calls(self) -> int:
@@ -94,11 +101,20 @@ class PreparedModel:
         hooks: Mapping[str, list] | None = None,
         wrap_channel=None,
         timeout: float = SESSION_TIMEOUT_S,
+        mode: str = HELPER_MODE,
+        runners=None,
     ) -> SessionRun:
         """Deal, then run owner and user. helper / owner / user are (ctx, driver) -> result, each given its
         own driver (SecureDecoder / SecureEncoder for `capacity` positions) on the dummy, the owner's or
         the user's weights. hooks: step hooks per "helper" / "owner" / "user" driver (measurement).
-        seeds: the dealer's seeds (fresh ones when None)."""
+        seeds: the dealer's seeds (fresh ones when None; two-party mode: each party's own seed).
+        mode: "helper" (the helper's dry run deals) or "two-party" (owner and user make the material
+        together first, `protocols.two_party`; the user then holds no W - U). runners(ctx): two-party
+        runs to use instead of oblivious transfer and BFV (tests)."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
+        if mode == TWO_PARTY_MODE:
+            return self._two_party_session(capacity, helper, owner, user, seeds, hooks, wrap_channel, timeout, runners)
         fam, arch, hooks = self.family, self.arch, hooks or {}
         drivers = {
             "helper": fam.driver(arch, fam.helper_weights(arch), capacity),
@@ -136,6 +152,56 @@ class PreparedModel:
             deal_end=end["time"],
             online_s=time.perf_counter() - online,
             material_left=max(owner_mat.remaining, user_mat.remaining),
+        )
+
+    def _two_party_session(self, capacity, plan_program, owner, user, seeds, hooks, wrap_channel, timeout, runners):
+        from protocols.two_party.plan import plan_session
+        from protocols.two_party.provider import make_material
+
+        fam, arch, hooks = self.family, self.arch, hooks or {}
+        shape_only = fam.helper_weights(arch)
+        drivers = {"owner": fam.driver(arch, self.owner, capacity), "user": fam.driver(arch, shape_only, capacity)}
+        for side, driver in drivers.items():
+            driver.step_hooks.extend(hooks.get(side, ()))
+        seeds = seeds or Seeds.fresh()
+
+        def making(seed: bytes, weights):
+            def make(ctx):
+                plan = plan_session(lambda pctx: plan_program(pctx, fam.driver(arch, shape_only, capacity)))
+                return make_material(
+                    ctx, plan, seed, weights=weights, runners=None if runners is None else runners(ctx)
+                )
+
+            return make
+
+        start = time.perf_counter()
+        offline = run_pair(
+            making(seeds.owner, self.owner),
+            making(seeds.user, None),
+            None,
+            None,
+            wrap_channel=wrap_channel,
+            timeout=timeout,
+        )
+        made = time.perf_counter()
+        owner_mat, user_mat = offline.owner, offline.user
+        call_bytes = [0] * owner_mat.remaining
+        pair = run_pair(
+            lambda ctx: owner(ctx, drivers["owner"]),
+            lambda ctx: user(ctx, drivers["user"]),
+            owner_mat,
+            user_mat,
+            wrap_channel=wrap_channel,
+            timeout=timeout,
+        )
+        return SessionRun(
+            pair=pair,
+            dealt_call_bytes=call_bytes,
+            deal_s=made - start,
+            deal_end=made,
+            online_s=time.perf_counter() - made,
+            material_left=max(owner_mat.remaining, user_mat.remaining),
+            offline=offline,
         )
 
 
@@ -191,6 +257,8 @@ def generate(
     hooks: Mapping[str, list] | None = None,
     timeout: float = SESSION_TIMEOUT_S,
     selection: str = "table",
+    mode: str = HELPER_MODE,
+    runners=None,
 ) -> LocalGeneration:
     """One private generation session on a prepared decoder: the dealer's dry run covers the whole budget,
     each token is chosen on the user's side under a permutation and recovered with the `selection` mode
@@ -222,6 +290,8 @@ def generate(
         hooks=hooks,
         wrap_channel=wrap_channel,
         timeout=timeout,
+        mode=mode,
+        runners=runners,
     )
     return LocalGeneration(session=run, tokens=run.pair.user, user_trace=trace)
 
@@ -249,6 +319,8 @@ def embed(
     normalize: bool | None = None,
     wrap_channel=None,
     timeout: float = SESSION_TIMEOUT_S,
+    mode: str = HELPER_MODE,
+    runners=None,
 ) -> LocalEmbedding:
     """One private embedding session on a prepared encoder. token_ids: one sentence (list of ids, special
     tokens included) or a list of sentences, embedded one after another in the same session."""
@@ -270,6 +342,8 @@ def embed(
         seeds=seeds,
         wrap_channel=wrap_channel,
         timeout=timeout,
+        mode=mode,
+        runners=runners,
     )
     embedding = np.stack(run.pair.user) if batch else run.pair.user[0]
     return LocalEmbedding(session=run, embedding=embedding)

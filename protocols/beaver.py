@@ -17,6 +17,8 @@ where op(M) = M^T for scores and M for weighted values. A one-time pad per row: 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from permllm.sharing import Shared
@@ -45,6 +47,24 @@ class GrowingOperand:
         setattr(self, attr, rows if current is None else torch.cat([current, rows], dim=1))
 
 
+@dataclass
+class ProductMask:
+    """The correlation of one appending product: A (x_shape) and B_new (y_shape) with both halves
+    seeded, and C = A @ op(B) over the whole mask B of `cache` so far: the owner's half seeded (made
+    with the user in the two-party mode), the user's dealt. The helper's dry run keeps B in the cache."""
+
+    cache: GrowingOperand
+    x_shape: tuple
+    y_shape: tuple
+    out_shape: tuple
+
+    def deal(self, call, ctx) -> None:
+        a = call.owner_draw("A", self.x_shape) + call.user_draw("A", self.x_shape)
+        b_new = call.owner_draw("B", self.y_shape) + call.user_draw("B", self.y_shape)
+        self.cache._append("mask", b_new)
+        call.to_user("C", a @ self.cache._op(self.cache.mask) - call.owner_draw("C", self.out_shape))
+
+
 def product(ctx, x: Shared, y_new: Shared, cache: GrowingOperand) -> Shared:
     """Append <y_new> to the growing operand, then <X @ op(Y)>. 1 flight. See the module docstring."""
     g, mx, k = x.shape
@@ -59,12 +79,10 @@ def product(ctx, x: Shared, y_new: Shared, cache: GrowingOperand) -> Shared:
     key = shape_key(x.shape, y_new.shape, cache.rows)
     out_bits = x.bits + y_new.bits
     if ctx.dealing:
-        call = ctx.call("product:" + cache.name, key)
-        a = call.owner_draw("A", x.shape) + call.user_draw("A", x.shape)
-        b_new = call.owner_draw("B", y_new.shape) + call.user_draw("B", y_new.shape)
-        cache._append("mask", b_new)
+        ctx.deal(
+            ctx.call("product:" + cache.name, key), ProductMask(cache, tuple(x.shape), tuple(y_new.shape), out_shape)
+        )
         cache.rows = rows
-        call.to_user("C", a @ cache._op(cache.mask) - call.owner_draw("C", out_shape))
         return Shared.placeholder(out_shape, out_bits)
 
     mat = ctx.take("product:" + cache.name, key)

@@ -5,6 +5,12 @@ Every protocol in this package is one function that the owner and the user both 
 helpers here (`user_sends`, `owner_sends`, `exchange`) and `owner_term`, which keeps a public term
 on the owner's share only. The offline helper calls the same functions with a `DealerContext`:
 instead of computing on shares it deals the material each call will take.
+
+A protocol names each correlation it needs as a request object (`linear.LinearMask`,
+`permute.PermutationMask`, `beaver.ProductMask`, `selection.TableMask`, `trunc.TruncationMask`) and
+hands it to `ctx.deal(call, request)`: the helper's `DealerContext` deals it from both seeds
+(`request.deal`), the two-party planner (`protocols.two_party.plan`) records it, and the owner and user
+then make it together (`protocols.two_party.provider`).
 """
 
 from __future__ import annotations
@@ -122,6 +128,11 @@ class DealerContext:
 
     def call(self, kind: str, key: str) -> DealerCall:
         return self.dealer.call(kind, key)
+
+    def deal(self, call: DealerCall, request):
+        """Deal one correlation of `call` with both seeds (the request's `deal`); returns what the
+        dry run carries on, e.g. the user's dealt share of a permuted step's output."""
+        return request.deal(call, self)
 
 
 def _ring(array: np.ndarray) -> torch.Tensor:

@@ -63,6 +63,25 @@ class LinearWeight:
     bias: torch.Tensor | None = None
 
 
+@dataclass
+class LinearMask:
+    """The correlation of one linear call: the owner's M = v @ U - s, the user's v (seeded unless the
+    input is dealt: then v is its dealt share) and s (seeded).
+
+    v: the dealt input's user share (in the helper's dry run the tensor itself, in the two-party plan
+    the positions of its entries among the plan's dealt shares), or None for a seeded v."""
+
+    weight: str
+    rows: int
+    d_in: int
+    d_out: int
+    v: torch.Tensor | None = None
+
+    def deal(self, call, ctx) -> None:
+        v = self.v if self.v is not None else call.user_draw("v", (self.rows, self.d_in))
+        call.to_owner("M", ctx.mask_product(self.weight, v) - call.user_draw("s", (self.rows, self.d_out)))
+
+
 def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
     """<x> @ W (+ b). See the module docstring for messages, flights and bytes."""
     m, d_in = x.shape
@@ -72,9 +91,7 @@ def linear(ctx, x: Shared, weight: LinearWeight) -> Shared:
     out_bits = x.bits + weight.bits
     out_shape = (m, weight.d_out)
     if ctx.dealing:
-        call = ctx.call("linear:" + weight.name, key)
-        v = x.user_share if x.dealt else call.user_draw("v", (m, d_in))
-        call.to_owner("M", ctx.mask_product(weight.name, v) - call.user_draw("s", out_shape))
+        ctx.deal(ctx.call("linear:" + weight.name, key), LinearMask(weight.name, m, d_in, weight.d_out, x.user_share))
         return Shared.placeholder(out_shape, out_bits)
 
     mat = ctx.take("linear:" + weight.name, key)
@@ -100,6 +117,14 @@ _INPUT = "x_u"
 """The dealt input a dealt-input call's share was precomputed for (kept with it, checked on use)."""
 PRECOMPUTE_BLOCK_ELEMENTS = 1 << 21
 """Entries of W~ per row block when `precompute_user_terms` multiplies by blocks (16 MB of int64)."""
+
+
+def keep_user_term(material, term: torch.Tensor, x_u: torch.Tensor | None = None) -> None:
+    """Keep a linear call's user share made ahead by another route (the two-party mode's v @ W - R):
+    `term` for a masked-input call, or for a dealt-input call together with the input x_u it is for."""
+    material.keep(_TERM, term)
+    if x_u is not None:
+        material.keep(_INPUT, x_u)
 
 
 def _held(weight: LinearWeight) -> torch.Tensor:

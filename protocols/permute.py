@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,12 +60,35 @@ def _check_layout(n: int, lengths) -> list[int]:
     return lengths
 
 
-def _deal_reveal(call, x: Shared, lengths, name: str = ""):
-    n, c = x.shape
-    pi = call.owner_permutation("pi" + name, lengths)
-    a = call.user_draw("a" + name, (n, c))
-    call.to_user("c1" + name, gather_rows(a, pi) - call.owner_draw("b" + name, (n, c)))
-    return pi
+@dataclass
+class PermutationMask:
+    """The permutation correlation of a permuted step: the user's out = pi(a) - b (or, for the
+    re-share, pi^-1(a) - b), pi the owner's seeded permutation `pi` over `lengths`, a the user's seeded
+    draw, b the owner's (seeded from the helper; made by oblivious transfer in the two-party mode).
+
+    shape: (n, c) of a, b and out; pi moves the n rows (and entries inside segments, see `lengths`)."""
+
+    pi: str
+    lengths: tuple
+    a: str
+    b: str
+    out: str
+    shape: tuple
+    inverse: bool = False
+
+    def permute(self, t: torch.Tensor, pi: np.ndarray) -> torch.Tensor:
+        return scatter_rows(t, pi) if self.inverse else gather_rows(t, pi)
+
+    def deal(self, call, ctx) -> torch.Tensor:
+        pi = call.owner_permutation(self.pi, list(self.lengths))
+        out = self.permute(call.user_draw(self.a, self.shape), pi) - call.owner_draw(self.b, self.shape)
+        call.to_user(self.out, out)
+        return out
+
+
+def _deal_reveal(ctx, call, x: Shared, lengths, name: str = "") -> None:
+    mask = PermutationMask("pi" + name, tuple(lengths), "a" + name, "b" + name, "c1" + name, tuple(x.shape))
+    ctx.deal(call, mask)
 
 
 def _send_mask(ctx, mat, x: Shared, tag: str, name: str = "") -> torch.Tensor:
@@ -75,7 +99,7 @@ def _send_mask(ctx, mat, x: Shared, tag: str, name: str = "") -> torch.Tensor:
 def _send_permuted(ctx, mat, x: Shared, d: torch.Tensor, lengths, tag: str, name: str = ""):
     """Flight 2, owner side: sends w = pi(x_o + d) + b and returns pi."""
     pi = mat.permutation("pi" + name, lengths)
-    ctx.send(f"{tag}.perm", gather_rows(x.local + d, pi) + mat.draw("b" + name, x.shape))
+    ctx.send(f"{tag}.perm", gather_rows(x.local + d, pi) + mat.part("b" + name, x.shape))
     return pi
 
 
@@ -101,7 +125,7 @@ def permuted_reveal(ctx, x: Shared, lengths, tag: str = "reveal"):
     lengths = _check_layout(x.shape[0], lengths)
     key = layout_key(x.shape[0], x.shape[1], lengths)
     if ctx.dealing:
-        _deal_reveal(ctx.call("reveal", key), x, lengths)
+        _deal_reveal(ctx, ctx.call("reveal", key), x, lengths)
         return None
     return _reveal_permuted(ctx, ctx.take("reveal", key), x, lengths, tag)
 
@@ -116,7 +140,7 @@ def permuted_reveal_later(ctx, x: Shared, lengths, then: Callable[[torch.Tensor]
     lengths = _check_layout(x.shape[0], lengths)
     key = layout_key(x.shape[0], x.shape[1], lengths)
     if ctx.dealing:
-        _deal_reveal(ctx.call("reveal", key), x, lengths)
+        _deal_reveal(ctx, ctx.call("reveal", key), x, lengths)
         return
     mat = ctx.take("reveal", key)
     d = _send_mask(ctx, mat, x, tag)
@@ -135,7 +159,8 @@ def permuted_apply(ctx, x: Shared, fn: UserFunction, lengths, out_bits: int = AC
     key = layout_key(n, c, lengths)
     if ctx.dealing:
         call = ctx.call(kind, key)
-        return _deal_reshare(call, _deal_reveal(call, x, lengths), (n, fn.out_channels), out_bits)
+        _deal_reveal(ctx, call, x, lengths)
+        return _deal_reshare(ctx, call, lengths, (n, fn.out_channels), out_bits)
     mat = ctx.take(kind, key)
     revealed, pi = _reveal_permuted(ctx, mat, x, lengths, tag)
     values = None if ctx.is_owner else fn.apply(decode(revealed, x.bits).numpy(), lengths)
@@ -169,8 +194,9 @@ def permuted_apply_scaled(
     key = layout_key(n, c, lengths) + "+" + layout_key(source.shape[0], source.shape[1], source_lengths)
     if ctx.dealing:
         call = ctx.call(kind, key)
-        _deal_reveal(call, source, source_lengths, name=".src")
-        return _deal_reshare(call, _deal_reveal(call, x, lengths), (n, fn.out_channels), out_bits)
+        _deal_reveal(ctx, call, source, source_lengths, name=".src")
+        _deal_reveal(ctx, call, x, lengths)
+        return _deal_reshare(ctx, call, lengths, (n, fn.out_channels), out_bits)
     mat = ctx.take(kind, key)
     d_source = _send_mask(ctx, mat, source, source_tag, name=".src")
     d = _send_mask(ctx, mat, x, tag)
@@ -201,17 +227,16 @@ def _check_function_layout(x: Shared, fn: UserFunction, lengths) -> list[int]:
     return _check_layout(x.shape[0], lengths)
 
 
-def _deal_reshare(call, pi, out_shape, out_bits: int) -> Shared:
-    c2 = scatter_rows(call.user_draw("a2", out_shape), pi) - call.owner_draw("b2", out_shape)
-    call.to_user("c2", c2)
-    return Shared.placeholder(out_shape, out_bits, user_share=c2)
+def _deal_reshare(ctx, call, lengths, out_shape, out_bits: int) -> Shared:
+    mask = PermutationMask("pi", tuple(lengths), "a2", "b2", "c2", tuple(out_shape), inverse=True)
+    return Shared.placeholder(out_shape, out_bits, user_share=ctx.deal(call, mask))
 
 
 def _reshare(ctx, mat, pi, values: np.ndarray | None, out_shape, out_bits: int, tag: str) -> Shared:
     """Flight 3: the user re-shares Y = encode(values) as e = Y - a2; the owner's share is pi^-1(e) + b2."""
     if ctx.is_owner:
         e = ctx.user_sends(f"{tag}.reshare", None, out_shape)
-        y = scatter_rows(e, pi) + mat.draw("b2", out_shape)
+        y = scatter_rows(e, pi) + mat.part("b2", out_shape)
     else:
         encoded = encode(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)), out_bits)
         ctx.user_sends(f"{tag}.reshare", lambda: encoded - mat.draw("a2", out_shape), out_shape)

@@ -36,6 +36,7 @@ homomorphically, the table replaces that with helper-dealt material).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def select_token(
     if ctx.dealing:
         permuted_reveal(ctx, flat, [vocab], tag="sel")
         if mode == TABLE:
-            _deal_table(ctx.call("selection", str(vocab)), vocab)
+            ctx.deal(ctx.call("selection", str(vocab)), TableMask(vocab))
         return None
     revealed, pi = permuted_reveal(ctx, flat, [vocab], tag="sel")
     j = None
@@ -84,22 +85,30 @@ def select_token(
     return _bfv_lookup(ctx, lookup, j, pi)
 
 
-def _uniform_index(call, name: str, bound: int) -> int:
-    """A uniform integer in [0, bound) from the user-helper stream: 64-bit words, the few at or above
-    the largest multiple of bound rejected (so no modulo bias)."""
+def uniform_index(draw: Callable[[str, tuple], torch.Tensor], name: str, bound: int) -> int:
+    """A uniform integer in [0, bound) from 64-bit words draw(f"{name}/{attempt}", (1,)), the few at or
+    above the largest multiple of bound rejected (so no modulo bias)."""
     limit = _RING - _RING % bound
     attempt = 0
     while True:
-        word = int(call.user_draw(f"{name}/{attempt}", (1,))[0]) % _RING
+        word = int(draw(f"{name}/{attempt}", (1,))[0]) % _RING
         if word < limit:
             return word % bound
         attempt += 1
 
 
-def _deal_table(call, vocab: int) -> None:
-    jstar = _uniform_index(call, "jstar", vocab)
-    call.to_user("jstar", torch.tensor([jstar], dtype=torch.int64))
-    call.to_user("kstar", call.owner_draw("K", (vocab,))[jstar : jstar + 1])
+@dataclass(frozen=True)
+class TableMask:
+    """The table choice's correlation: the user's j* uniform in [0, vocab) (from its stream) and
+    K[j*], K (vocab words) the owner's (seeded from the helper; made by oblivious transfer in the
+    two-party mode)."""
+
+    vocab: int
+
+    def deal(self, call, ctx) -> None:
+        jstar = uniform_index(call.user_draw, "jstar", self.vocab)
+        call.to_user("jstar", torch.tensor([jstar], dtype=torch.int64))
+        call.to_user("kstar", call.owner_draw("K", (self.vocab,))[jstar : jstar + 1])
 
 
 def _table_lookup(ctx, mat, vocab: int, j: int | None, pi) -> int | None:
@@ -114,7 +123,7 @@ def _table_lookup(ctx, mat, vocab: int, j: int | None, pi) -> int | None:
 
     def table():
         shifted = torch.from_numpy(np.roll(pi, -delta))  # shifted[i] = pi[(i + delta) mod V]
-        return shifted + mat.draw("K", (vocab,))
+        return shifted + mat.part("K", (vocab,))
 
     words = ctx.owner_sends("sel.table", table, (vocab,))
     if ctx.is_owner:

@@ -299,7 +299,7 @@ def test_the_owner_view_test_fails_when_the_dealt_index_is_fixed():
     """The test above has power: with j* = 0 the shift is the choice itself."""
     import protocols.selection as selection
 
-    views = _owner_views("fixed-index", patch=lambda mp: mp.setattr(selection, "_uniform_index", lambda *a: 0))
+    views = _owner_views("fixed-index", patch=lambda mp: mp.setattr(selection, "uniform_index", lambda *a: 0))
     uniform, dependence = _owner_dependence(views, VIEW_VOCAB)
     bound = chi_square_upper_bound(VIEW_VOCAB - 1, CHI2_FALSE_POSITIVE)
     assert uniform > bound and dependence > bound
