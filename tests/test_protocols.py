@@ -25,7 +25,13 @@ from protocols.permute import (
     permuted_reveal_later,
 )
 from protocols.trunc import trunc
-from tests.protocol_helpers import random_ring, run_call, share, wire_bytes
+from tests.protocol_helpers import PROVIDERS, TWO_PARTY, random_ring, run_call, share, two_party_material, wire_bytes
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request):
+    """Who makes the material: the helper, or owner and user alone (the online run must not differ)."""
+    return request.param
 
 
 def _linear_setup(m=3, d_in=5, d_out=4, seed=0, bias=True):
@@ -41,7 +47,7 @@ def _linear_setup(m=3, d_in=5, d_out=4, seed=0, bias=True):
     return x, w, b, owner_w, user_w, helper_w, (lambda name: u)
 
 
-def test_linear_is_bit_exact_and_costs_one_activation_sized_flight():
+def test_linear_is_bit_exact_and_costs_one_activation_sized_flight(provider):
     m, d_in, d_out = 3, 5, 4
     x, w, b, owner_w, user_w, helper_w, mask = _linear_setup(m, d_in, d_out)
     xo, xu = share(x, ACT_BITS, seed=7)
@@ -53,6 +59,8 @@ def test_linear_is_bit_exact_and_costs_one_activation_sized_flight():
         xu,
         Shared.placeholder((m, d_in), ACT_BITS),
         weight_mask=mask,
+        provider=provider,
+        owner_weights={"w": owner_w},
     )
     y = run.owner.local + run.user.local
     assert torch.equal(y, x @ w + encode(b, ACT_BITS + WEIGHT_BITS))  # exact mod 2^64
@@ -198,14 +206,18 @@ NONLINEAR_CASES = [
 
 
 @pytest.mark.parametrize("name,fn,lengths", NONLINEAR_CASES, ids=[c[0] for c in NONLINEAR_CASES])
-def test_permuted_nonlinear_matches_float64(name, fn, lengths):
+def test_permuted_nonlinear_matches_float64(name, fn, lengths, provider):
     n = sum(lengths)
     g = torch.Generator().manual_seed(3)
     values = torch.randn(n, 1, generator=g, dtype=torch.float64) * 4
     x = encode(values, LINEAR_BITS)
     xo, xu = share(x, LINEAR_BITS, seed=11)
     run = run_call(
-        lambda ctx, inp: permuted_apply(ctx, inp, fn, lengths), xo, xu, Shared.placeholder((n, 1), LINEAR_BITS)
+        lambda ctx, inp: permuted_apply(ctx, inp, fn, lengths),
+        xo,
+        xu,
+        Shared.placeholder((n, 1), LINEAR_BITS),
+        provider=provider,
     )
     got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
     z = values.numpy()[:, 0]
@@ -223,13 +235,17 @@ def test_permuted_nonlinear_matches_float64(name, fn, lengths):
     assert run.bytes_owner_to_user == wire_bytes("nl.perm", (n, 1))
 
 
-def test_swiglu_permutes_gate_and_up_jointly():
+def test_swiglu_permutes_gate_and_up_jointly(provider):
     n = 40
     g = torch.Generator().manual_seed(4)
     values = torch.randn(n, 2, generator=g, dtype=torch.float64) * 3
     xo, xu = share(encode(values, LINEAR_BITS), LINEAR_BITS, seed=12)
     run = run_call(
-        lambda ctx, inp: permuted_apply(ctx, inp, SWIGLU, [n]), xo, xu, Shared.placeholder((n, 2), LINEAR_BITS)
+        lambda ctx, inp: permuted_apply(ctx, inp, SWIGLU, [n]),
+        xo,
+        xu,
+        Shared.placeholder((n, 2), LINEAR_BITS),
+        provider=provider,
     )
     got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
     gate, up = values.numpy()[:, 0], values.numpy()[:, 1]
@@ -240,7 +256,7 @@ def test_swiglu_permutes_gate_and_up_jointly():
     assert run.bytes_user_to_owner == wire_bytes("nl.mask", (n, 2)) + wire_bytes("nl.reshare", (n, 1))
 
 
-def test_scaled_swiglu_takes_the_rms_from_a_second_permuted_tensor_in_the_same_flights():
+def test_scaled_swiglu_takes_the_rms_from_a_second_permuted_tensor_in_the_same_flights(provider):
     n, hidden = 40, 24
     g = torch.Generator().manual_seed(5)
     h = torch.randn(hidden, 1, generator=g, dtype=torch.float64) * 7
@@ -255,7 +271,7 @@ def test_scaled_swiglu_takes_the_rms_from_a_second_permuted_tensor_in_the_same_f
         return permuted_apply_scaled(ctx, x, SWIGLU, [n], source, rms, tag="act", source_tag="n2")
 
     dry = (Shared.placeholder((n, 2), bits), Shared.placeholder((hidden, 1), LINEAR_BITS))
-    run = run_call(call, (po, ho), (pu, hu), dry)
+    run = run_call(call, (po, ho), (pu, hu), dry, provider=provider)
     got = decode(run.owner.local + run.user.local, ACT_BITS).numpy()[:, 0]
     s = 1 / np.sqrt(np.mean(h.numpy() ** 2) + 1e-5)
     gate, up = pairs.numpy()[:, 0] * s, pairs.numpy()[:, 1] * s
@@ -268,7 +284,7 @@ def test_scaled_swiglu_takes_the_rms_from_a_second_permuted_tensor_in_the_same_f
     assert run.bytes_owner_to_user == wire_bytes("n2.perm", (hidden, 1)) + wire_bytes("act.perm", (n, 2))
 
 
-def test_a_later_reveal_shares_its_hops_with_the_next_one():
+def test_a_later_reveal_shares_its_hops_with_the_next_one(provider):
     g = torch.Generator().manual_seed(6)
     first = encode(torch.randn(16, 1, generator=g, dtype=torch.float64), LINEAR_BITS)
     second = encode(torch.randn(30, 1, generator=g, dtype=torch.float64), LINEAR_BITS)
@@ -283,7 +299,7 @@ def test_a_later_reveal_shares_its_hops_with_the_next_one():
         return None if out is None else (len(seen), out[0])
 
     dry = (Shared.placeholder((16, 1), LINEAR_BITS), Shared.placeholder((30, 1), LINEAR_BITS))
-    run = run_call(call, (fo, so), (fu, su), dry)
+    run = run_call(call, (fo, so), (fu, su), dry, provider=provider)
     assert run.flights == 2  # not 4: the second mask leaves with the first
     count, revealed_second = run.user
     assert count == 1  # the later reply was read, in order, before the second one
@@ -300,7 +316,7 @@ def test_opened_values_past_the_headroom_are_refused():
 
 
 @pytest.mark.parametrize("transpose", [True, False], ids=["scores", "weighted_values"])
-def test_appending_product_is_bit_exact_as_the_operand_grows(transpose):
+def test_appending_product_is_bit_exact_as_the_operand_grows(transpose, provider):
     groups, d = 2, 4
     steps = [(3, 3), (1, 1), (2, 1)]  # (rows appended, rows of X)
     rng = iter(range(1000, 2000))
@@ -322,7 +338,7 @@ def test_appending_product_is_bit_exact_as_the_operand_grows(transpose):
         owner_in.append((xo, yo))
         user_in.append((xu, yu))
         dry_in.append((Shared.placeholder(x.shape, 16), Shared.placeholder(y.shape, 16)))
-    run = run_call(session, owner_in, user_in, dry_in)
+    run = run_call(session, owner_in, user_in, dry_in, provider=provider)
 
     y_full = None
     for (x, y), zo, zu in zip(inputs, run.owner, run.user):
@@ -374,7 +390,7 @@ def test_mismatched_material_is_a_clear_error(seeds):
         run_pair(lambda ctx: trunc(ctx, xo, 9), lambda ctx: trunc(ctx, xu, 9), owner_mat, user_mat, timeout=10)
 
 
-def test_lookup_gives_the_rows_of_the_user_tokens_exactly(seeds):
+def test_lookup_gives_the_rows_of_the_user_tokens_exactly(seeds, provider):
     from protocols.linear import lookup
 
     vocab, d_out = 11, 4
@@ -387,7 +403,12 @@ def test_lookup_gives_the_rows_of_the_user_tokens_exactly(seeds):
     }
     helper_w = LinearWeight("E", 32, vocab, d_out)
     tokens = [3, 0, 10, 3]
-    owner_mat, user_mat = deal(lambda ctx: lookup(ctx, None, 4, helper_w), seeds, lambda name: u)
+    if provider == TWO_PARTY:
+        owner_mat, user_mat, _ = two_party_material(
+            lambda ctx: lookup(ctx, None, 4, helper_w), seeds, owner_weights={"E": weights[Role.OWNER]}
+        )
+    else:
+        owner_mat, user_mat = deal(lambda ctx: lookup(ctx, None, 4, helper_w), seeds, lambda name: u)
     run = run_pair(
         lambda ctx: lookup(ctx, None, 4, weights[ctx.role]),
         lambda ctx: lookup(ctx, tokens, 4, weights[ctx.role]),

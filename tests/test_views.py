@@ -301,7 +301,7 @@ FOLDED_STEP = 4
 """Flights of a folded decode step outside its layers (embedding, final norm folded into the selection)."""
 
 
-def _decoder_session_views(fold_norms: bool):
+def _decoder_session_views(fold_norms: bool, mode: str = "helper"):
     """The tiny decoder (2 layers): a prefill of 4 tokens and 2 generated tokens with token selection,
     every protocol call recorded. Returns (the generation, the reference tokens, views, masks, static)."""
     from permllm.model.reference import DecoderReference
@@ -324,7 +324,7 @@ def _decoder_session_views(fold_norms: bool):
             mp.setattr(
                 secure_decoder.SecureDecoder, "__init__", lambda self, *a, **k: unfused(self, *a, **k, fold_norms=False)
             )
-        result = private_generate_inprocess(weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300)
+        result = private_generate_inprocess(weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300, mode=mode)
     want = DecoderReference(weights).generate_greedy(prompt, budget, stop_at_eos=True)
     owner_w = owner_weights(weights)
     masks = {name: weight_mask(DECODER_SEEDS.owner, name, w.d_in, w.d_out) for name, w in owner_w.items()}
@@ -362,3 +362,16 @@ def test_decoder_session_views_on_the_folded_decode_path():
     assert len(folded) == decode_steps * layers and len(late) == decode_steps
     assert all({"z", "z.src"} <= set(v.known) for v in folded) and all("z" in v.known for v in late)
     assert_no_leak(findings)
+
+
+def test_decoder_session_views_with_two_party_material():
+    """The folded session again with no helper: owner and user made the material (protocols.two_party),
+    so the user holds no W~ and the owner's b, C, K, the truncation pads and M = R come from the two-party
+    runs. Every call's view (online words, seeded draws, the material each party holds) is attacked as
+    above; the runs' own transcripts are attacked in tests/test_two_party_ot.py and test_two_party_he.py."""
+    result, want, layers, views, _, _ = _decoder_session_views(fold_norms=True, mode="two-party")
+    assert result.tokens == want
+    decode_steps = len(want) - 1
+    stopped_early = 1 if len(want) < 2 else 0
+    assert result.run.flights == (6 + 12 * layers) + decode_steps * (FOLDED_STEP + 10 * layers) + stopped_early
+    assert_no_leak(attack_all(views, {}, {}))
