@@ -3,9 +3,11 @@ chain of small torch operations (each a call, a temporary and, between two party
 hand-off). Every kernel is exactly its torch formula mod 2^64 (ring elements read as uint64 inside,
 where wrapping is defined); tests compare them bit for bit. Without numba the torch formulas run.
 
-    truncation_open(x, r, owner)             x + r (+ 2^62 on the owner's side)     (protocols.trunc)
-    truncation_close(mine, theirs, rho, alpha, k, owner)
-        c = mine + theirs;  y = 2^(64-k) (1 - c_63) rho - alpha (+ owner: floor(c / 2^k) - 2^(62-k))
+    truncation_open(x, r, offset)            x + r (+ 2^62 with offset)             (protocols.trunc)
+    truncation_reply(theirs, x, k0, k1, k)   the side without the mask r, from c_F = theirs:
+        c = theirs + x + 2^62,  e = 1 - c_63:  d = k1 - k0 - e  and  y = floor(c / 2^k) - 2^(62-k) - 2^(64-k) k0
+    truncation_finish(r, krho, d, k)         the mask holder's side, rho = r_63:
+        y = 2^(64-k) (krho - rho d) - floor(r / 2^k)
     rotate_heads(t, cos, sin, rotated, head_dim, shift)                    (the decoder's RoPE step)
         each row of t (m, cols): heads of head_dim in its first `rotated` columns rotated in the
         rotate-half convention, t * cos + rotate_half(t) * sin with the row's (head_dim,) tables,
@@ -24,8 +26,11 @@ from permllm.ring import logical_rshift, top_bit
 
 __all__ = [
     "truncation_open",
-    "truncation_close",
-    "truncation_close_torch",
+    "truncation_open_torch",
+    "truncation_reply",
+    "truncation_reply_torch",
+    "truncation_finish",
+    "truncation_finish_torch",
     "rotate_heads",
     "rotate_heads_torch",
     "OFFSET_BITS",
@@ -39,20 +44,24 @@ def _words(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy().reshape(-1).view(np.uint64)
 
 
-def truncation_open_torch(x: torch.Tensor, r: torch.Tensor, owner: bool) -> torch.Tensor:
+def truncation_open_torch(x: torch.Tensor, r: torch.Tensor, offset: bool) -> torch.Tensor:
     out = x + r
-    return out + (1 << OFFSET_BITS) if owner else out
+    return out + (1 << OFFSET_BITS) if offset else out
 
 
-def truncation_close_torch(
-    mine: torch.Tensor, theirs: torch.Tensor, rho: torch.Tensor, alpha: torch.Tensor, k: int, owner: bool
-) -> torch.Tensor:
+def truncation_reply_torch(
+    theirs: torch.Tensor, x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference formula in torch operations: (d, y)."""
+    c = theirs + x + (1 << OFFSET_BITS)
+    d = k1 - k0 - (1 - top_bit(c))
+    y = logical_rshift(c, k) - (1 << (OFFSET_BITS - k)) - (k0 << (64 - k))
+    return d, y
+
+
+def truncation_finish_torch(r: torch.Tensor, krho: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
     """The reference formula in torch operations."""
-    c = mine + theirs
-    y = ((1 - top_bit(c)) << (64 - k)) * rho - alpha
-    if owner:
-        y = y + (logical_rshift(c, k) - (1 << (OFFSET_BITS - k)))
-    return y
+    return ((krho - top_bit(r) * d) << (64 - k)) - logical_rshift(r, k)
 
 
 def rotate_heads_torch(
@@ -103,35 +112,50 @@ if NUMBA_AVAILABLE:
             out[i] = x[i] + r[i] + offset
 
     @numba.njit(cache=True, nogil=True)
-    def _close(mine, theirs, rho, alpha, out, k, owner):
+    def _reply(theirs, x, k0, k1, d, y, k):
         one = np.uint64(1)
-        wrap_shift = np.uint64(64 - k)
-        shift = np.uint64(k)
         top = np.uint64(63)
-        offset = one << np.uint64(OFFSET_BITS - k)
-        for i in range(mine.shape[0]):
-            c = mine[i] + theirs[i]
-            y = ((one - (c >> top)) << wrap_shift) * rho[i] - alpha[i]
-            if owner:
-                y += (c >> shift) - offset
-            out[i] = y
+        shift = np.uint64(k)
+        pad_shift = np.uint64(64 - k)
+        offset = one << np.uint64(OFFSET_BITS)
+        low_offset = one << np.uint64(OFFSET_BITS - k)
+        for i in range(x.shape[0]):
+            c = theirs[i] + x[i] + offset
+            d[i] = k1[i] - k0[i] - (one - (c >> top))
+            y[i] = (c >> shift) - low_offset - (k0[i] << pad_shift)
 
-    def truncation_open(x: torch.Tensor, r: torch.Tensor, owner: bool) -> torch.Tensor:
-        """x + r, plus 2^62 on the owner's side (the value a party sends in a truncation)."""
+    @numba.njit(cache=True, nogil=True)
+    def _finish(r, krho, d, y, k):
+        top = np.uint64(63)
+        shift = np.uint64(k)
+        pad_shift = np.uint64(64 - k)
+        for i in range(r.shape[0]):
+            rho = r[i] >> top
+            y[i] = ((krho[i] - rho * d[i]) << pad_shift) - (r[i] >> shift)
+
+    def truncation_open(x: torch.Tensor, r: torch.Tensor, offset: bool) -> torch.Tensor:
+        """x + r, plus 2^62 with offset (see the module docstring)."""
         out = torch.empty(x.shape, dtype=torch.int64)
-        offset = np.uint64(1 << OFFSET_BITS) if owner else np.uint64(0)
-        _open(_words(x), _words(r), _words(out), offset)
+        add = np.uint64(1 << OFFSET_BITS) if offset else np.uint64(0)
+        _open(_words(x), _words(r), _words(out), add)
         return out
 
-    def truncation_close(
-        mine: torch.Tensor, theirs: torch.Tensor, rho: torch.Tensor, alpha: torch.Tensor, k: int, owner: bool
-    ) -> torch.Tensor:
-        """The truncated share from the opened c = mine + theirs (see the module docstring)."""
-        out = torch.empty(mine.shape, dtype=torch.int64)
-        _close(_words(mine), _words(theirs), _words(rho), _words(alpha), _words(out), int(k), bool(owner))
-        return out
+    def truncation_reply(
+        theirs: torch.Tensor, x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d, y) of the side without the mask, from the holder's c_F = theirs (module docstring)."""
+        d, y = torch.empty(x.shape, dtype=torch.int64), torch.empty(x.shape, dtype=torch.int64)
+        _reply(_words(theirs), _words(x), _words(k0), _words(k1), _words(d), _words(y), int(k))
+        return d, y
+
+    def truncation_finish(r: torch.Tensor, krho: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
+        """The mask holder's truncated share from the other side's d (module docstring)."""
+        y = torch.empty(r.shape, dtype=torch.int64)
+        _finish(_words(r), _words(krho), _words(d), _words(y), int(k))
+        return y
 
 else:  # pragma: no cover - exercised only on installs without numba
     truncation_open = truncation_open_torch
-    truncation_close = truncation_close_torch
+    truncation_reply = truncation_reply_torch
+    truncation_finish = truncation_finish_torch
     rotate_heads = rotate_heads_torch

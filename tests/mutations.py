@@ -6,9 +6,10 @@ helper's dry run), so the protocols stay correct while the mask gets weak:
   narrow   the stream is cut to its low 32 bits (& 0xFFFFFFFF); skipped for pi (not a ring word)
   reuse    the call index is dropped from the stream's label ("{index}/{name}" -> "reused/{name}";
            for the weight masks "weight/{name}" -> "weight/reused"), so every call draws the same words
-Stream names: linear v, s; truncation r, alpha, rho; permutation a, a2, b, b2, pi, and a folded norm's
-reveal of its source row a.src, b.src, pi.src; Beaver A, B, C; weight mask U; the user's input mask
-"input" (drawn from a fresh seed per call, so "reuse" does not apply to it).
+Stream names: linear v, s; truncation r (the holder's mask) and k0, k1 (the other party's random-OT
+keys; the holder's dealt krho is made from them, so it is broken with them); permutation a, a2, b,
+b2, pi, and a folded norm's reveal of its source row a.src, b.src, pi.src; Beaver A, B, C; weight
+mask U; the user's input mask "input" (drawn from a fresh seed per call, so "reuse" does not apply to it).
 
 For each (stream, mutation) `check` runs the correctness tests that use the stream (exact ring results
 against plaintext, costs) and requires them to pass, then runs the view test named in CATCHERS and
@@ -32,7 +33,7 @@ from permllm.prg import Prg
 from tests.protocol_helpers import SEEDS
 
 # K: the token selection's one-time pad (its index j* is covered by tests/test_selection.py's power check)
-CALL_STREAMS = ("v", "s", "r", "alpha", "rho", "a", "a2", "b", "b2", "A", "B", "C", "K")
+CALL_STREAMS = ("v", "s", "r", "k0", "k1", "a", "a2", "b", "b2", "A", "B", "C", "K")
 MUTATIONS = ("zero", "narrow", "reuse")
 # the folded norm's reveal of its source row (permute.permuted_apply_scaled), and its permutation pi.src
 FOLDED_STREAMS = ("a.src", "b.src")
@@ -52,12 +53,12 @@ CATCHERS = {
     ("r", "zero"): "test_trunc_views",
     ("r", "narrow"): "test_trunc_views",
     ("r", "reuse"): "test_trunc_views",
-    ("alpha", "zero"): "test_trunc_views",
-    ("alpha", "narrow"): "test_trunc_views",
-    ("alpha", "reuse"): "test_trunc_views",
-    ("rho", "zero"): "test_trunc_views",
-    ("rho", "narrow"): "test_trunc_views",
-    ("rho", "reuse"): "test_trunc_views",
+    ("k0", "zero"): "test_trunc_views",
+    ("k0", "narrow"): "test_trunc_views",
+    ("k0", "reuse"): "test_trunc_views",
+    ("k1", "zero"): "test_trunc_views",
+    ("k1", "narrow"): "test_trunc_views",
+    ("k1", "reuse"): "test_trunc_views",
     ("a", "zero"): "test_permuted_nonlinear_views",
     ("a", "narrow"): "test_permuted_nonlinear_views",
     ("a", "reuse"): "test_permuted_nonlinear_views",
@@ -105,8 +106,8 @@ CORRECTNESS = {
     "s": _LINEAR + ["test_lookup_gives_the_rows_of_the_user_tokens_exactly"],
     "U": ["test_secure_logits_match_float64_reference_through_prefill_and_decode"],
     "r": ["test_trunc_is_exact_to_one_unit_and_never_fails"],
-    "alpha": ["test_trunc_is_exact_to_one_unit_and_never_fails"],
-    "rho": ["test_trunc_is_exact_to_one_unit_and_never_fails"],
+    "k0": ["test_trunc_is_exact_to_one_unit_and_never_fails"],
+    "k1": ["test_trunc_is_exact_to_one_unit_and_never_fails"],
     "a": _PERMUTE,
     "a2": _PERMUTE,
     "b": _PERMUTE,
@@ -182,7 +183,9 @@ def _correctness_functions(name: str):
         modules = (test_protocols, test_selection, test_secure_decoder)
         fn = next(getattr(m, test) for m in modules if hasattr(m, test))
         if test == "test_trunc_is_exact_to_one_unit_and_never_fails":
-            functions.append((test, lambda fn=fn: fn(16)))
+            from protocols.context import Role
+
+            functions.append((test, lambda fn=fn: (fn(16, Role.USER), fn(16, Role.OWNER))))
         elif test == "test_appending_product_is_bit_exact_as_the_operand_grows":
             functions.append((test, lambda fn=fn: (fn(True), fn(False))))
         elif "seeds" in inspect.signature(fn).parameters:  # the conftest fixture of the same name

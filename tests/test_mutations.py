@@ -8,9 +8,12 @@ Mutations and the attack that catches each (tests/view_attacks.py):
   s      zero, narrow: linear (d @ U + M = x_u @ U - s); reuse: embedding lookup (U[t1] - U[t2])
   U      zero, narrow: decoder session (W~ = W - U, the user's embedding rows); reuse: decoder session
          (W~_a - W~_b = W_a - W_b for same-shaped weights, e.g. L0.qkv and L1.qkv)
-  r      zero, narrow: truncation (c - 2^62 = x + r); reuse: truncation (c_1 - c_2 = x_1 - x_2)
-  alpha  zero, narrow, reuse: truncation (the user's floor(c / 2^k) - 2^(62-k) + y_u = y + alpha_o)
-  rho    zero, narrow, reuse: truncation (the dealt rho_u is the top bit of r, not a pad)
+  r      zero, narrow: truncation (the other party's c - 2^62 = x + r, c = c_F + x_S + 2^62); reuse:
+         truncation (c_1 - c_2 = x_1 - x_2)
+  k0, k1 zero: truncation (the holder's d - krho = -e where rho = 1, d + krho = -e where rho = 0: the
+         wrap bit e = 1 - c_63 in the clear); narrow: truncation (the dealt krho is small wherever
+         it is the narrowed key); reuse: truncation (the difference of d -/+ krho across two calls is
+         minus the difference of their e, and krho repeats where both calls pick the reused key)
   a      zero, narrow, reuse: permuted non-linear (x_o + d = x - a)
   a2     zero, narrow, reuse: permuted non-linear (e = pi(y) - a2)
   b, b2  zero, narrow: permuted non-linear (c1 = pi(a) - b, c2 = pi^-1(a2) - b2 are permuted copies

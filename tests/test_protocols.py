@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from parties.inprocess import deal, run_pair
+from parties.inprocess import deal, deal_records, run_pair
 from permllm.errors import FixedPointOverflow, MaterialExhausted, MaterialMismatch
 from permllm.fixed import ACT_BITS, LINEAR_BITS, WEIGHT_BITS, decode, encode
 from permllm.sharing import Shared
@@ -17,6 +17,7 @@ from protocols.beaver import GrowingOperand, product
 from protocols.context import Role
 from protocols.functions import GELU, SILU, SOFTMAX, SWIGLU, inverse_rms, layer_normalize, rms_normalize
 from protocols.linear import LinearWeight, linear, precompute_user_terms
+from protocols.material import QueuedMaterial
 from protocols.permute import (
     check_headroom,
     permuted_apply,
@@ -25,7 +26,16 @@ from protocols.permute import (
     permuted_reveal_later,
 )
 from protocols.trunc import trunc
-from tests.protocol_helpers import PROVIDERS, TWO_PARTY, random_ring, run_call, share, two_party_material, wire_bytes
+from tests.protocol_helpers import (
+    PROVIDERS,
+    SEEDS,
+    TWO_PARTY,
+    random_ring,
+    run_call,
+    share,
+    two_party_material,
+    wire_bytes,
+)
 
 
 @pytest.fixture(params=PROVIDERS)
@@ -161,24 +171,74 @@ def test_linear_on_dealt_input_sends_nothing():
     assert run.flights == 0 and run.bytes_total == 0
 
 
+@pytest.mark.parametrize("holder", [Role.USER, Role.OWNER])
 @pytest.mark.parametrize("k", [1, 16, 32, 45])
-def test_trunc_is_exact_to_one_unit_and_never_fails(k):
+def test_trunc_is_exact_to_one_unit_and_never_fails(k, holder):
     n = 20000
-    x = random_ring((n,), seed=k) >> 2  # |x| < 2^61: the whole admissible range
-    x[:4] = torch.tensor([0, -1, 2**61 - 1, -(2**61)])
+    x = random_ring((n,), seed=k) >> 2  # |x| < 2^61: the whole admissible range, both signs
+    x[:6] = torch.tensor([0, -1, 1, 2**61 - 1, -(2**61), 2**k])
     xo, xu = share(x, 48, seed=100 + k)
-    run = run_call(lambda ctx, inp: trunc(ctx, inp, k), xo, xu, Shared.placeholder((n,), 48))
+    records = deal_records(lambda ctx: trunc(ctx, Shared.placeholder((n,), 48), k, holder=holder), SEEDS)
+    material = QueuedMaterial(SEEDS.owner, records[0]), QueuedMaterial(SEEDS.user, records[1])
+    run = run_pair(*(lambda ctx, s=s: trunc(ctx, s, k, holder=holder) for s in (xo, xu)), *material)
+    assert material[0].remaining == material[1].remaining == 0
     y = run.owner.local + run.user.local
     err = y - torch.div(x, 2**k, rounding_mode="floor")
     assert set(err.unique().tolist()) <= {0, 1}  # exactly floor(x / 2^k) or one above it
-    assert run.owner.bits == 48 - k
-    assert run.flights == 1
+    assert run.owner.bits == run.user.bits == 48 - k
+    # c_F one way, d the other: 2 flights alone (1 when c_F rides the holder's previous hop, below)
+    assert run.flights == 2
     assert run.bytes_owner_to_user == run.bytes_user_to_owner == wire_bytes("trunc", (n,))
+    # the helper deals n words, the holder's krho (the old protocol dealt 2n: the user's alpha and rho);
+    # the other party's k0, k1 and the holder's r are seeded
+    (f_record,), (s_record,) = records if holder is Role.OWNER else records[::-1]
+    assert sorted(f_record.tensors) == ["krho"] and f_record.nbytes == 8 * n
+    assert s_record.nbytes == 0
+
+
+@pytest.mark.parametrize("first", [Role.USER, Role.OWNER])
+@pytest.mark.parametrize("holder", [Role.USER, Role.OWNER])
+def test_trunc_adds_one_flight_when_the_holder_share_is_ready_a_hop_first(holder, first):
+    """`first` sends a message and the other party's share waits for it (as the owner's QKV share
+    waits for the user's norm re-share in the decoder). With first = holder, c_F leaves on that hop
+    and the truncation costs one flight more than the message alone, as a simultaneous exchange
+    would; with the other holder it costs two: the choice of holder at each call site matters."""
+    n, k = 64, 16
+    x = random_ring((n,), seed=3) >> 4
+    xo, xu = share(x, 48, seed=4)
+
+    def call(ctx, inp):
+        if not ctx.dealing:
+            sends = ctx.owner_sends if first is Role.OWNER else ctx.user_sends
+            inp = Shared.of(inp.local + sends("pre", lambda: torch.zeros(n, dtype=torch.int64), (n,)), inp.bits)
+        return trunc(ctx, inp, k, holder=holder)
+
+    run = run_call(call, xo, xu, Shared.placeholder((n,), 48))
+    err = run.owner.local + run.user.local - torch.div(x, 2**k, rounding_mode="floor")
+    assert set(err.unique().tolist()) <= {0, 1}
+    assert run.flights == (2 if first is holder else 3)
 
 
 def test_trunc_rejects_impossible_shifts():
     with pytest.raises(ValueError, match="drop 20 bits"):
-        trunc(None, Shared.placeholder((2,), 16), 20)
+        trunc(None, Shared.placeholder((2,), 16), 20, holder=Role.USER)
+    with pytest.raises(ValueError, match="in \\(0, 62\\)"):
+        trunc(None, Shared.placeholder((2,), 70), 62, holder=Role.OWNER)
+
+
+def test_trunc_material_names_its_holder():
+    """Material dealt for one holder is refused by a call with the other (not silently misread)."""
+    n = 4
+    xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8, holder=Role.USER), SEEDS)
+    with pytest.raises(MaterialMismatch, match="asked for trunc"):
+        run_pair(
+            lambda ctx: trunc(ctx, xo, 8, holder=Role.OWNER),
+            lambda ctx: trunc(ctx, xu, 8, holder=Role.OWNER),
+            owner_mat,
+            user_mat,
+            timeout=10,
+        )
 
 
 def _float_reference(fn_name, z, lengths):
@@ -372,11 +432,11 @@ def test_share_and_reveal(seeds):
 def test_running_out_of_material_is_a_clear_error(seeds):
     n = 4
     xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
-    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), seeds)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8, holder=Role.USER), seeds)
 
     def twice(ctx, inp):
-        trunc(ctx, inp, 8)
-        return trunc(ctx, inp, 8)
+        trunc(ctx, inp, 8, holder=Role.USER)
+        return trunc(ctx, inp, 8, holder=Role.USER)
 
     with pytest.raises(MaterialExhausted, match="used up after 1 protocol calls"):
         run_pair(lambda ctx: twice(ctx, xo), lambda ctx: twice(ctx, xu), owner_mat, user_mat, timeout=10)
@@ -385,9 +445,15 @@ def test_running_out_of_material_is_a_clear_error(seeds):
 def test_mismatched_material_is_a_clear_error(seeds):
     n = 4
     xo, xu = share(random_ring((n,), 5) >> 20, 32, 6)
-    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8), seeds)
+    owner_mat, user_mat = deal(lambda ctx: trunc(ctx, Shared.placeholder((n,), 32), 8, holder=Role.USER), seeds)
     with pytest.raises(MaterialMismatch, match="asked for trunc"):
-        run_pair(lambda ctx: trunc(ctx, xo, 9), lambda ctx: trunc(ctx, xu, 9), owner_mat, user_mat, timeout=10)
+        run_pair(
+            lambda ctx: trunc(ctx, xo, 9, holder=Role.USER),
+            lambda ctx: trunc(ctx, xu, 9, holder=Role.USER),
+            owner_mat,
+            user_mat,
+            timeout=10,
+        )
 
 
 def test_lookup_gives_the_rows_of_the_user_tokens_exactly(seeds, provider):

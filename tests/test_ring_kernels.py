@@ -9,9 +9,11 @@ from permllm.prg import Prg
 from permllm.ring_kernels import (
     rotate_heads,
     rotate_heads_torch,
-    truncation_close,
-    truncation_close_torch,
+    truncation_finish,
+    truncation_finish_torch,
     truncation_open,
+    truncation_reply,
+    truncation_reply_torch,
 )
 
 SEED = bytes(range(16))
@@ -37,23 +39,42 @@ def test_truncation_open_is_the_sum_with_the_owner_offset(owner, shape):
     assert torch.equal(truncation_open(x, r, owner), expected)
 
 
-@pytest.mark.parametrize("owner", [False, True])
 @pytest.mark.parametrize("k", [1, 16, 32, 48, 61])
 @pytest.mark.parametrize("shape", [(1, 960), (9, 7), (0,)])
-def test_truncation_close_equals_the_torch_formula(owner, k, shape):
-    mine, theirs = _edges(shape), _ring("theirs", shape)
-    rho, alpha = _ring("rho", shape), _ring("alpha", shape)
-    got = truncation_close(mine, theirs, rho, alpha, k, owner)
-    assert got.shape == mine.shape and got.dtype == torch.int64
-    assert torch.equal(got, truncation_close_torch(mine, theirs, rho, alpha, k, owner))
+def test_truncation_reply_and_finish_equal_the_torch_formulas(k, shape):
+    theirs, x = _ring("theirs", shape), _edges(shape)
+    k0, k1 = _edges(shape).flip(-1), _ring("k1", shape)
+    d, y = truncation_reply(theirs, x, k0, k1, k)
+    want_d, want_y = truncation_reply_torch(theirs, x, k0, k1, k)
+    assert d.shape == y.shape == x.shape and d.dtype == y.dtype == torch.int64
+    assert torch.equal(d, want_d) and torch.equal(y, want_y)
+    r, krho = _edges(shape), _ring("krho", shape)
+    got = truncation_finish(r, krho, d, k)
+    assert got.shape == r.shape and got.dtype == torch.int64
+    assert torch.equal(got, truncation_finish_torch(r, krho, d, k))
 
 
-def test_truncation_close_reads_non_contiguous_inputs():
-    mine = _ring("m", (8, 6)).t()
-    theirs, rho, alpha = (_ring(n, (6, 8)) for n in "tra")
-    assert torch.equal(
-        truncation_close(mine, theirs, rho, alpha, 16, True), truncation_close_torch(mine, theirs, rho, alpha, 16, True)
-    )
+def test_truncation_kernels_read_non_contiguous_inputs():
+    a = _ring("m", (8, 6)).t()
+    b, c, e = (_ring(n, (6, 8)) for n in "tre")
+    for got, want in zip(truncation_reply(a, b, c, e, 16), truncation_reply_torch(a, b, c, e, 16)):
+        assert torch.equal(got, want)
+    assert torch.equal(truncation_finish(a, b, c, 16), truncation_finish_torch(a, b, c, 16))
+
+
+@pytest.mark.parametrize("k", [1, 16, 45])
+def test_truncation_kernels_make_the_shared_quotient(k):
+    """The three kernels as protocols.trunc composes them, on plaintext-consistent inputs with the
+    random-OT correlation krho = k_rho: the two shares add up to floor(x / 2^k) or one above it."""
+    n = 4096
+    x = _ring("x", (n,)) >> 2
+    x[:4] = torch.tensor([0, -1, 2**61 - 1, -(2**61)])
+    x_f = _ring("xf", (n,))
+    x_s, r, k0, k1 = x - x_f, _edges((n,)), _ring("k0", (n,)), _ring("k1", (n,))
+    krho = torch.where(r < 0, k1, k0)
+    d, y_s = truncation_reply(truncation_open(x_f, r, False), x_s, k0, k1, k)
+    err = y_s + truncation_finish(r, krho, d, k) - torch.div(x, 2**k, rounding_mode="floor")
+    assert set(err.unique().tolist()) <= {0, 1}
 
 
 def _rope_reference(t, cos, sin):

@@ -139,26 +139,40 @@ def test_embedding_lookup_views():
 
 # ------------------------------------------------------------------------------------------ truncation
 def test_trunc_views():
-    """Three truncations by 16 bits of 512 values at scale 48. Both parties attack c - 2^62 = x + r;
-    the user also attacks floor(c / 2^k) - 2^(62-k) + y_u, which is y wherever c_63 = 1 if the owner's
-    alpha half is weak; differences across calls catch a reused r or alpha."""
+    """Four truncations by 16 bits of 512 values at scale 48, per holder F. The other party S attacks
+    c - 2^62 = x + r (c = c_F + x_S + 2^62), and differences across calls catch a reused r. F attacks
+    d - krho = -k0 - e (rho = 1) and d + krho = k1 - e (rho = 0) against the wrap bit e = 1 - c_63;
+    its dealt krho must look uniform, alone and across calls (a weak or reused k0 or k1 shows in it).
+    Both holders in turn."""
+    for holder in (Role.USER, Role.OWNER):
+        _trunc_views(holder)
+
+
+def _trunc_views(holder):
     n, k, bits = 512, 16, 48
-    xs = [random_ring((n,), seed=60 + i) >> 3 for i in range(3)]
+    xs = [random_ring((n,), seed=60 + i) >> 3 for i in range(4)]
     shares = [share(x, bits, seed=70 + i) for i, x in enumerate(xs)]
 
     def party(which):
-        return lambda ctx, recorder: [recorder.wrap(trunc)(ctx, s[which], k) for s in shares]
+        return lambda ctx, recorder: [recorder.wrap(trunc)(ctx, s[which], k, holder=holder) for s in shares]
 
     def dry(ctx):
         for _ in shares:
-            trunc(ctx, Shared.placeholder((n,), bits), k)
+            trunc(ctx, Shared.placeholder((n,), bits), k, holder=holder)
 
     run, views = _session(party(0), party(1), dry)
     for x, yo, yu in zip(xs, run.owner, run.user):
         err = yo.local + yu.local - torch.div(x, 2**k, rounding_mode="floor")
         assert set(err.unique().tolist()) <= {0, 1}
-    assert run.flights == len(xs)  # one simultaneous exchange per call
+    # c_F out, d back per call; each call's c_F waits for the previous call's d
+    assert run.flights == 2 * len(xs)
     assert run.bytes_owner_to_user == run.bytes_user_to_owner == len(xs) * wire_bytes("trunc", (n,))
+    f, s = ("owner", "user") if holder is Role.OWNER else ("user", "owner")
+    assert all(
+        sorted(w for w in v.words if not w.startswith("own:")) == ["dealt:krho", "draw:r", "recv:trunc"]
+        for v in views[f].values()
+    )
+    assert all("draw:k0" in v.words and "draw:k1" in v.words for v in views[s].values())
     assert_no_leak(attack_all(views, {}))
 
 

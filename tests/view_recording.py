@@ -6,7 +6,8 @@ A party's view of protocol call i (a `CallView`) holds, as `words`:
   dealt:NAME                  what the helper dealt it
   recv:TAG                    every ring tensor it received from the other party
   and what it derives from them the way the protocol does: dU = d @ U (linear, owner), c and
-  c_high = floor(c / 2^k) - 2^(62-k) (truncation), E_X and E_Y (appending product),
+  c = c_F + x_S + 2^62 and c_high = floor(c / 2^k) - 2^(62-k) (truncation, the party without the
+  mask r), E_X and E_Y (appending product),
   scatter_e = pi^-1(e) (permuted evaluation, owner).
 `perms` holds its permutations, `known` what it may learn in the clear (the user's permuted
 plaintext z = pi(x), and z.src = pi'(source) where a folded norm reveals its source row too). A reply
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from permllm.kernels import gather_rows, scatter_rows
-from permllm.ring import logical_rshift
+from permllm.ring import logical_rshift, top_bit
 
 
 class LeakFound(AssertionError):
@@ -149,10 +150,9 @@ def derive(views: dict[str, dict[int, CallView]], masks: dict[str, torch.Tensor]
                 d = _first(w, "recv:lin.")
                 if d is not None:
                     w["dU"] = d @ masks[view.kind[len("linear:") :]]
-            elif view.kind == "trunc":
+            elif view.kind == "trunc" and "draw:r" not in w:  # the holder F derives nothing beyond z_F
                 k = view.info["bits0"] - view.info["out_bits"]
-                offset = (1 << 62) if role == "owner" else 0
-                c = w["own:in0"] + w["draw:r"] + w["recv:trunc"] + offset
+                c = w["own:in0"] + w["recv:trunc"] + (1 << 62)
                 w["c"] = c
                 w["c_high"] = logical_rshift(c, k) - (1 << (62 - k))
             elif view.kind.startswith("product:"):
@@ -188,7 +188,8 @@ def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
     and output of each call, for the owner also x_u @ U (linear), one-hot(t) and U[t] (embedding),
     z = pi(x) and Y = pi(y) (permuted evaluation: the user's plaintext), and for the user A @ op(B)
     (appending product: the product of the whole Beaver masks, whose rows over a session span B's row
-    space, and with it the cache Y = E_Y + B)."""
+    space, and with it the cache Y = E_Y + B), and for the holder F of a truncation (the party that drew
+    r) the wrap bit e = 1 - c_63 of c = x + 2^62 + r, which only the other party may learn."""
     owner, user = views["owner"], views["user"]
     out: dict[int, dict[str, torch.Tensor]] = {}
     beaver_b: dict[str, torch.Tensor] = {}  # per growing operand: the whole mask B so far
@@ -198,6 +199,9 @@ def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
         for name in ("in0", "in1", "out"):
             if f"own:{name}" in o.words and f"own:{name}" in u.words:
                 s[name] = o.words[f"own:{name}"] + u.words[f"own:{name}"]
+        mine = o if party == "owner" else u
+        if o.kind == "trunc" and "draw:r" in mine.words and "in0" in s:
+            s["e"] = 1 - top_bit(s["in0"] + (1 << 62) + mine.words["draw:r"])
         if o.kind.startswith("product:") and "draw:A" in o.words:
             b_new = o.words["draw:B"] + u.words["draw:B"]
             b = beaver_b[o.kind] = b_new if o.kind not in beaver_b else torch.cat([beaver_b[o.kind], b_new], dim=1)

@@ -46,6 +46,7 @@ from permllm.fixed import ACT_BITS, LINEAR_BITS, MAX_ENCODABLE, ROPE_BITS, WEIGH
 from permllm.ring_kernels import rotate_heads
 from permllm.sharing import Shared
 from protocols.beaver import GrowingOperand, product
+from protocols.context import Role
 from protocols.functions import SOFTMAX, SWIGLU, inverse_rms, rms_normalize
 from protocols.linear import LinearWeight, linear, lookup
 from protocols.model.decoder_weights import DecoderArch
@@ -165,7 +166,7 @@ class SecureDecoder(StepHooks):
         # RoPE on the query and key heads (public tables, local), V shifted to the same scale: one fused
         # pass equal to rotate_heads_torch on q and k and `<< ROPE_BITS` on v (permllm.ring_kernels.rotate_heads)
         aligned = qkv.map(lambda t: rotate_heads(t, cos, sin, k_end, hd, ROPE_BITS), bits=qkv.bits + ROPE_BITS)
-        qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, aligned, aligned.bits - ACT_BITS))
+        qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, aligned, aligned.bits - ACT_BITS, holder=Role.USER))
         # group layout: queries (G, per_group*m, hd) ordered (head in group, position); keys/values (G, m, hd)
         q = qkv16.map(
             lambda t: (
@@ -201,7 +202,7 @@ class SecureDecoder(StepHooks):
             lambda t: t.reshape(groups, per_group, m, hd).permute(2, 0, 1, 3).reshape(m, a.heads * hd),
             shape=(m, a.heads * hd),
         )
-        heads = self._mark("weighted_values", ctx, lambda: trunc(ctx, heads, heads.bits - ACT_BITS))
+        heads = self._mark("weighted_values", ctx, lambda: trunc(ctx, heads, heads.bits - ACT_BITS, holder=Role.OWNER))
         return self._mark("out_proj", ctx, lambda: linear(ctx, heads, self.weights[f"L{i}.o"]))
 
     def _mlp(self, ctx, i: int, x: Shared, m: int) -> Shared:

@@ -133,7 +133,7 @@ class SecureEncoder(StepHooks):
         a = self.arch
         d, heads, hd = a.hidden, a.heads, a.head_dim
         projected = qkv.map(lambda t: t[:, d:].contiguous(), shape=(m, 3 * d))
-        qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, projected, projected.bits - ACT_BITS))
+        qkv16 = self._mark("qkv", ctx, lambda: trunc(ctx, projected, projected.bits - ACT_BITS, holder=Role.USER))
 
         def head_major(start: int):
             return qkv16.map(
@@ -150,5 +150,7 @@ class SecureEncoder(StepHooks):
         )
         mixed = self._mark("weighted_values", ctx, lambda: product(ctx, probs.reshape(heads, m, m), v, values))
         merged = mixed.map(lambda t: t.transpose(0, 1).reshape(m, d), shape=(m, d))
-        merged = self._mark("weighted_values", ctx, lambda: trunc(ctx, merged, merged.bits - ACT_BITS))
+        merged = self._mark(
+            "weighted_values", ctx, lambda: trunc(ctx, merged, merged.bits - ACT_BITS, holder=Role.OWNER)
+        )
         return self._mark("out_proj", ctx, lambda: linear(ctx, merged, self.weights[f"L{i}.o"]))

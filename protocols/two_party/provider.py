@@ -45,6 +45,7 @@ from protocols.linear import LinearMask, keep_user_term
 from protocols.material import MaterialRecord, QueuedMaterial
 from protocols.permute import PermutationMask
 from protocols.selection import TableMask, uniform_index
+from protocols.trunc import TruncationMask
 from protocols.two_party.plan import PlanContext
 
 
@@ -222,11 +223,6 @@ def _products(owner: bool, plan, draws: _Draws, runners, records) -> None:
 
 def _truncations(role: Role, plan, draws: _Draws, runners, records) -> None:
     """Stage 4: per holder, one batch of random OTs, the holder choosing the top bits of its r."""
-    from protocols import trunc
-
-    TruncationMask = getattr(trunc, "TruncationMask", None)  # MERGE: the one-sided truncation's request
-    if TruncationMask is None:
-        return
     masks = _of(plan, TruncationMask)
     for holder in (Role.USER, Role.OWNER):
         mine = [(i, m) for i, m in masks if m.holder is holder]
