@@ -205,3 +205,23 @@ def test_permutation_correlations_in_one_batch():
         _frame("ot.base.0.rep", REPLY) + _frame("ot.sq.0", head) + _frame("ot.su.0", q - head)
     )
     assert run.bytes_user_to_owner == _frame("ot.base.0.req", REQUEST) + 3 * _frame("ot.sr0.0", 0) + r
+
+
+def test_permutation_chunks_are_pipelined(monkeypatch):
+    """Batches over CHUNK_BYTES split into chunks: all queries, then all replies (still two flights
+    once the base OTs exist)."""
+    from protocols.two_party import ot_runs
+
+    monkeypatch.setattr(ot_runs, "CHUNK_BYTES", 4000)
+    shapes = [(64, 2), (64, 2), (30, 1)]
+    perms = [Prg(OWNER_SEED, f"c/{i}").permutation(n) for i, (n, _) in enumerate(shapes)]
+    inputs = [_uniform(10 + i, *s) for i, s in enumerate(shapes)]
+    assert len(ot_runs._chunks(shapes)) == 3
+    run = _pair(
+        lambda s: permutation_correlations(s, perms, None, shapes),
+        lambda s: permutation_correlations(s, None, inputs, shapes),
+    )
+    for a, pi, b, share in zip(inputs, perms, run.owner, run.user):
+        assert torch.equal(share + b, gather_rows(a, pi))
+    assert run.flights == 3
+    assert run.messages == 2 + 3 * 2 + 3 * 3
