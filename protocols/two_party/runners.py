@@ -5,6 +5,8 @@ first use and kept for the session."""
 
 from __future__ import annotations
 
+import torch
+
 from permllm.prg import Prg
 from protocols.two_party import he_runs, ot_runs
 
@@ -21,7 +23,16 @@ class TwoPartyRunners:
         return ot_runs.permutation_correlations(self._ot, perms, inputs, shapes)
 
     def random_ots(self, chooser, choices, count: int):
-        return ot_runs.random_ots(self._ot, chooser, choices, count)
+        """In batches of at most ot_runs.MAX_OTS; the pads concatenated in order."""
+        parts = []
+        for first in range(0, count, ot_runs.MAX_OTS):
+            n = min(ot_runs.MAX_OTS, count - first)
+            parts.append(ot_runs.random_ots(self._ot, chooser, None if choices is None else choices[first : first + n], n))
+        if not parts:
+            return ot_runs.random_ots(self._ot, chooser, choices, 0)
+        if choices is None:
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat(parts)
 
     def tables(self, vocab: int, jstars, steps: int):
         return ot_runs.table_correlations(self._ot, vocab, jstars, steps)
