@@ -52,9 +52,11 @@ from permllm.bfv_linear import MAX_FEATURES, MAX_ROWS, LinearCorrelationClient, 
 from permllm.errors import ConfigError, ProtocolError
 from permllm.prg import Prg, fresh_seed
 
-__all__ = ["AttentionMasks", "SessionLayout", "SessionProductClient", "SessionProductServer", "draw_masks"]
+__all__ = ["AttentionMasks", "PRODUCTS", "SessionLayout", "SessionProductClient", "SessionProductServer", "draw_masks"]
 
 TERMS = 4
+PRODUCTS = ("scores", "values")
+_PRODUCT_TERMS = {"scores": (0, 1), "values": (2, 3)}
 _LINEAR_QUERY = struct.Struct("<4sBII")  # bfv_linear's query header prefix: magic, version, T, n
 
 
@@ -113,7 +115,7 @@ class AttentionMasks:
     score_a: list[torch.Tensor]  # (G, r_t, d), one per step made
     value_a: list[torch.Tensor]  # (G, r_t, L_t)
     keys: torch.Tensor  # (G, L, d): the score product's B
-    values: torch.Tensor  # (G, L, d): the value product's B
+    values: torch.Tensor  # (G, L, d): the value product's B (a product not made: [] and None)
 
 
 def draw_masks(layout: SessionLayout, seed: bytes) -> AttentionMasks:
@@ -129,19 +131,33 @@ def draw_masks(layout: SessionLayout, seed: bytes) -> AttentionMasks:
     return AttentionMasks(score_a, value_a, draw(g, length, d), draw(g, length, d))
 
 
-def _check_masks(layout: SessionLayout, masks: AttentionMasks) -> None:
+def _check_masks(layout: SessionLayout, masks: AttentionMasks, products: tuple[str, ...] = PRODUCTS) -> None:
     g, d, length = layout.groups, layout.head_dim, layout.length
-    expected = [(g, layout.rows(t), d) for t in layout.steps]
-    expected += [(g, layout.rows(t), layout.cache(t)) for t in layout.steps]
-    got = list(masks.score_a) + list(masks.value_a)
+    expected, got, whole = [], [], []
+    if "scores" in products:
+        expected += [(g, layout.rows(t), d) for t in layout.steps]
+        got += list(masks.score_a)
+        whole.append(masks.keys)
+    if "values" in products:
+        expected += [(g, layout.rows(t), layout.cache(t)) for t in layout.steps]
+        got += list(masks.value_a)
+        whole.append(masks.values)
     shapes_ok = len(got) == len(expected) and all(
         isinstance(x, torch.Tensor) and x.dtype == torch.int64 and tuple(x.shape) == s for x, s in zip(got, expected)
     )
-    for b in (masks.keys, masks.values):
+    for b in whole:
         shapes_ok = shapes_ok and isinstance(b, torch.Tensor) and b.dtype == torch.int64
         shapes_ok = shapes_ok and tuple(b.shape) == (g, length, d)
     if not shapes_ok:
         raise ConfigError("masks do not fit the session layout (int64 tensors of the layout's shapes)")
+
+
+def _terms(products) -> tuple[int, ...]:
+    """The cross terms (indices into T1..T4) of the products made: scores T1, T2; values T3, T4."""
+    products = tuple(products)
+    if not products or any(p not in PRODUCTS for p in products) or len(set(products)) != len(products):
+        raise ConfigError(f"products must be a non-empty selection of {PRODUCTS}, got {products}")
+    return tuple(k for p in PRODUCTS if p in products for k in _PRODUCT_TERMS[p])
 
 
 def _stack(layout: SessionLayout, per_step: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -152,40 +168,45 @@ def _stack(layout: SessionLayout, per_step: list[torch.Tensor], width: int) -> t
     return out
 
 
-def _user_operands(layout: SessionLayout, m: AttentionMasks) -> list[torch.Tensor]:
-    """The user's encrypted matrices of T1..T4, each (G, rows, inner)."""
-    return [
-        _stack(layout, m.score_a, layout.head_dim),
-        m.keys,
-        _stack(layout, m.value_a, layout.length),
-        m.values.transpose(1, 2),
+def _user_operands(layout: SessionLayout, m: AttentionMasks, terms=range(TERMS)) -> list[torch.Tensor | None]:
+    """The user's encrypted matrices of T1..T4, each (G, rows, inner); None for a term not made."""
+    make = [
+        lambda: _stack(layout, m.score_a, layout.head_dim),
+        lambda: m.keys,
+        lambda: _stack(layout, m.value_a, layout.length),
+        lambda: m.values.transpose(1, 2),
     ]
+    return [make[k]() if k in terms else None for k in range(TERMS)]
 
 
-def _owner_operands(layout: SessionLayout, m: AttentionMasks) -> list[torch.Tensor]:
-    """The owner's plaintext matrices of T1..T4, each (G, inner, out)."""
-    return [
-        m.keys.transpose(1, 2),
-        _stack(layout, m.score_a, layout.head_dim).transpose(1, 2),
-        m.values,
-        _stack(layout, m.value_a, layout.length).transpose(1, 2),
+def _owner_operands(layout: SessionLayout, m: AttentionMasks, terms=range(TERMS)) -> list[torch.Tensor | None]:
+    """The owner's plaintext matrices of T1..T4, each (G, inner, out); None for a term not made."""
+    make = [
+        lambda: m.keys.transpose(1, 2),
+        lambda: _stack(layout, m.score_a, layout.head_dim).transpose(1, 2),
+        lambda: m.values,
+        lambda: _stack(layout, m.value_a, layout.length).transpose(1, 2),
     ]
+    return [make[k]() if k in terms else None for k in range(TERMS)]
 
 
 def _out_features(layout: SessionLayout) -> list[int]:
     return [layout.length, layout.total_rows, layout.head_dim, layout.total_rows]
 
 
-def _assemble(layout: SessionLayout, masks: AttentionMasks, cross: list[torch.Tensor]):
-    """Per step (score C share, value C share) from the local product and the four cross-term shares."""
+def _assemble(layout: SessionLayout, masks: AttentionMasks, cross: list[torch.Tensor | None]):
+    """Per step (score C share, value C share) from the local product and the four cross-term shares
+    (a product whose cross terms are None is not made: its list is empty)."""
     t1, t2, t3, t4 = cross
     scores, values = [], []
     for i, t in enumerate(layout.steps):
         rows, length = layout.row_slice(t), layout.cache(t)
-        local = masks.score_a[i] @ masks.keys[:, :length].transpose(1, 2)
-        scores.append(local + t1[:, rows, :length] + t2[:, :length, rows].transpose(1, 2))
-        local = masks.value_a[i] @ masks.values[:, :length]
-        values.append(local + t3[:, rows] + t4[:, :, rows].transpose(1, 2))
+        if t1 is not None:
+            local = masks.score_a[i] @ masks.keys[:, :length].transpose(1, 2)
+            scores.append(local + t1[:, rows, :length] + t2[:, :length, rows].transpose(1, 2))
+        if t3 is not None:
+            local = masks.value_a[i] @ masks.values[:, :length]
+            values.append(local + t3[:, rows] + t4[:, :, rows].transpose(1, 2))
     return scores, values
 
 
@@ -205,55 +226,74 @@ def _combine_limbs(values: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class SessionProductClient:
-    """User side: encrypts its four session operands per group and reads its C shares of every step."""
+    """User side: encrypts its session operands per group and reads its C shares of every step.
 
-    def __init__(self, linear: LinearCorrelationClient, layout: SessionLayout) -> None:
+    products: which of the layer's two products to make, ("scores", "values") by default; with one
+    of them only its two cross terms travel and the other's masks (AttentionMasks fields) are unused."""
+
+    def __init__(self, linear: LinearCorrelationClient, layout: SessionLayout, *, products=PRODUCTS) -> None:
         self._linear = linear
         self.layout = layout
+        self.products = tuple(products)
+        self._terms = _terms(self.products)
 
     def query(self, masks: AttentionMasks) -> list[bytes]:
-        """[header, 4G bfv_linear queries] for the user's shares (T1..T4 of group 0, then group 1, ...)."""
-        _check_masks(self.layout, masks)
-        operands, outs = _user_operands(self.layout, masks), _out_features(self.layout)
+        """[header, 4G bfv_linear queries] for the user's shares (T1..T4 of group 0, then group 1, ...;
+        2G, the selected product's two terms per group, when one product is made)."""
+        _check_masks(self.layout, masks, self.products)
+        operands, outs = _user_operands(self.layout, masks, self._terms), _out_features(self.layout)
         parts = []
         for g in range(self.layout.groups):
-            for x, m in zip(operands, outs):
-                parts.append(self._linear.encrypt_rows(x[g].contiguous(), out_features=LIMBS * m, compact_reply=True))
+            for term in self._terms:
+                x, m = operands[term][g].contiguous(), outs[term]
+                parts.append(self._linear.encrypt_rows(x, out_features=LIMBS * m, compact_reply=True))
         return _bundle(b"PLSQ", parts)
 
     def shares(self, reply, masks: AttentionMasks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The user's (score C shares, value C shares), one (G, r_t, L_t) and one (G, r_t, d) per step made."""
-        layout = self.layout
-        _check_masks(layout, masks)
-        parts = _unbundle(reply, b"PLSR", TERMS * layout.groups, "session product reply")
-        operands, outs = _user_operands(layout, masks), _out_features(layout)
-        cross = [torch.empty((layout.groups, x.shape[1], m), dtype=torch.int64) for x, m in zip(operands, outs)]
+        """The user's (score C shares, value C shares), one (G, r_t, L_t) and one (G, r_t, d) per step made
+        (an empty list for a product not made)."""
+        layout, terms = self.layout, self._terms
+        _check_masks(layout, masks, self.products)
+        parts = _unbundle(reply, b"PLSR", len(terms) * layout.groups, "session product reply")
+        operands, outs = _user_operands(layout, masks, terms), _out_features(layout)
+        cross = [
+            None if x is None else torch.empty((layout.groups, x.shape[1], m), dtype=torch.int64)
+            for x, m in zip(operands, outs)
+        ]
         for k, part in enumerate(parts):
-            g, term = divmod(k, TERMS)
+            g, term = divmod(k, len(terms))
+            term = terms[term]
             rows, m = operands[term].shape[1], outs[term]
             cross[term][g] = _combine_limbs(self._linear.decrypt_shares(part, rows, LIMBS * m), m)
         return _assemble(layout, masks, cross)
 
 
 class SessionProductServer:
-    """Owner side: answers the four session products per group with its masks' 16-bit limbs."""
+    """Owner side: answers the session products per group with its masks' 16-bit limbs (``products``
+    as for SessionProductClient)."""
 
-    def __init__(self, linear: LinearCorrelationServer, layout: SessionLayout) -> None:
+    def __init__(self, linear: LinearCorrelationServer, layout: SessionLayout, *, products=PRODUCTS) -> None:
         self._linear = linear
         self.layout = layout
+        self.products = tuple(products)
+        self._terms = _terms(self.products)
 
     def answer(self, query, masks: AttentionMasks, *, seed: bytes | None = None):
         """(reply, (score C shares, value C shares)) of the owner; its output masks from ``seed`` or fresh."""
-        layout = self.layout
-        _check_masks(layout, masks)
-        parts = _unbundle(query, b"PLSQ", TERMS * layout.groups, "session product query")
+        layout, terms = self.layout, self._terms
+        _check_masks(layout, masks, self.products)
+        parts = _unbundle(query, b"PLSQ", len(terms) * layout.groups, "session product query")
         user_rows = [layout.total_rows, layout.length, layout.total_rows, layout.head_dim]
-        operands, outs = _owner_operands(layout, masks), _out_features(layout)
+        operands, outs = _owner_operands(layout, masks, terms), _out_features(layout)
         prg = Prg(fresh_seed() if seed is None else seed, "session_products/output")
-        cross = [torch.empty((layout.groups, r, m), dtype=torch.int64) for r, m in zip(user_rows, outs)]
+        cross = [
+            torch.empty((layout.groups, r, m), dtype=torch.int64) if k in terms else None
+            for k, (r, m) in enumerate(zip(user_rows, outs))
+        ]
         replies = []
         for k, part in enumerate(parts):
-            g, term = divmod(k, TERMS)
+            g, term = divmod(k, len(terms))
+            term = terms[term]
             rows, m = user_rows[term], outs[term]
             head = bytes(part[0])[: _LINEAR_QUERY.size]
             if len(head) != _LINEAR_QUERY.size or _LINEAR_QUERY.unpack(head)[2] != rows:
