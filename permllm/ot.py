@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -75,7 +76,16 @@ _C = pow(int.from_bytes(hashlib.shake_256(b"permllm/ot/base/C/v1").digest(ELEMEN
 _BASE_HEAD = struct.Struct("<4sBH")  # magic, version, count
 _VERSION = 1
 _TCCR_KEY = hashlib.sha256(b"permllm/ot/tccr/v1").digest()[:16]
-_PI = Cipher(algorithms.AES(_TCCR_KEY), modes.ECB()).encryptor()  # stateless: ECB of whole blocks
+_LOCAL = threading.local()  # one fixed-key AES context per thread: a context cannot serve two threads at once
+
+
+def _pi():
+    """The fixed-key permutation pi (AES-128 ECB of whole blocks, stateless) of this thread."""
+    if not hasattr(_LOCAL, "pi"):
+        _LOCAL.pi = Cipher(algorithms.AES(_TCCR_KEY), modes.ECB()).encryptor()
+    return _LOCAL.pi
+
+
 _TRANSPOSE_CHUNK = 1 << 16  # OTs per bit-matrix transpose step
 
 
@@ -228,10 +238,10 @@ def tccr(rows: np.ndarray, blocks: int, batch: int, first_block: int) -> np.ndar
     m = rows.shape[0]
     if m == 0:
         return np.zeros((0, 16 * blocks), dtype=np.uint8)
-    once = np.frombuffer(_PI.update(np.ascontiguousarray(rows).tobytes()), dtype=np.uint8).reshape(m, 1, 16)
+    once = np.frombuffer(_pi().update(np.ascontiguousarray(rows).tobytes()), dtype=np.uint8).reshape(m, 1, 16)
     tweaks = np.empty((m, blocks, 2), dtype="<u8")
     tweaks[..., 0] = (np.uint64(first_block) + np.arange(m * blocks, dtype=np.uint64)).reshape(m, blocks)
     tweaks[..., 1] = np.uint64(batch)
     inner = (once ^ tweaks.view(np.uint8).reshape(m, blocks, 16)).tobytes()
-    twice = np.frombuffer(_PI.update(inner), dtype=np.uint8).reshape(m, blocks, 16)
+    twice = np.frombuffer(_pi().update(inner), dtype=np.uint8).reshape(m, blocks, 16)
     return (twice ^ once).reshape(m, 16 * blocks)

@@ -27,7 +27,9 @@ class TwoPartyRunners:
         parts = []
         for first in range(0, count, ot_runs.MAX_OTS):
             n = min(ot_runs.MAX_OTS, count - first)
-            parts.append(ot_runs.random_ots(self._ot, chooser, None if choices is None else choices[first : first + n], n))
+            parts.append(
+                ot_runs.random_ots(self._ot, chooser, None if choices is None else choices[first : first + n], n)
+            )
         if not parts:
             return ot_runs.random_ots(self._ot, chooser, choices, 0)
         if choices is None:
