@@ -35,7 +35,7 @@ from protocols.selection import select_token
 from protocols.trunc import trunc
 from tests.protocol_helpers import SEEDS, random_ring, share, wire_bytes
 from tests.view_attacks import assert_no_leak, attack_all, closeness, cross_call, uniformity
-from tests.view_recording import CallView, ViewRecorder
+from tests.view_recording import CallView, LeakFound, ViewRecorder
 
 
 def _session(owner_fn, user_fn, dry_fn, weight_mask=None, patch=()):
@@ -315,7 +315,7 @@ FOLDED_STEP = 4
 """Flights of a folded decode step outside its layers (embedding, final norm folded into the selection)."""
 
 
-def _decoder_session_views(fold_norms: bool, mode: str = "helper"):
+def _decoder_session_views(fold_norms: bool, mode: str = "helper", runners=None):
     """The tiny decoder (2 layers): a prefill of 4 tokens and 2 generated tokens with token selection,
     every protocol call recorded. Returns (the generation, the reference tokens, views, masks, static)."""
     from permllm.model.reference import DecoderReference
@@ -338,7 +338,9 @@ def _decoder_session_views(fold_norms: bool, mode: str = "helper"):
             mp.setattr(
                 secure_decoder.SecureDecoder, "__init__", lambda self, *a, **k: unfused(self, *a, **k, fold_norms=False)
             )
-        result = private_generate_inprocess(weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300, mode=mode)
+        result = private_generate_inprocess(
+            weights, prompt, budget, seeds=DECODER_SEEDS, timeout=300, mode=mode, runners=runners
+        )
     want = DecoderReference(weights).generate_greedy(prompt, budget, stop_at_eos=True)
     owner_w = owner_weights(weights)
     masks = {name: weight_mask(DECODER_SEEDS.owner, name, w.d_in, w.d_out) for name, w in owner_w.items()}
@@ -388,4 +390,29 @@ def test_decoder_session_views_with_two_party_material():
     decode_steps = len(want) - 1
     stopped_early = 1 if len(want) < 2 else 0
     assert result.run.flights == (6 + 12 * layers) + decode_steps * (FOLDED_STEP + 10 * layers) + stopped_early
-    assert_no_leak(attack_all(views, {}, {}))
+    assert_no_leak(attack_all(views, None, {}))  # no weight masks U in this mode
+
+
+def test_the_two_party_view_test_finds_a_permutation_correlation_without_its_pad():
+    """Power: with the owner's b left out of the permutation correlations (the user gets pi(a) itself),
+    the same attacks read pi from the user's c1 and c2 against its own draws a, a2."""
+    from tests.clear_runners import ClearRunners
+
+    class Unpadded(ClearRunners):
+        def _uniform(self, shape):
+            return torch.zeros(tuple(shape), dtype=torch.int64) if self._zero else super()._uniform(shape)
+
+        def permutations(self, perms, inputs, shapes):
+            self._zero = True
+            try:
+                return super().permutations(perms, inputs, shapes)
+            finally:
+                self._zero = False
+
+        _zero = False
+
+    _, _, _, views, _, _ = _decoder_session_views(fold_norms=True, mode="two-party", runners=lambda ctx: Unpadded(ctx))
+    findings = attack_all(views, None, {})
+    assert findings["user"], "a permutation correlation without its pad went unnoticed"
+    with pytest.raises(LeakFound):
+        assert_no_leak(findings)

@@ -142,13 +142,13 @@ class ViewRecorder:
 # ------------------------------------------------------------------------------------ derived words
 def derive(views: dict[str, dict[int, CallView]], masks: dict[str, torch.Tensor]) -> None:
     """Add the words each party derives the way the protocol does, and the user's legitimate plaintext.
-    masks: the owner's weight masks U by name."""
+    masks: the owner's weight masks U by name; None in the two-party mode, which has none."""
     for role, calls in views.items():
         for view in calls.values():
             w = view.words
             if view.kind.startswith("linear:") and role == "owner":
                 d = _first(w, "recv:lin.")
-                if d is not None:
+                if d is not None and masks is not None:
                     w["dU"] = d @ masks[view.kind[len("linear:") :]]
             elif view.kind == "trunc" and "draw:r" not in w:  # the holder F derives nothing beyond z_F
                 k = view.info["bits0"] - view.info["out_bits"]
@@ -209,13 +209,14 @@ def secrets_of(views, party: str, masks) -> dict[int, dict[str, torch.Tensor]]:
                 a = o.words["draw:A"] + u.words["draw:A"]
                 s["A@op(B)"] = a @ (b.transpose(-1, -2) if u.info["transpose"] else b)
         if party == "owner":
-            if o.kind.startswith("linear:") and "own:in0" in u.words:
+            if masks is not None and o.kind.startswith("linear:") and "own:in0" in u.words:
                 s["x_u@U"] = u.words["own:in0"] @ masks[o.kind[len("linear:") :]]
             if "tokens" in u.info:
-                u_mask = masks[o.kind[len("linear:") :]]
                 ids = torch.as_tensor(u.info["tokens"])
-                s["onehot"] = torch.nn.functional.one_hot(ids, u_mask.shape[0]).to(torch.int64)
-                s["U[t]"] = u_mask[ids]
+                vocab = _first(o.words, "recv:lin.").shape[-1]  # the owner's masked one-hot: (count, vocab)
+                s["onehot"] = torch.nn.functional.one_hot(ids, vocab).to(torch.int64)
+                if masks is not None:
+                    s["U[t]"] = masks[o.kind[len("linear:") :]][ids]
             if "pi" in o.perms and "in0" in s:
                 pi = torch.from_numpy(o.perms["pi"])
                 n = pi.numel()
