@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+from parties.launcher import free_ports
 from parties.session import TWO_PARTY_MODE
 from permllm.errors import ConfigError, ProtocolError
 from permllm.transport.channel import FlightClock
@@ -302,15 +303,198 @@ def test_the_demo_and_the_roles_list_the_mode():
         assert "--mode {helper,two-party}" in out, command
 
 
+@pytest.fixture
+def clear_runs(monkeypatch, clear_truncations):
+    """The two-party runs by ClearRunners wherever the default (oblivious transfer and BFV) would be used:
+    for the services and the command line, which take no runners."""
+    import protocols.two_party.provider as provider
+
+    original = provider.make_material
+
+    def make_material(ctx, plan, seed, *, runners=None, **options):
+        runners = ClearRunners(ctx, seed=13 if ctx.is_owner else 14) if runners is None else runners
+        return original(ctx, plan, seed, runners=runners, **options)
+
+    monkeypatch.setattr(provider, "make_material", make_material)
+
+
+def _two_keys(tmp_path):
+    """Keys folders of an owner and a user only (no helper key anywhere)."""
+    from parties.security import generate_keypair
+
+    folders = {r: tmp_path / r for r in ("owner", "user")}
+    publics = {r: generate_keypair(folders[r], r)[1] for r in folders}
+    for role, folder in folders.items():
+        for peer, public in publics.items():
+            if peer != role:
+                (folder / public.name).write_bytes(public.read_bytes())
+    return folders
+
+
+def _owner_service(folders, front, mode, *, once=False, stop=None):
+    from parties.cli import _authorised, _curve, build_parser, peers
+    from parties.owner_service import serve_owner
+
+    argv = ["owner", "--mode", mode, "--listen-user", front, "--keys", str(folders["owner"]), "--quiet"]
+    argv += ["--timeout", "20", "--setup-timeout", "30"]
+    if mode != TWO_PARTY_MODE:
+        argv += ["--listen-helper", f"tcp://127.0.0.1:{free_ports(1)[0]}"]
+    args = build_parser().parse_args(argv)
+    curve = _curve(args, "owner", peers(args))
+    try:
+        curve.allow("user", _authorised(args))
+        return serve_owner(args, curve, lambda *a: None, once=once, stop=stop)
+    finally:
+        curve.close()
+
+
+def _cli_user(folders, front, mode, out):
+    """One user session as `permllm user --mode MODE` runs it (CURVE, ZeroMQ), the tiny tokenizer."""
+    from parties.cli import _ask_for_session, _curve, build_parser, peers
+    from parties.owner_service import open_channel
+    from parties.roles import UserRequest, run_user
+
+    argv = ["user", "--mode", mode, "--owner", front, "--keys", str(folders["user"]), "--quiet"]
+    argv += ["--timeout", "20", "--setup-timeout", "30"]
+    listen = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    if mode != TWO_PARTY_MODE:
+        argv += ["--listen-helper", listen]
+    args = build_parser().parse_args(argv)
+    curve = _curve(args, "user", peers(args))
+    opened = []
+    try:
+        channels = {}
+        helper_endpoint = None
+        if mode != TWO_PARTY_MODE:  # a helper channel nobody serves
+            raw, channels["helper"] = open_channel(listen, "helper", True, args, curve.socket_options("helper", True))
+            opened.append(channels["helper"])
+            helper_endpoint = raw.endpoint
+        owner_addr = _ask_for_session(args, helper_endpoint, curve)
+        channels["owner"] = open_channel(owner_addr, "owner", False, args, curve.socket_options("owner", False))[1]
+        opened.append(channels["owner"])
+        request = UserRequest("smollm2", PROMPT, BUDGET)
+        return run_user(channels, request, TinyTokenizer(), progress=False, log=lambda *a: None, out=out, mode=mode)
+    finally:
+        for channel in opened:
+            channel.close()
+        curve.close()
+
+
+def _loaded_tiny(monkeypatch):
+    import permllm.model.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda name, tokenizer=True, dtype=None: (tiny_decoder(seed=3), None))
+
+
+def test_the_owner_service_serves_two_party_sessions_over_curve_with_no_helper(tmp_path, monkeypatch, clear_runs):
+    _loaded_tiny(monkeypatch)
+    folders = _two_keys(tmp_path)
+    front = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    stop, result = threading.Event(), {}
+    service = threading.Thread(
+        target=lambda: result.update(report=_owner_service(folders, front, TWO_PARTY_MODE, stop=stop)), daemon=True
+    )
+    service.start()
+    try:
+        user = _cli_user(folders, front, TWO_PARTY_MODE, io.StringIO())
+    finally:
+        stop.set()
+        service.join(60)
+    assert not service.is_alive()
+    baseline, errors, _ = run_three_roles(tiny_decoder(seed=3), PROMPT, BUDGET)
+    assert not errors, errors
+    assert user["mode"] == TWO_PARTY_MODE and user["token_ids"] == baseline["user"]["token_ids"]
+    (session,) = result["report"]["sessions"]
+    assert session["mode"] == TWO_PARTY_MODE and session["material_left"] == 0
+    assert session["offline_bytes_sent"] == user["offline_bytes_received"]
+
+
+def test_a_service_in_the_other_mode_refuses_the_session_and_both_sides_fail(tmp_path, monkeypatch, clear_runs):
+    _loaded_tiny(monkeypatch)
+    from parties.security import generate_keypair
+
+    folders = _two_keys(tmp_path)
+    helper_public = generate_keypair(tmp_path / "helper", "helper")[1]  # the helper-mode user's peer
+    (folders["user"] / helper_public.name).write_bytes(helper_public.read_bytes())
+    front = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    outcome = {}
+
+    def owner():
+        try:
+            outcome["owner"] = _owner_service(folders, front, TWO_PARTY_MODE, once=True)
+        except BaseException as exc:  # returned to the test
+            outcome["owner"] = exc
+
+    service = threading.Thread(target=owner, daemon=True)
+    service.start()
+    with pytest.raises(ProtocolError, match="mode mismatch: the user asks for a 'helper' session"):
+        _cli_user(folders, front, "helper", io.StringIO())
+    service.join(60)
+    assert not service.is_alive()
+    assert isinstance(outcome["owner"], ProtocolError) and "mode mismatch" in str(outcome["owner"])
+
+
+def test_the_two_party_demo_starts_owner_and_user_only_and_merges_their_reports(tmp_path):
+    from parties.cli import build_parser
+    from parties.demo_summary import format_summary, merge_reports
+    from parties.launcher import role_commands
+
+    args = build_parser().parse_args(["demo", "--mode", "two-party", "--prompt", "hi", "--max-new-tokens", "2"])
+    commands = role_commands(args, [5001, 5002, 5003], tmp_path)
+    assert set(commands) == {"owner", "user"}
+    for role, command in commands.items():
+        assert command[command.index("--mode") + 1] == TWO_PARTY_MODE
+        assert "--listen-helper" not in command and "--insecure" not in command
+        assert not (tmp_path / "keys" / role / "helper.pub").exists()
+    assert not (tmp_path / "keys" / "helper").exists()
+    owner = {
+        "phases_s": {"load": 1.0, "offline": 2.0, "online": 3.0},
+        "prepare_bytes": 0,
+        "peak_rss_mb": 10.0,
+        "mode": TWO_PARTY_MODE,
+        "offline_s": 2.0,
+        "offline_bytes_sent": 300,
+        "offline_bytes_received": 200,
+        "offline_calls": 7,
+    }
+    user = {"prompt_tokens": 3, "phases_s": {"offline": 2.5}, "peak_rss_mb": 5.0, "text": "x", "token_ids": [4]}
+    user.update({k: 1 for k in ("generated_tokens", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90")})
+    for key in ("online_bytes_per_token", "online_bytes_per_token_up", "online_bytes_per_token_down"):
+        user[key] = 10
+    user.update(flights_per_token=4, prefill_flights=5, prefill_bytes=6)
+    summary = merge_reports({"user": user, "owner": owner}, network="none")
+    assert summary["mode"] == TWO_PARTY_MODE
+    assert (summary["offline_s"], summary["offline_bytes"], summary["offline_calls"]) == (2.0, 500, 7)
+    assert (summary["offline_bytes_sent"], summary["offline_bytes_received"]) == (300, 200)
+    assert set(summary["peak_rss_mb"]) == {"owner", "user"}
+    printed = format_summary(summary)
+    assert "offline (two-party): time / bytes" in printed and "peak RSS owner / user " in printed
+
+
 @pytest.mark.processes
 @pytest.mark.model
 @pytest.mark.timeout(1800)
 def test_the_two_party_demo_runs_two_processes_and_answers_like_helper_mode(tmp_path):
-    """`permllm demo --mode two-party` on SmolLM2 with a small budget: two processes, no helper, the
-    tokens of the helper mode. Needs the real two-party runs (protocols.two_party.runners): skipped
-    until they are there. Slow: the material is made by BFV and oblivious transfer."""
+    """`permllm demo --mode two-party` on a tiny Llama checkpoint (SmolLM2's tokenizer): two processes, no
+    helper, the tokens of the helper mode. Needs the real two-party runs (protocols.two_party.runners):
+    skipped until they are there."""
     pytest.importorskip("protocols.two_party.runners")
-    common = ["--network", "none", "--prompt", "What is 2+2?", "--max-new-tokens", "2"]
+    import torch
+    from transformers import AutoTokenizer
+
+    from permllm.model.loading import SMOLLM2_GGUF, find_smollm2_gguf
+    from tests.tiny_model import tiny_hf_llama
+
+    model = tiny_hf_llama(3, hidden=64, intermediate=96, max_position_embeddings=512)
+    with torch.no_grad():  # larger logit gaps, so no greedy step is a near tie
+        model.lm_head.weight.mul_(40)
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(find_smollm2_gguf().parent), gguf_file=SMOLLM2_GGUF, local_files_only=True
+    )
+    tokenizer.save_pretrained(folder)
+    common = ["--model", str(folder), "--network", "none", "--prompt", "Name three colours.", "--max-new-tokens", "3"]
     results = {}
     for mode in ("helper", TWO_PARTY_MODE):
         out = tmp_path / f"{mode}.json"
@@ -326,4 +510,5 @@ def test_the_two_party_demo_runs_two_processes_and_answers_like_helper_mode(tmp_
     assert two["mode"] == TWO_PARTY_MODE and results["helper"]["mode"] == "helper"
     assert two["token_ids"] == results["helper"]["token_ids"]
     assert two["prepare_bytes"] == 0 and two["offline_bytes"] > 0 and two["offline_s"] > 0
-    assert "helper" not in two["peak_rss_mb"]
+    assert set(two["peak_rss_mb"]) == {"owner", "user"}
+    assert two["flights_per_token"] == results["helper"]["flights_per_token"]
