@@ -7,6 +7,7 @@ permllm keygen --role ROLE --out keys this machine's CURVE key pair (run once on
 permllm owner --keys keys --listen-user tcp://0.0.0.0:5555 --listen-helper tcp://0.0.0.0:5556
 permllm user  --keys keys --owner tcp://OWNER:5555 --listen-helper tcp://0.0.0.0:5557 --prompt-file q.txt
 permllm helper --keys keys --owner tcp://OWNER:5556   (owner and helper serve until SIGTERM)
+permllm owner|user --mode two-party ...                no helper: owner and user make the material
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import os
 import sys
 import traceback
 
-from parties.cli_options import COMMAND_GROUP, TWO_MACHINE_HELP, build_parser, read_prompt, sampling_from_args
+from parties.cli_options import (
+    COMMAND_GROUP,
+    TWO_MACHINE_HELP,
+    build_parser,
+    read_prompt,
+    sampling_from_args,
+)
 from permllm.errors import PermLLMError
 
 __all__ = ["COMMAND_GROUP", "TWO_MACHINE_HELP", "build_parser", "main", "sampling_from_args"]
@@ -110,10 +117,26 @@ def _log(args, role):
     return (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+def check_mode_options(parser, args) -> None:
+    """The options each mode needs or refuses: a helper-mode owner or user needs --listen-helper, a
+    two-party one takes none (no helper). A usage error (parser.error: exit status 2) otherwise."""
+    from parties.session import TWO_PARTY_MODE
+
+    if args.command not in ("owner", "user"):
+        return
+    listen = getattr(args, "listen_helper", None)
+    if args.mode == TWO_PARTY_MODE and listen is not None:
+        parser.error(f"permllm {args.command} --mode two-party has no helper: drop --listen-helper")
+    if args.mode != TWO_PARTY_MODE and listen is None:
+        parser.error(f"permllm {args.command} needs --listen-helper ADDRESS (or --mode two-party, with no helper)")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_mode_options(parser, args)
     try:
         return _run_command(args)
     except PermLLMError as exc:
@@ -153,6 +176,16 @@ def _run_command(args) -> int:
 
 
 PEERS = {"owner": ("user", "helper"), "user": ("owner", "helper"), "helper": ("owner", "user")}
+TWO_PARTY_PEERS = {"owner": ("user",), "user": ("owner",)}
+
+
+def peers(args) -> tuple[str, ...]:
+    """The roles this command's role holds channels to (whose public keys it needs): no helper in two-party mode."""
+    from parties.session import TWO_PARTY_MODE
+
+    if getattr(args, "mode", None) == TWO_PARTY_MODE:
+        return TWO_PARTY_PEERS[args.command]
+    return PEERS[args.command]
 
 
 def _run_role(args) -> int:
@@ -167,7 +200,7 @@ def _run_role(args) -> int:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     clock = FlightClock()
-    curve = _curve(args, args.command, PEERS[args.command])
+    curve = _curve(args, args.command, peers(args))
     try:
         return _run_role_with(args, clock, curve)
     finally:
@@ -217,6 +250,7 @@ def _run_role_on(args, channel, curve) -> dict:
         return serve_helper(args, curve, authorised, log, once=args.once)
     from parties.models import load_tokenizer
     from parties.roles import UserRequest, check_text, run_user
+    from parties.session import TWO_PARTY_MODE
     from permllm.errors import ConfigError
     from permllm.model.prompts import DEMO_PROMPT
 
@@ -228,9 +262,13 @@ def _run_role_on(args, channel, curve) -> dict:
         raise ConfigError("--max-new-tokens must be at least 1")
     tokenizer = load_tokenizer(args.model)
     request = UserRequest(args.model, prompt, args.max_new_tokens, sampling, args.expect_fingerprint)
-    raw_helper, helper = channel(args.listen_helper, "helper", True)
-    owner_addr = _ask_for_session(args, raw_helper.endpoint, curve)
-    channels = {"owner": channel(owner_addr, "owner", False)[1], "helper": helper}
+    if args.mode == TWO_PARTY_MODE:  # no helper: one channel, to the owner
+        owner_addr = _ask_for_session(args, None, curve)
+        channels = {"owner": channel(owner_addr, "owner", False)[1]}
+    else:
+        raw_helper, helper = channel(args.listen_helper, "helper", True)
+        owner_addr = _ask_for_session(args, raw_helper.endpoint, curve)
+        channels = {"owner": channel(owner_addr, "owner", False)[1], "helper": helper}
     return run_user(
         channels,
         request,
@@ -238,7 +276,8 @@ def _run_role_on(args, channel, curve) -> dict:
         progress=not args.quiet,
         log=log,
         setup_timeout=args.setup_timeout,
-        cache_dir=_cache_dir(args),
+        cache_dir=None if args.mode == TWO_PARTY_MODE else _cache_dir(args),
+        mode=args.mode,
     )
 
 
@@ -251,17 +290,19 @@ def _cache_dir(args):
     return os.path.join(base, "permllm", "masked-weights")
 
 
-def _ask_for_session(args, helper_endpoint: str, curve) -> str:
-    """user -> the owner's front door: this user's address for the helper; returns the address of the
-    session's channel to the owner."""
+def _ask_for_session(args, helper_endpoint: str | None, curve) -> str:
+    """user -> the owner's front door: this user's mode and (helper mode) its address for the helper;
+    returns the address of the session's channel to the owner."""
     import zmq
 
     from parties.frontdoor import request_session, same_host, split_tcp
     from parties.models import PROTOCOL_VERSION
+    from parties.session import HELPER_MODE
 
-    base, port = split_tcp(helper_endpoint, "--listen-helper")
-    host = base[len("tcp://") :]
-    message = {"protocol": PROTOCOL_VERSION, "helper_host": host, "helper_port": int(port)}
+    message = {"protocol": PROTOCOL_VERSION, "mode": getattr(args, "mode", HELPER_MODE)}
+    if helper_endpoint is not None:
+        base, port = split_tcp(helper_endpoint, "--listen-helper")
+        message.update(helper_host=base[len("tcp://") :], helper_port=int(port))
     context = curve.context if curve is not None else zmq.Context.instance()
     options = curve.client_options(curve.peers["owner"]) if curve is not None else {}
     reply = request_session(args.owner, message, context, options, timeout_s=args.setup_timeout)

@@ -33,6 +33,17 @@ real network and is meant for one machine: it needs the parties' clocks to agree
 
 COMMAND_GROUP = "permllm.commands"
 
+MODE_HELP = (
+    "'helper' (the offline helper deals the correlated randomness; default) or 'two-party' (owner and user "
+    "make it by HE and OT: no helper, no W - U at the user; slow, see docs). Owner and user must agree"
+)
+
+
+def _add_mode(p):
+    from parties.session import HELPER_MODE, MODES
+
+    p.add_argument("--mode", choices=MODES, default=HELPER_MODE, help=MODE_HELP)
+
 
 def plugin_commands() -> dict:
     """Subcommands installed packages add through the entry-point group "permllm.commands" (`permllm bench`
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loopback, asks the model a question privately and prints a summary.",
     )
     _add_generation(demo)
+    _add_mode(demo)
     _add_network(demo, "wan")
     demo.add_argument("--json", dest="json_path", default=None, help="also write the summary as JSON here")
     demo.add_argument(
@@ -272,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     owner = _role_parser(sub, "owner", "the model owner (holds the weights)")
     owner.add_argument("--model", default="smollm2", type=_model_spec, help=MODEL_HELP)
     owner.add_argument("--listen-user", required=True, help="ZeroMQ address to bind for the user")
-    owner.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
+    owner.add_argument(
+        "--listen-helper", default=None, help="ZeroMQ address to bind for the helper (helper mode only; required there)"
+    )
+    _add_mode(owner)
     _add_network(owner, "none")
     _add_security(owner)
     owner.add_argument(
@@ -315,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     user = _role_parser(sub, "user", "the user (holds the prompt, sees the answer)")
     _add_generation(user)
     user.add_argument("--owner", required=True, help="the owner's ZeroMQ address for the user")
-    user.add_argument("--listen-helper", required=True, help="ZeroMQ address to bind for the helper")
+    user.add_argument(
+        "--listen-helper", default=None, help="ZeroMQ address to bind for the helper (helper mode only; required there)"
+    )
+    _add_mode(user)
     user.add_argument(
         "--cache-dir",
         default=None,

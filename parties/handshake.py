@@ -12,6 +12,7 @@ from typing import Any
 
 from parties.families import MAX_ARCH_DIMENSION, family
 from parties.models import PROTOCOL_VERSION, fingerprint
+from parties.session import HELPER_MODE
 from parties.wire import require
 from permllm.errors import ChannelTimeout, ConfigError, ProtocolError
 from permllm.fixed import ACT_BITS, WEIGHT_BITS
@@ -37,6 +38,7 @@ class Plan:
     max_new_tokens: int
     session: str = field(default_factory=lambda: secrets.token_hex(8))
     selection: str = TABLE  # the token selection mode (protocols.selection)
+    mode: str = HELPER_MODE  # who makes the material: "helper" or "two-party" (parties.session.MODES)
 
     def hello(self) -> dict:
         """user -> owner: the user's opening message."""
@@ -49,6 +51,7 @@ class Plan:
             "weight_bits": WEIGHT_BITS,
             "session": self.session,
             "selection": self.selection,
+            "mode": self.mode,
         }
 
     def for_helper(self, card: str) -> dict:
@@ -100,10 +103,24 @@ OFFERED_SELECTIONS = (TABLE,)
 not hide the permutation from the user yet (SECURITY.md), so no owner offers it."""
 
 
-def check_hello(hello: dict, model: str, max_positions: int, offered=OFFERED_SELECTIONS) -> Plan:
+def mode_mismatch(user_mode, owner_mode: str) -> str:
+    """The refusal of a session whose user asks for another mode than the owner serves."""
+    return (
+        f"mode mismatch: the user asks for a {user_mode!r:.40} session, the owner serves {owner_mode!r} "
+        "sessions (start both with the same --mode)"
+    )
+
+
+def check_hello(
+    hello: dict, model: str, max_positions: int, offered=OFFERED_SELECTIONS, mode: str = HELPER_MODE
+) -> Plan:
     """The owner's check of the user's hello; raises ProtocolError naming the first mismatch.
     The token budget is the model family's: at least 1 for a decoder, 0 for an encoder (one embedding).
-    A hello without a selection asks for "table"; one the owner does not offer is refused."""
+    A hello without a selection asks for "table"; one the owner does not offer is refused. A hello
+    without a mode asks for "helper"; a mode other than the owner's `mode` is refused."""
+    asked = hello.get("mode", HELPER_MODE)
+    if asked != mode:
+        raise ProtocolError(mode_mismatch(asked, mode))
     expected = {"protocol": PROTOCOL_VERSION, "model": model, "act_bits": ACT_BITS, "weight_bits": WEIGHT_BITS}
     for key, want in expected.items():
         if hello.get(key) != want:
@@ -121,7 +138,7 @@ def check_hello(hello: dict, model: str, max_positions: int, offered=OFFERED_SEL
     selection = hello.get("selection", TABLE)
     if selection not in offered:
         raise ProtocolError(f"token selection {selection!r:.40} is not offered (the owner offers {', '.join(offered)})")
-    return Plan(model, prompt, budget, str(hello.get("session")), selection)
+    return Plan(model, prompt, budget, str(hello.get("session")), selection, mode)
 
 
 def check_welcome(welcome: dict, plan: Plan, fam):

@@ -1,4 +1,5 @@
-"""`permllm demo`: owner, user and helper as three OS processes talking ZeroMQ over loopback.
+"""`permllm demo`: owner, user and helper as three OS processes talking ZeroMQ over loopback
+(`--mode two-party`: owner and user only, the material made between them).
 
 The launcher only starts the roles, waits, and merges their reports into one summary; it never
 sees a share. Every child is stopped when the demo ends, fails or is interrupted. Each role gets
@@ -26,10 +27,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from parties.formats import fmt_bytes, fmt_num, fmt_s
+from parties.demo_summary import format_session_line, format_summary, merge_reports
 from permllm.errors import ConfigError
 
 ROLES = ("owner", "helper", "user")
+TWO_PARTY_ROLES = ("owner", "user")
+
+
+def demo_roles(args) -> tuple[str, ...]:
+    """The processes the demo starts: all three roles, or owner and user in two-party mode."""
+    from parties.session import TWO_PARTY_MODE
+
+    return TWO_PARTY_ROLES if getattr(args, "mode", None) == TWO_PARTY_MODE else ROLES
 
 
 def free_ports(n: int) -> list[int]:
@@ -88,7 +97,11 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     threads, insecure, model, prompt, max_new_tokens, sampling flags), `ports` three free loopback ports,
     `reports` a private folder for the keys and each role's JSON report (`<role>.json`)."""
     base = [sys.executable, "-m", "parties.cli"]
+    roles = demo_roles(args)
     addresses = role_addresses(ports)
+    if roles == TWO_PARTY_ROLES:  # no helper: no helper addresses, and both say the mode
+        mode = ["--mode", args.mode]
+        addresses = {"owner": addresses["owner"][:2] + mode, "user": addresses["user"][:2] + mode}
     # three roles share this machine's cores: one compute thread each avoids oversubscription
     threads = args.threads if args.threads is not None else 1
     common = [
@@ -101,16 +114,18 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
         "--threads",
         str(threads),
     ]
-    security = {role: ["--insecure"] for role in ROLES}
+    security = {role: ["--insecure"] for role in roles}
     if not getattr(args, "insecure", False):
-        security = {role: ["--keys", str(folder)] for role, folder in role_key_folders(reports / "keys").items()}
+        folders = role_key_folders(reports / "keys", roles)
+        security = {role: ["--keys", str(folder)] for role, folder in folders.items()}
     if args.model == "minilm" and args.prompt is None:
         from permllm.model.prompts import MINILM_SENTENCES
 
         args.prompt = MINILM_SENTENCES[0]
     user = ["user", *addresses["user"], "--max-new-tokens", str(args.max_new_tokens), "--model", args.model]
     user = base + user + ["--report", str(reports / "user.json")] + common + security["user"]
-    user += ["--cache-dir", str(reports / "cache")]  # the demo's user keeps W - U for its later sessions
+    if "helper" in roles:
+        user += ["--cache-dir", str(reports / "cache")]  # the demo's user keeps W - U for its later sessions
     if args.prompt is not None:
         user += ["--prompt-file", str(_private_file(reports / "prompt.txt", args.prompt.encode("utf-8")))]
     elif getattr(args, "prompt_file", None) is not None:
@@ -124,21 +139,20 @@ def role_commands(args, ports, reports: Path) -> dict[str, list[str]]:
     if args.sample:
         user.append("--sample")
     owner = ["owner", *addresses["owner"], "--model", args.model, "--report", str(reports / "owner.json")]
-    helper = ["helper", *addresses["helper"], "--quiet", "--report", str(reports / "helper.json")]
-    if getattr(args, "pool_depth", None) is not None:
-        helper += ["--pool-depth", str(args.pool_depth)]
-    return {
-        "owner": base + owner + common + security["owner"],
-        "helper": base + helper + common + security["helper"],
-        "user": user,
-    }
+    commands = {"owner": base + owner + common + security["owner"], "user": user}
+    if "helper" in roles:
+        helper = ["helper", *addresses["helper"], "--quiet", "--report", str(reports / "helper.json")]
+        if getattr(args, "pool_depth", None) is not None:
+            helper += ["--pool-depth", str(args.pool_depth)]
+        commands["helper"] = base + helper + common + security["helper"]
+    return {role: commands[role] for role in ROLES if role in commands}
 
 
-def role_key_folders(keys: Path) -> dict[str, Path]:
-    """keys/ROLE for each role: ROLE.key (one `permllm keygen` per role) and the peers' .pub files."""
+def role_key_folders(keys: Path, roles=ROLES) -> dict[str, Path]:
+    """keys/ROLE for each of `roles`: ROLE.key (one `permllm keygen` per role) and the peers' .pub files."""
     from parties.security import generate_keypair
 
-    folders = {role: keys / role for role in ROLES}
+    folders = {role: keys / role for role in roles}
     publics = {role: generate_keypair(folder, role)[1] for role, folder in folders.items()}
     for role, folder in folders.items():
         for peer, public in publics.items():
@@ -225,16 +239,18 @@ def run_demo(args) -> int:
         commands = role_commands(args, free_ports(3), reports)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         security = "no encryption (--insecure)" if args.insecure else "CURVE-encrypted and authenticated"
+        roles = demo_roles(args)
+        services_ = tuple(r for r in roles if r != "user")
+        who = "owner, helper and user as three" if "helper" in roles else "owner and user (two-party mode) as two"
         print(
-            f"permllm demo: owner, helper and user as three processes over ZeroMQ on loopback, "
-            f"network '{args.network}', {security}",
+            f"permllm demo: {who} processes over ZeroMQ on loopback, network '{args.network}', {security}",
             file=sys.stderr,
             flush=True,
         )
         processes: dict[str, subprocess.Popen] = {}
         sessions = getattr(args, "sessions", 1)
         try:
-            for role in ROLES:
+            for role in roles:
                 if interrupts.signals:
                     break
                 processes[role] = subprocess.Popen(commands[role], env=env)
@@ -245,10 +261,8 @@ def run_demo(args) -> int:
                 processes["user"] = subprocess.Popen(_user_command(commands["user"], reports, i), env=env)
                 failed = _wait(processes, interrupts)
             if not failed and not interrupts.signals:  # every session ended: the services stop on SIGTERM
-                stop_roles({r: processes[r] for r in ("owner", "helper")}, grace_s=60.0)
-                failed = next(
-                    ((r, processes[r].returncode) for r in ("owner", "helper") if processes[r].returncode), None
-                )
+                stop_roles({r: processes[r] for r in services_}, grace_s=60.0)
+                failed = next(((r, processes[r].returncode) for r in services_ if processes[r].returncode), None)
         finally:
             if interrupts.signals:
                 print("\npermllm demo: interrupted; stopping the parties", file=sys.stderr, flush=True)
@@ -261,14 +275,12 @@ def run_demo(args) -> int:
                 f"permllm demo: the {role} exited with status {code}; the other parties were stopped", file=sys.stderr
             )
             return 1
-        services = {
-            role: json.loads((reports / f"{role}.json").read_text())["sessions"] for role in ("owner", "helper")
-        }
+        services = {role: json.loads((reports / f"{role}.json").read_text())["sessions"] for role in services_}
         per_session = []
         for i in range(sessions):
             user = json.loads((reports / ("user.json" if i == 0 else f"user-{i}.json")).read_text())
-            roles = {"user": user, "owner": services["owner"][i], "helper": services["helper"][i]}
-            per_session.append(merge_reports(roles, network=args.network))
+            merged = {"user": user, **{role: services[role][i] for role in services_}}
+            per_session.append(merge_reports(merged, network=args.network))
         summary = dict(per_session[0])
         if sessions > 1:
             summary["sessions"] = per_session
@@ -299,90 +311,3 @@ def _wait(processes, interrupts):
             return None if interrupts.signals else (role, code)
         time.sleep(0.05)
     return None
-
-
-def merge_reports(reports: dict, network: str) -> dict:
-    """One summary from the three role reports (the keys the README and --json promise)."""
-    user, owner, helper = reports["user"], reports["owner"], reports["helper"]
-    common = {
-        "network": network,
-        "prompt_tokens": user["prompt_tokens"],
-        "offline_s": helper["phases_s"].get("offline"),
-        "offline_bytes": helper["offline_bytes"],
-        "offline_calls": helper["calls"],
-        "prepare_s": owner["phases_s"].get("prepare"),
-        "prepare_bytes": owner["prepare_bytes"],
-        "model_load_s": owner["phases_s"].get("load"),
-        "peak_rss_mb": {role: round(reports[role]["peak_rss_mb"], 1) for role in ROLES},
-        # what the user waited after the handshake before its online phase (W - U, then the material)
-        "setup_s": sum(user.get("phases_s", {}).get(k, 0.0) for k in ("prepare", "offline")),
-        "user_phases_s": dict(user.get("phases_s", {})),
-        "pool_depth": helper.get("pool_depth", 0),
-        "served_from_pool": helper.get("served_from_pool", False),
-    }
-    if "embedding" in user:
-        return {
-            **common,
-            "model": "minilm",
-            "embedding": user["embedding"],
-            "text": "",
-            "token_ids": [],
-            "generated_tokens": 0,
-            "online_s": user["online_s"],
-            "online_bytes": user["online_bytes"],
-            "online_flights": user["online_flights"],
-        }
-    keys = ("text", "token_ids", "generated_tokens", "ttft_s", "decode_s_per_token", "decode_s_per_token_p90")
-    keys += ("online_bytes_per_token", "online_bytes_per_token_up", "online_bytes_per_token_down")
-    return {**common, **{k: user[k] for k in keys + ("flights_per_token", "prefill_flights", "prefill_bytes")}}
-
-
-def format_session_line(i: int, s: dict) -> str:
-    """One line per later session of `--sessions N`."""
-    first = f"time to first token {fmt_s(s['ttft_s'])}, " if "ttft_s" in s else ""
-    pooled = "material from the helper's pool" if s.get("served_from_pool") else "material dealt live"
-    return (
-        f"session {i}: {first}set-up {fmt_s(s.get('setup_s', 0.0))} ({pooled}), preparation "
-        f"{fmt_bytes(s['prepare_bytes'])}, peak RSS owner {s['peak_rss_mb']['owner']:.0f} / helper "
-        f"{s['peak_rss_mb']['helper']:.0f} MB"
-    )
-
-
-def format_summary(s: dict) -> str:
-    if "embedding" in s:
-        rows = [
-            ("sentence tokens", s["prompt_tokens"]),
-            (
-                "online time / bytes / flights",
-                f"{fmt_s(s['online_s'])} / {fmt_bytes(s['online_bytes'])} / {s['online_flights']}",
-            ),
-            ("offline (helper): time / bytes", f"{fmt_s(s['offline_s'])} / {fmt_bytes(s['offline_bytes'])}"),
-            (
-                "preparation (masked weights): time / bytes",
-                f"{fmt_s(s['prepare_s'])} / {fmt_bytes(s['prepare_bytes'])}",
-            ),
-            (
-                "peak RSS owner / user / helper",
-                " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper")),
-            ),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join([f"--- summary (network {s['network']}) ---"] + [f"{k:<{width}}  {v}" for k, v in rows])
-    rows = [
-        ("prompt tokens", s["prompt_tokens"]),
-        ("generated tokens", s["generated_tokens"]),
-        ("time to first token", fmt_s(s["ttft_s"])),
-        ("online s per generated token (median)", fmt_s(s["decode_s_per_token"])),
-        ("online bytes per token", fmt_bytes(s["online_bytes_per_token"])),
-        ("flights per token", fmt_num(s["flights_per_token"])),
-        ("prefill: flights / bytes", f"{s['prefill_flights']} / {fmt_bytes(s['prefill_bytes'])}"),
-        ("offline (helper): time / bytes", f"{fmt_s(s['offline_s'])} / {fmt_bytes(s['offline_bytes'])}"),
-        ("preparation (masked weights): time / bytes", f"{fmt_s(s['prepare_s'])} / {fmt_bytes(s['prepare_bytes'])}"),
-        (
-            "peak RSS owner / user / helper",
-            " / ".join(f"{s['peak_rss_mb'][r]:.0f} MB" for r in ("owner", "user", "helper")),
-        ),
-    ]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"--- summary (network {s['network']}) ---"] + [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The owner's role: load the model, answer the user's hello, send the masked weights, take the
-helper's material, run the online session (steps of `parties.roles`)."""
+helper's material, run the online session (steps of `parties.roles`). In two-party mode there is no
+helper and no W - U: the owner makes its material with the user instead (`parties.two_party`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from typing import Any
 import torch
 
 from parties.families import family
-from parties.handshake import MASK_SEED_TAG, SEED_TAG, Offer, check_hello
+from parties.handshake import MASK_SEED_TAG, SEED_TAG, Offer, check_hello, mode_mismatch
 from parties.masks import MaskedDigest
 from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
 from parties.pinning import weights_digest
 from parties.progress import progress_bar
+from parties.session import HELPER_MODE, TWO_PARTY_MODE
 from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, recv_stream_seed, require, send_json
 from permllm.errors import ConfigError, PermLLMError, ProtocolError
 from permllm.prg import fresh_seed
@@ -28,7 +30,12 @@ from protocols.selection import BFV
 @dataclass
 class OwnerReport:
     """Seconds per phase, bytes per phase (the online ones on the owner's side of its channel to the
-    user), material records not consumed (0 after a complete session) and peak memory."""
+    user), material records not consumed (0 after a complete session) and peak memory.
+
+    mode: "helper" or "two-party". offline_s: the offline phase's seconds; offline_bytes_sent /
+    offline_bytes_received: its traffic at the owner (helper mode: on the channel to the helper;
+    two-party: to and from the user); offline_bytes: helper mode, the material received; two-party,
+    both directions together. offline_calls: the protocol calls the material covers."""
 
     phases_s: dict
     prepare_bytes: int
@@ -37,6 +44,11 @@ class OwnerReport:
     online_bytes_received: int
     material_left: int
     peak_rss_mb: float
+    mode: str = HELPER_MODE
+    offline_s: float = 0.0
+    offline_bytes_sent: int = 0
+    offline_bytes_received: int = 0
+    offline_calls: int = 0
 
     def to_dict(self) -> dict:
         return {"role": "owner", **asdict(self)}
@@ -80,8 +92,9 @@ def load_owner_model(model: str, log=print, progress: bool = True) -> LoadedMode
 
 
 def run_owner(channels, model: str, *, log=print, **options) -> dict:
-    """channels: dict with 'user' and 'helper' Channels; model: a model spec. Loads the model, then runs
-    one session (`serve_session`, whose options these are). Returns the owner's report."""
+    """channels: dict with 'user' and 'helper' Channels ('user' only in two-party mode); model: a model
+    spec. Loads the model, then runs one session (`serve_session`, whose options these are). Returns the
+    owner's report."""
     return serve_session(channels, load_owner_model(model, log), log=log, **options)
 
 
@@ -95,14 +108,21 @@ def serve_session(
     budget=None,
     user_key: str = "",
     masks=None,
+    mode: str = HELPER_MODE,
+    runners=None,
 ) -> dict:
-    """One session on a loaded model. channels: dict with 'user' and 'helper' Channels. Returns the
-    owner's report (`OwnerReport.to_dict()`).
+    """One session on a loaded model. channels: dict with 'user' and 'helper' Channels ('user' only in
+    two-party mode). Returns the owner's report (`OwnerReport.to_dict()`).
 
     budget: a `parties.budget.QueryBudget` charged for this session under `user_key` (the user's CURVE
     public key) before any weight is sent; a user over its budget is refused in the welcome.
     masks: the `parties.masks.MaskSeeds` the weight mask comes from (fresh ones, for this session only,
-    when None); a user whose cached W - U is current gets none sent (`parties.masks`)."""
+    when None); a user whose cached W - U is current gets none sent (`parties.masks`).
+    mode: "helper" (the helper deals the material) or "two-party" (owner and user make it together:
+    no helper channel, no W - U; a hello asking for the other mode is refused in the welcome).
+    runners(ctx): two-party runs to use instead of oblivious transfer and BFV (tests)."""
+    if mode == TWO_PARTY_MODE:
+        return _serve_two_party(channels["user"], loaded, log, setup_timeout, budget, user_key, runners)
     from parties.masks import MaskSeeds
 
     fam, offer = loaded.fam, loaded.offer
@@ -138,7 +158,9 @@ def serve_session(
 
     with phases.timed("offline"):
         calls = fam.material_calls(offer.arch, plan)
+        helper_sent = helper.stats.bytes_sent
         material, offline_bytes = receive_material(helper, seed, setup_timeout, calls)
+    offline_calls = material.remaining
 
     ctx = PartyContext(Role.OWNER, user, material)
     driver = fam.driver(offer.arch, prepared, plan.prompt_tokens + plan.max_new_tokens)
@@ -156,20 +178,80 @@ def serve_session(
         online_bytes_received=user.stats.bytes_received - received_before,
         material_left=material.remaining,
         peak_rss_mb=peak_rss_mb(),
+        offline_s=phases.seconds["offline"],
+        offline_bytes_sent=helper.stats.bytes_sent - helper_sent,
+        offline_bytes_received=offline_bytes,
+        offline_calls=offline_calls,
     ).to_dict()
 
 
-def handshake(user, helper, fam, offer: Offer, setup_timeout: float, budget, user_key: str, epoch: int = 0):
-    """user -> owner hello; owner -> user welcome, or the refusal (also to the helper) and the error raised.
-    Returns (plan, the budget reservation or None)."""
+def _serve_two_party(user, loaded: LoadedModel, log, setup_timeout, budget, user_key, runners) -> dict:
+    """`serve_session` in two-party mode: handshake, the material made with the user, the online session."""
+    from parties.two_party import make_two_party_material
+
+    fam, offer = loaded.fam, loaded.offer
+    phases = Phases()
+    phases.seconds["load"] = loaded.load_s
+    plan, reservation = handshake(user, None, fam, offer, setup_timeout, budget, user_key, mode=TWO_PARTY_MODE)
+    with phases.timed("offline"):
+        offline = make_two_party_material(
+            Role.OWNER,
+            user,
+            fam,
+            offer.arch,
+            plan,
+            weights=loaded.prepared,
+            runners=runners,
+            log=log,
+            who="owner",
+            setup_timeout=setup_timeout,
+        )
+    material = offline.material
+    ctx = PartyContext(Role.OWNER, user, material)
+    driver = fam.driver(offer.arch, loaded.prepared, plan.prompt_tokens + plan.max_new_tokens)
+    sent_before, received_before = user.stats.bytes_sent, user.stats.bytes_received
+    with phases.timed("online"):
+        fam.run_session(ctx, driver, plan)
+    if reservation is not None:
+        budget.settle(reservation, fam.positions_run(driver, plan))
+    return OwnerReport(
+        phases_s=phases.seconds,
+        prepare_bytes=0,
+        offline_bytes=offline.bytes_sent + offline.bytes_received,
+        online_bytes_sent=user.stats.bytes_sent - sent_before,
+        online_bytes_received=user.stats.bytes_received - received_before,
+        material_left=material.remaining,
+        peak_rss_mb=peak_rss_mb(),
+        mode=TWO_PARTY_MODE,
+        offline_s=offline.seconds,
+        offline_bytes_sent=offline.bytes_sent,
+        offline_bytes_received=offline.bytes_received,
+        offline_calls=offline.calls,
+    ).to_dict()
+
+
+def handshake(
+    user,
+    helper,
+    fam,
+    offer: Offer,
+    setup_timeout: float,
+    budget,
+    user_key: str,
+    epoch: int = 0,
+    mode: str = HELPER_MODE,
+):
+    """user -> owner hello; owner -> user welcome, or the refusal (also to the helper, when there is
+    one) and the error raised. Returns (plan, the budget reservation or None)."""
     hello = recv_json(user, "hello", timeout=setup_timeout)
     try:
-        plan = check_hello(hello, fam.name, offer.max_positions)
+        plan = check_hello(hello, fam.name, offer.max_positions, mode=mode)
         reservation = None if budget is None else budget.reserve(user_key, plan.prompt_tokens + plan.max_new_tokens)
     except (ProtocolError, ConfigError) as exc:
         send_json(user, "welcome", {"error": str(exc)})
         try:  # best effort: the refusal itself is what this role reports
-            send_json(helper, "owner-plan", {"error": f"the owner refused the session: {exc}"})
+            if helper is not None:
+                send_json(helper, "owner-plan", {"error": f"the owner refused the session: {exc}"})
         except PermLLMError:
             pass
         raise
@@ -200,3 +282,12 @@ def receive_material(helper, seed: bytes, setup_timeout: float, calls: int) -> t
     received_before = helper.stats.bytes_received
     recv_records(helper, lambda record: material.extend([record]), timeout=setup_timeout, max_records=calls)
     return material, helper.stats.bytes_received - received_before
+
+
+def refuse_mode(user, asked, mode: str, setup_timeout: float) -> None:
+    """A session request for another mode than the owner's (`mode`): user -> owner hello; owner -> user
+    the refusal in the welcome; ProtocolError raised (this session's outcome)."""
+    message = mode_mismatch(asked, mode)
+    recv_json(user, "hello", timeout=setup_timeout)
+    send_json(user, "welcome", {"error": message})
+    raise ProtocolError(message)

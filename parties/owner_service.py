@@ -9,6 +9,11 @@ Sockets (all bound by the owner):
                    the helper (the helper's key); the session (`parties.owner.serve_session`) runs on
                    them in its own thread.
 Budgets are charged to the key the session's user channel authenticated with (`ChargedToPeer`).
+
+With --mode two-party there is no helper: no --listen-helper, no control channel, and each session has
+its channel to the user only (owner and user make the material on it, `parties.two_party`). A request
+for the other mode than the owner's gets a session channel on which its hello is refused in the
+welcome (`parties.owner.refuse_mode`): the user learns why, and no helper is told of it.
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
     SIGTERM, or one session with once=True (its error is raised). Returns the service report."""
     from parties.budget import INSECURE_KEY, ChargedToPeer
     from parties.cli import _query_budget
-    from parties.owner import load_owner_model, serve_session
+    from parties.owner import load_owner_model, refuse_mode, serve_session
+    from parties.session import HELPER_MODE
 
+    mode = getattr(args, "mode", HELPER_MODE)
+    helper_mode = mode == HELPER_MODE
     user_base, _ = split_tcp(args.listen_user, "--listen-user")
-    helper_base, _ = split_tcp(args.listen_helper, "--listen-helper")
+    helper_base = split_tcp(args.listen_helper, "--listen-helper")[0] if helper_mode else None
     budget = _query_budget(args)
     from parties.masks import MaskSeeds
 
@@ -53,12 +61,17 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
     context = curve.context if curve is not None else zmq.Context()
     sessions = Sessions("owner", 1 if once else args.max_concurrent, args.report, log)
     door = FrontDoor(args.listen_user, context, curve.server_options("user") if curve else {})
-    control_raw, control = open_channel(args.listen_helper, "helper", True, args, _server(curve, "helper", context))
+    control = None
+    if helper_mode:
+        control = open_channel(args.listen_helper, "helper", True, args, _server(curve, "helper", context))[1]
     control_lock = threading.Lock()
     sessions.install_signals()
     if stop is not None:  # a caller in-process stops the service by setting its event
         sessions.stopping = stop
-    log(f"owner: serving {loaded.offer.model} at {args.listen_user} (up to {sessions.max_concurrent} sessions at once)")
+    log(
+        f"owner: serving {loaded.offer.model} at {args.listen_user} ({mode} mode, up to "
+        f"{sessions.max_concurrent} sessions at once)"
+    )
     served = 0
     try:
         while not sessions.stopping.is_set() and not (once and served):
@@ -70,32 +83,43 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
                 continue
             tag = secrets.token_hex(6)
             key = request.user_key if curve is not None else INSECURE_KEY
+            asked = request.message.get("mode", HELPER_MODE)
+            with_helper = helper_mode and asked == mode  # a mismatched request is refused in its welcome
             try:
-                helper_host, helper_port = _user_helper_address(request)
+                helper_host, helper_port = _user_helper_address(request) if with_helper else (None, None)
                 domain = f"user-{tag}"
                 if curve is not None:
                     curve.allow(domain, request.user_key.encode())
                 raw_user, user = open_channel(f"{user_base}:*", "user", True, args, _server(curve, domain, context))
-                raw_helper, helper = open_channel(
-                    f"{helper_base}:*", "helper", True, args, _server(curve, "helper", context)
-                )
+                opened = [user]
+                if with_helper:
+                    raw_helper, helper = open_channel(
+                        f"{helper_base}:*", "helper", True, args, _server(curve, "helper", context)
+                    )
+                    opened.append(helper)
             except (ConfigError, zmq.ZMQError) as exc:
                 door.reply(request.identity, {"error": str(exc)})
                 continue
-            order = {
-                "session": tag,
-                "owner_port": port_of(raw_helper.endpoint),
-                "user_host": helper_host,
-                "user_port": helper_port,
-                "user_key": request.user_key or "",
-            }
+            order = None
+            if with_helper:
+                order = {
+                    "session": tag,
+                    "owner_port": port_of(raw_helper.endpoint),
+                    "user_host": helper_host,
+                    "user_port": helper_port,
+                    "user_key": request.user_key or "",
+                }
+            channels = {"user": user, "helper": helper} if with_helper else {"user": user}
             session_budget = ChargedToPeer(budget, raw_user) if budget is not None and curve is not None else budget
 
-            def run(user=user, helper=helper, order=order, session_budget=session_budget, key=key):
-                with control_lock:
-                    send_json(control, "session", order)
+            def run(channels=channels, order=order, session_budget=session_budget, key=key, asked=asked):
+                if asked != mode:
+                    refuse_mode(channels["user"], asked, mode, args.setup_timeout)
+                if order is not None:
+                    with control_lock:
+                        send_json(control, "session", order)
                 report = serve_session(
-                    {"user": user, "helper": helper},
+                    channels,
                     loaded,
                     progress=False,
                     log=log,
@@ -103,10 +127,11 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
                     budget=session_budget,
                     user_key=key,
                     masks=masks,
+                    mode=mode,
                 )
                 return {**report, "user_key": key}
 
-            def cleanup(channels=(user, helper), domain=domain):
+            def cleanup(channels=tuple(opened), domain=domain):
                 for channel in channels:
                     channel.close()
                 if curve is not None:
@@ -121,7 +146,8 @@ def serve_owner(args, curve, log, *, once: bool = False, stop=None) -> dict:
         sessions.restore_signals()
         door.close()
         with control_lock:
-            control.close()
+            if control is not None:
+                control.close()
         if curve is None:
             terminate_context(context, 15.0, log)
     return sessions.outcome(once)

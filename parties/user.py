@@ -1,5 +1,7 @@
 """The user's role: send the hello, check the welcome, receive the masked weights and the helper's
-material, run the online session and print the answer (steps of `parties.roles`)."""
+material, run the online session and print the answer (steps of `parties.roles`). In two-party mode
+there is no helper and no W - U: the user makes its material with the owner instead (`parties.two_party`)
+and runs its online session on shape-only weights."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from parties.metrics import Phases, peak_rss_mb
 from parties.models import model_name
 from parties.pinning import check_model_fingerprint
 from parties.progress import progress_bar
+from parties.session import HELPER_MODE, TWO_PARTY_MODE
 from parties.user_input import UserRequest
 from parties.user_online import EmbeddingReport, GenerationReport, OnlineSession
 from parties.wire import SETUP_TIMEOUT_S, recv_json, recv_records, recv_stream_seed, require, send_json
-from permllm.errors import ProtocolError
+from permllm.errors import ConfigError, ProtocolError
 from permllm.prg import fresh_seed
 from protocols.context import PartyContext, Role
 from protocols.linear import precompute_weight_terms, user_term_inputs, user_terms_missing
@@ -29,7 +32,10 @@ from protocols.selection import BFV
 class UserReport:
     """The plan's prompt length, bytes per set-up phase, the online part (the answer and its per-token
     figures, or the embedding), seconds per phase, material records left (0 after a complete session)
-    and peak memory."""
+    and peak memory. mode: "helper" or "two-party"; offline_s, offline_bytes_sent / _received: the
+    offline phase's seconds and traffic at the user (helper mode: on the channel to the helper;
+    two-party: to and from the owner); offline_bytes: helper mode, what the helper sent; two-party,
+    both directions together."""
 
     prompt_tokens: int
     prepare_bytes: int
@@ -38,13 +44,21 @@ class UserReport:
     phases_s: dict
     material_left: int
     peak_rss_mb: float
+    mode: str = HELPER_MODE
+    offline_s: float = 0.0
+    offline_bytes_sent: int = 0
+    offline_bytes_received: int = 0
 
     def to_dict(self) -> dict:
         return {
             "role": "user",
+            "mode": self.mode,
             "prompt_tokens": self.prompt_tokens,
             "prepare_bytes": self.prepare_bytes,
             "offline_bytes": self.offline_bytes,
+            "offline_s": self.offline_s,
+            "offline_bytes_sent": self.offline_bytes_sent,
+            "offline_bytes_received": self.offline_bytes_received,
             **self.online.to_dict(),
             "phases_s": self.phases_s,
             "material_left": self.material_left,
@@ -62,15 +76,25 @@ def run_user(
     out=sys.stdout,
     setup_timeout: float = SETUP_TIMEOUT_S,
     cache_dir=None,
+    mode: str = HELPER_MODE,
+    runners=None,
 ) -> dict:
-    """channels: dict with 'owner' and 'helper' Channels. Streams the answer (or prints the embedding);
-    returns the user's report (`UserReport.to_dict()`). cache_dir: where W - U is kept between sessions
-    (`parties.masks.MaskedCache`; None: fetched every session)."""
+    """channels: dict with 'owner' and 'helper' Channels ('owner' only in two-party mode). Streams the
+    answer (or prints the embedding); returns the user's report (`UserReport.to_dict()`). cache_dir:
+    where W - U is kept between sessions (`parties.masks.MaskedCache`; None: fetched every session).
+    mode: "helper" or "two-party" (the material made with the owner; no helper, no W - U, no cache).
+    runners(ctx): two-party runs to use instead of oblivious transfer and BFV (tests)."""
     fam = family(model_name(request.model))
-    owner, helper = channels["owner"], channels["helper"]
+    if mode == TWO_PARTY_MODE and request.selection == BFV:
+        raise ConfigError('the "bfv" token selection has no two-party mode: use "table"')
     phases = Phases()
     prompt_ids, max_new_tokens = fam.user_input(tokenizer, request)
-    plan = Plan(fam.name, len(prompt_ids), max_new_tokens, selection=request.selection)
+    plan = Plan(fam.name, len(prompt_ids), max_new_tokens, selection=request.selection, mode=mode)
+    if mode == TWO_PARTY_MODE:
+        return _run_two_party(
+            channels["owner"], fam, plan, prompt_ids, request, tokenizer, phases, log, out, setup_timeout, runners
+        )
+    owner, helper = channels["owner"], channels["helper"]
 
     arch, welcome = handshake(owner, fam, plan, setup_timeout)
     check_model_fingerprint(welcome, request.expect_fingerprint, log)
@@ -89,6 +113,7 @@ def run_user(
         finally:
             masked.close()
     offline_bytes = helper.stats.bytes_received
+    offline_sent = helper.stats.bytes_sent
 
     ctx = PartyContext(Role.USER, owner, material)
     driver = fam.driver(arch, weights, plan.prompt_tokens + plan.max_new_tokens)
@@ -103,6 +128,40 @@ def run_user(
         phases_s=phases.seconds,
         material_left=material.remaining,
         peak_rss_mb=peak_rss_mb(),
+        offline_s=phases.seconds["offline"],
+        offline_bytes_sent=offline_sent,
+        offline_bytes_received=offline_bytes,
+    ).to_dict()
+
+
+def _run_two_party(owner, fam, plan, prompt_ids, request, tokenizer, phases, log, out, setup_timeout, runners):
+    """`run_user` in two-party mode: handshake, the material made with the owner, the online session."""
+    from parties.two_party import make_two_party_material
+
+    arch, welcome = handshake(owner, fam, plan, setup_timeout)
+    check_model_fingerprint(welcome, request.expect_fingerprint, log)
+    with phases.timed("offline"):
+        offline = make_two_party_material(
+            Role.USER, owner, fam, arch, plan, runners=runners, log=log, who="user", setup_timeout=setup_timeout
+        )
+    material = offline.material
+    ctx = PartyContext(Role.USER, owner, material)
+    # every linear share is kept by the provider: the user's driver holds shapes only, no W - U
+    driver = fam.driver(arch, fam.helper_weights(arch), plan.prompt_tokens + plan.max_new_tokens)
+    session = OnlineSession(ctx, driver, plan, prompt_ids, None, welcome, phases)
+    online = fam.user_online(session, request, tokenizer, out)
+    return UserReport(
+        prompt_tokens=plan.prompt_tokens,
+        prepare_bytes=0,
+        offline_bytes=offline.bytes_sent + offline.bytes_received,
+        online=online,
+        phases_s=phases.seconds,
+        material_left=material.remaining,
+        peak_rss_mb=peak_rss_mb(),
+        mode=TWO_PARTY_MODE,
+        offline_s=offline.seconds,
+        offline_bytes_sent=offline.bytes_sent,
+        offline_bytes_received=offline.bytes_received,
     ).to_dict()
 
 
