@@ -25,67 +25,6 @@ from tests.tiny_model import tiny_decoder
 PROMPT, BUDGET = "a private question", 3
 
 
-class ClearTruncation:
-    """A truncation's correlation in the plan, made by `_clear_truncations` (see `clear_truncations`)."""
-
-    def __init__(self, shape, k):
-        self.shape, self.k = tuple(shape), k
-
-
-@pytest.fixture
-def clear_truncations(monkeypatch):
-    """Until the truncation names its correlation as a request (protocols.trunc.TruncationMask), the plan
-    cannot carry it: here the planned truncations' material (the helper's formula, protocols/trunc.py)
-    is made after the provider's stages by the owner sending its seeded r, alpha and rho in the clear.
-    A test double like ClearRunners; nothing when the real request is there."""
-    import protocols.model.secure_decoder as secure_decoder
-    import protocols.trunc as trunc_module
-    import protocols.two_party.provider as provider
-
-    if hasattr(trunc_module, "TruncationMask"):
-        return
-    from permllm.prg import Prg, PrgKey
-    from permllm.ring import logical_rshift, top_bit
-    from permllm.sharing import Shared
-    from protocols.context import shape_key
-    from protocols.two_party.plan import PlanContext
-
-    original_trunc, original_make = trunc_module.trunc, provider.make_material
-
-    def trunc(ctx, x, k):
-        if not isinstance(ctx, PlanContext):
-            return original_trunc(ctx, x, k)
-        ctx.call("trunc", shape_key(x.shape, k)).requests.append(ClearTruncation(x.shape, k))
-        return Shared.placeholder(x.shape, x.bits - k)
-
-    def make_material(ctx, plan, seed, **options):
-        queue = original_make(ctx, plan, seed, **options)
-        jobs = [(c.index, r) for c in plan.calls for r in c.requests if isinstance(r, ClearTruncation)]
-        key = PrgKey(seed)
-
-        def draw(i, name, shape):
-            return Prg(key, f"{i}/{name}").int64(shape)
-
-        if ctx.is_owner:
-            for n, (i, m) in enumerate(jobs):
-                for name in ("r", "alpha", "rho"):
-                    ctx.channel.send(f"clear-trunc.{n}.{name}", draw(i, name, m.shape).numpy())
-            return queue
-        records = {record.index: record for record in queue._queue}
-        for n, (i, m) in enumerate(jobs):
-            got = {
-                name: torch.from_numpy(ctx.channel.recv(f"clear-trunc.{n}.{name}", shape=m.shape).copy())
-                for name in ("r", "alpha", "rho")
-            }
-            r = got["r"] + draw(i, "r", m.shape)
-            records[i].tensors["alpha"] = logical_rshift(r, m.k) - got["alpha"]
-            records[i].tensors["rho"] = top_bit(r) - got["rho"]
-        return queue
-
-    monkeypatch.setattr(secure_decoder, "trunc", trunc)
-    monkeypatch.setattr(provider, "make_material", make_material)
-
-
 def run_two_roles(weights, prompt, budget, *, owner_mode=TWO_PARTY_MODE, user_mode=TWO_PARTY_MODE, timeout=60):
     """Owner and user of parties.roles in two threads over one in-memory channel pair, the two-party runs
     by ClearRunners (seeded). Returns (reports by role, exceptions by role, the user's output, the
@@ -141,7 +80,7 @@ def run_two_roles(weights, prompt, budget, *, owner_mode=TWO_PARTY_MODE, user_mo
     return reports, errors, printed.getvalue(), lines
 
 
-def test_two_party_roles_answer_with_the_tokens_of_helper_mode(clear_truncations):
+def test_two_party_roles_answer_with_the_tokens_of_helper_mode():
     weights = tiny_decoder(seed=3)
     helper_reports, errors, _ = run_three_roles(weights, PROMPT, BUDGET)
     assert not errors, errors
@@ -304,7 +243,7 @@ def test_the_demo_and_the_roles_list_the_mode():
 
 
 @pytest.fixture
-def clear_runs(monkeypatch, clear_truncations):
+def clear_runs(monkeypatch):
     """The two-party runs by ClearRunners wherever the default (oblivious transfer and BFV) would be used:
     for the services and the command line, which take no runners."""
     import protocols.two_party.provider as provider
@@ -479,7 +418,6 @@ def test_the_two_party_demo_runs_two_processes_and_answers_like_helper_mode(tmp_
     helper, the tokens of the helper mode. Needs the real two-party runs (protocols.two_party.runners):
     skipped until they are there."""
     pytest.importorskip("protocols.two_party.runners")
-    import torch
     from transformers import AutoTokenizer
 
     from permllm.model.loading import SMOLLM2_GGUF, find_smollm2_gguf
