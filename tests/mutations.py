@@ -187,11 +187,15 @@ def _correctness_functions(name: str):
 
             functions.append((test, lambda fn=fn: (fn(16, Role.USER), fn(16, Role.OWNER))))
         elif test == "test_appending_product_is_bit_exact_as_the_operand_grows":
-            functions.append((test, lambda fn=fn: (fn(True), fn(False))))
-        elif "seeds" in inspect.signature(fn).parameters:  # the conftest fixture of the same name
-            functions.append((test, lambda fn=fn: fn(seeds=SEEDS)))
+            functions.append((test, lambda fn=fn: (fn(True, "helper"), fn(False, "helper"))))
         else:
-            functions.append((test, fn))
+            params = inspect.signature(fn).parameters
+            kwargs = {}
+            if "seeds" in params:  # the conftest fixture of the same name
+                kwargs["seeds"] = SEEDS
+            if "provider" in params:  # the mutations break the helper's streams
+                kwargs["provider"] = "helper"
+            functions.append((test, lambda fn=fn, kwargs=kwargs: fn(**kwargs)))
     return functions
 
 

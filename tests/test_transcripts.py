@@ -517,6 +517,7 @@ def test_owner_receives_only_the_public_plan_and_masked_values(roles_session):
         "model",
         "prompt_tokens",
         "max_new_tokens",
+        "mode",
         "act_bits",
         "weight_bits",
         "session",

@@ -234,6 +234,7 @@ def test_the_usage_errors_of_the_modes(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_the_demo_and_the_roles_list_the_mode():
     for command in ("demo", "owner", "user"):
         out = subprocess.run(
