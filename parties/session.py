@@ -136,22 +136,17 @@ class PreparedModel:
         owner_mat, user_mat = QueuedMaterial(seeds.owner, owner_records), QueuedMaterial(seeds.user, user_records)
         del owner_records, user_records  # the queues free each call's material once it is used
         precompute_user_terms(user_mat, self.user)  # the user's input-independent linear shares
-        online = time.perf_counter()
-        pair = run_pair(
-            lambda ctx: owner(ctx, drivers["owner"]),
-            lambda ctx: user(ctx, drivers["user"]),
+        return _run_online(
+            owner,
+            user,
+            drivers,
             owner_mat,
             user_mat,
-            wrap_channel=wrap_channel,
-            timeout=timeout,
-        )
-        return SessionRun(
-            pair=pair,
+            wrap_channel,
+            timeout,
             dealt_call_bytes=call_bytes,
             deal_s=end["time"] - start,
             deal_end=end["time"],
-            online_s=time.perf_counter() - online,
-            material_left=max(owner_mat.remaining, user_mat.remaining),
         )
 
     def _two_party_session(self, capacity, plan_program, owner, user, seeds, hooks, wrap_channel, timeout, runners):
@@ -185,24 +180,39 @@ class PreparedModel:
         )
         made = time.perf_counter()
         owner_mat, user_mat = offline.owner, offline.user
-        call_bytes = [0] * owner_mat.remaining
-        pair = run_pair(
-            lambda ctx: owner(ctx, drivers["owner"]),
-            lambda ctx: user(ctx, drivers["user"]),
+        return _run_online(
+            owner,
+            user,
+            drivers,
             owner_mat,
             user_mat,
-            wrap_channel=wrap_channel,
-            timeout=timeout,
-        )
-        return SessionRun(
-            pair=pair,
-            dealt_call_bytes=call_bytes,
+            wrap_channel,
+            timeout,
+            dealt_call_bytes=[0] * owner_mat.remaining,
             deal_s=made - start,
             deal_end=made,
-            online_s=time.perf_counter() - made,
-            material_left=max(owner_mat.remaining, user_mat.remaining),
             offline=offline,
         )
+
+
+def _run_online(owner, user, drivers, owner_mat, user_mat, wrap_channel, timeout, **made) -> SessionRun:
+    """The online phase of either mode on the made material; `made` names how it was made (SessionRun's
+    dealt_call_bytes, deal_s, deal_end and, in two-party mode, offline)."""
+    online = time.perf_counter()
+    pair = run_pair(
+        lambda ctx: owner(ctx, drivers["owner"]),
+        lambda ctx: user(ctx, drivers["user"]),
+        owner_mat,
+        user_mat,
+        wrap_channel=wrap_channel,
+        timeout=timeout,
+    )
+    return SessionRun(
+        pair=pair,
+        online_s=time.perf_counter() - online,
+        material_left=max(owner_mat.remaining, user_mat.remaining),
+        **made,
+    )
 
 
 def prepare_model(weights, seed: bytes | None = None, *, progress=None) -> PreparedModel:
